@@ -1,0 +1,12 @@
+"""treeattn: decode attention for tree-structured generation that reads shared KV once per step.
+
+    plan = treeattn.plan(kv_indptr, kv_indices, kv_last_page_len, page_size=16)   # once per step
+    o = treeattn.tree_decode(q, k_cache, v_cache, plan)                            # every layer
+"""
+
+from . import reference
+from .ops import merge_state, tree_decode
+from .plan import TreePlan, plan
+
+__all__ = ["TreePlan", "plan", "tree_decode", "merge_state", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,22 @@
+"""Reference backend: the fp32 oracle behind the op signatures (CPU without the Triton interpreter)."""
+
+from __future__ import annotations
+
+from . import reference
+from ._dispatch import register
+
+
+@register("tree_decode", "reference")
+def tree_decode(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale):
+    o_ref, lse_ref = reference.tree_decode(
+        q, k_cache, v_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, sm_scale=sm_scale
+    )
+    out.copy_(o_ref)
+    lse.copy_(lse_ref)
+
+
+@register("merge_state", "reference")
+def merge_state(o_a, lse_a, o_b, lse_b, out, lse_out):
+    o, lse = reference.merge_state(o_a, lse_a, o_b, lse_b)
+    out.copy_(o)
+    lse_out.copy_(lse)

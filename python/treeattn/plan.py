@@ -1,0 +1,383 @@
+"""Planner: finds the KV pages that queries share and turns the step into work items (DESIGN §3.1).
+
+A decode step's paged table (CSR: ``kv_indptr``, ``kv_indices``, ``kv_last_page_len``) is read on the host
+once per step. Queries are sorted by their page lists; the longest common prefixes (LCP) of neighbours give
+the prefix trie as LCP intervals, each trie edge a page run shared by an exact, contiguous (in sorted order)
+set of queries. Every edge is cut into chunks and its queries into blocks; a **work item** is one
+(chunk, query block) pair that the stage-1 kernel reads once for all the block's queries. A query covered by
+one item gets its output written directly; the others get fp32 partial states that stage 2 merges in
+root→leaf order (deterministic: no atomics, fixed order).
+
+The trie key of a page slot is (page id, tokens used), so two queries only share a page whose token range
+they both attend in full; sharing is found, never assumed, and any valid table gives exact attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ._validate import check_index_tensor
+
+__all__ = ["TreePlan", "plan", "PLAN_TENSOR_FIELDS", "PlanArgs"]
+
+PLAN_TENSOR_FIELDS = (
+    "kv_indptr", "kv_indices", "kv_last_page_len",
+    "item_page_ptr", "item_num_tokens", "item_row_ptr", "row_query", "row_dest", "merge_query", "merge_ptr",
+)
+
+
+class PlanArgs:
+    """The plan as registered ops see it: its tensors (by field name) plus the ints kernels specialise on."""
+
+    def __init__(self, tensors, page_size: int, max_queries_per_item: int):
+        for name, t in zip(PLAN_TENSOR_FIELDS, tensors):
+            setattr(self, name, t)
+        self.page_size = page_size
+        self.max_queries_per_item = max_queries_per_item
+
+# Stage-1 M tile (queries x heads of one KV head) the planner aims for; 64 rows keep the fp32 accumulator
+# of a 128-wide head in registers.
+_TARGET_ROWS_PER_ITEM = 64
+# Partial-state traffic of an item is ~2 * rows / chunk_tokens of its KV traffic; 16 tokens per row keeps
+# it under ~12% (DESIGN §3.1).
+_TOKENS_PER_PARTIAL_ROW = 16
+_MIN_CHUNK_TOKENS = 128
+# Stage-1 programs to aim for per SM so that uneven items still fill the machine.
+_PROGRAMS_PER_SM = 4
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+@dataclass(eq=False)
+class TreePlan:
+    """What one decode step reads and merges. Built by :func:`plan`; reused by every layer.
+
+    Device tensors (int32), all views into one buffer copied to the device once:
+        item_page_ptr ``[num_items]``: offset into ``kv_indices`` of the item's first page.
+        item_num_tokens ``[num_items]``: KV tokens the item reads (all its pages full but possibly the last).
+        item_row_ptr ``[num_items + 1]``: the item's rows in ``row_query``/``row_dest``.
+        row_query ``[num_rows]``: query id of each (item, query) row.
+        row_dest ``[num_rows]``: partial-state row that the row writes, or -1 to write the output directly.
+        merge_query ``[num_merge]``: queries stage 2 produces (several partials, or empty KV).
+        merge_ptr ``[num_merge + 1]``: each merge query's partial rows, contiguous and in root→leaf order.
+    """
+
+    num_queries: int
+    page_size: int
+    device: torch.device
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    kv_last_page_len: torch.Tensor
+    item_page_ptr: torch.Tensor
+    item_num_tokens: torch.Tensor
+    item_row_ptr: torch.Tensor
+    row_query: torch.Tensor
+    row_dest: torch.Tensor
+    merge_query: torch.Tensor
+    merge_ptr: torch.Tensor
+    num_items: int
+    num_partial_rows: int
+    max_queries_per_item: int
+    max_item_tokens: int
+    max_page_id: int
+    stats: dict = field(default_factory=dict)
+    _workspaces: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_merge_queries(self) -> int:
+        return self.merge_query.shape[0]
+
+    def tensor_args(self) -> list[torch.Tensor]:
+        """The plan's device tensors in :data:`PLAN_TENSOR_FIELDS` order (what the registered ops take)."""
+        return [getattr(self, name) for name in PLAN_TENSOR_FIELDS]
+
+    def workspace(self, num_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 partial states ``([P, num_heads, head_dim], [P, num_heads])`` for stage 1/2, allocated on the
+        first layer and reused by every later layer of the step (no per-layer allocation)."""
+        key = (num_heads, head_dim)
+        if key not in self._workspaces:
+            rows = self.num_partial_rows
+            self._workspaces[key] = (
+                torch.empty(rows, num_heads, head_dim, dtype=torch.float32, device=self.device),
+                torch.empty(rows, num_heads, dtype=torch.float32, device=self.device),
+            )
+        return self._workspaces[key]
+
+    def __repr__(self) -> str:
+        return f"TreePlan(num_queries={self.num_queries}, page_size={self.page_size}, stats={self.stats})"
+
+
+def _lexicographic_order(keys: np.ndarray, indptr: np.ndarray, num_queries: int) -> np.ndarray:
+    """Query order that sorts page-key lists lexicographically (memcmp on big-endian keys)."""
+    big_endian = keys.astype(">u8").tobytes()
+    starts, ends = (indptr[:-1] * 8).tolist(), (indptr[1:] * 8).tolist()
+    order = sorted(range(num_queries), key=lambda i: big_endian[starts[i] : ends[i]])
+    return np.asarray(order, dtype=np.int64)
+
+
+def _neighbour_lcp(keys: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """LCP (in pages) of each sorted query with its predecessor; ``lcp[0] = 0``. O(nnz), vectorised."""
+    n = lengths.shape[0]
+    lcp = np.zeros(n + 1, dtype=np.int64)  # lcp[n] = 0 closes the last interval
+    if n < 2:
+        return lcp
+    common = np.minimum(lengths[:-1], lengths[1:])
+    # Only neighbours whose first pages agree can share more than nothing: compare those in full.
+    pairs = np.nonzero(common)[0]
+    pairs = pairs[keys[starts[pairs]] == keys[starts[pairs + 1]]]
+    if pairs.size == 0:
+        return lcp
+    counts = common[pairs]
+    seg_start = np.cumsum(counts) - counts
+    k = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(seg_start, counts)
+    left = np.repeat(starts[pairs], counts) + k
+    right = np.repeat(starts[pairs + 1], counts) + k
+    first_diff = np.where(keys[left] != keys[right], k, np.iinfo(np.int64).max)
+    lcp[pairs + 1] = np.minimum(np.minimum.reduceat(first_diff, seg_start), counts)
+    return lcp
+
+
+def _trie_edges(lcp: np.ndarray, lengths: np.ndarray):
+    """Compressed-trie edges as (depth_begin, depth_end, lo, hi): pages [depth_begin, depth_end) of the
+    sorted queries lo..hi-1, shared by exactly those queries."""
+    n = lengths.shape[0]
+    d0, d1, lo, hi = [], [], [], []
+    # Internal edges: the LCP intervals (stack walk over the LCP array, O(n)).
+    stack_lcp, stack_lb = [0], [0]
+    for i, value in enumerate(lcp[1:].tolist(), start=1):
+        lb = i - 1
+        while value < stack_lcp[-1]:
+            top = stack_lcp.pop()
+            lb = stack_lb.pop()
+            d0.append(max(value, stack_lcp[-1]))
+            d1.append(top)
+            lo.append(lb)
+            hi.append(i)
+        if value > stack_lcp[-1]:
+            stack_lcp.append(value)
+            stack_lb.append(lb)
+    # Leaf edges: what each query does not share with either neighbour.
+    leaf_begin = np.maximum(lcp[:-1], lcp[1:])
+    leaves = np.nonzero(lengths > leaf_begin)[0]
+    d0 = np.concatenate([np.asarray(d0, np.int64), leaf_begin[leaves]])
+    d1 = np.concatenate([np.asarray(d1, np.int64), lengths[leaves]])
+    lo = np.concatenate([np.asarray(lo, np.int64), leaves])
+    hi = np.concatenate([np.asarray(hi, np.int64), leaves + 1])
+    return d0, d1, lo, hi
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def plan(
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    *,
+    page_size: int,
+    num_qo_heads: int | None = None,
+    num_kv_heads: int | None = None,
+    num_pages: int | None = None,
+    device: torch.device | str | None = None,
+    num_sms: int = 132,
+) -> TreePlan:
+    """Plan one decode step over a paged KV table; reuse the plan in every layer.
+
+    Args:
+        kv_indptr: int32 ``[num_queries + 1]``, non-decreasing, ``kv_indptr[0] == 0``, ``kv_indptr[-1] == nnz``.
+        kv_indices: int32 ``[nnz]`` page ids; query ``i`` reads pages ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
+        kv_last_page_len: int32 ``[num_queries]``: tokens in each query's last page, ``1..page_size``
+            (ignored for a query with no pages).
+        page_size: tokens per page.
+        num_qo_heads, num_kv_heads: optional hints that size query blocks (rows = queries x group);
+            for MLA pass ``num_kv_heads=1``. Any plan is exact for any head counts.
+        num_pages: optional pool size; page ids must then be ``< num_pages``.
+        device: where the plan's tensors live (default: ``kv_indices.device``).
+        num_sms: streaming multiprocessors to fill (split-KV parallelism).
+
+    Returns:
+        A :class:`TreePlan`; ``plan.stats`` holds ``unique_tokens`` (distinct KV tokens attended),
+        ``naive_tokens`` (sum of the queries' KV lengths), ``planned_tokens`` (tokens stage 1 reads per KV
+        head), ``work_items`` and more. May synchronise with the device (copies the table to the host).
+
+    Example:
+        >>> p = treeattn.plan(kv_indptr, kv_indices, kv_last_page_len, page_size=16)
+        >>> p.stats["unique_tokens"], p.stats["naive_tokens"]
+    """
+    check_index_tensor("kv_indptr", kv_indptr)
+    check_index_tensor("kv_indices", kv_indices)
+    check_index_tensor("kv_last_page_len", kv_last_page_len)
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
+    num_queries = kv_last_page_len.shape[0]
+    if kv_indptr.shape[0] != num_queries + 1:
+        raise ValueError(
+            f"kv_indptr: expected shape [{num_queries + 1}] (len(kv_last_page_len) + 1), "
+            f"got {list(kv_indptr.shape)}"
+        )
+    if device is None:
+        device = kv_indices.device
+    device = torch.device(device)
+
+    indptr = kv_indptr.cpu().numpy().astype(np.int64)
+    indices = kv_indices.cpu().numpy()
+    last_len = kv_last_page_len.cpu().numpy().astype(np.int64)
+    nnz = indices.shape[0]
+    _check_table(indptr, indices, last_len, nnz, page_size, num_pages)
+
+    lengths = np.diff(indptr)
+    has_pages = lengths > 0
+    # Tokens each page slot contributes: full pages, except each query's last page.
+    used = np.full(nnz, page_size, dtype=np.int64)
+    used[indptr[1:][has_pages] - 1] = last_len[has_pages]
+    keys = indices.astype(np.int64) * (page_size + 1) + used
+
+    order = _lexicographic_order(keys, indptr, num_queries)
+    sorted_lengths = lengths[order]
+    sorted_starts = indptr[:-1][order]
+    lcp = _neighbour_lcp(keys, sorted_starts, sorted_lengths)
+    e_d0, e_d1, e_lo, e_hi = _trie_edges(lcp, sorted_lengths)
+
+    # Query blocks: rows = queries x padded GQA group, aiming at a 64-row M tile.
+    group = 4 if not (num_qo_heads and num_kv_heads) else max(1, num_qo_heads // num_kv_heads)
+    kv_heads = num_kv_heads or 8
+    block_q = max(1, _TARGET_ROWS_PER_ITEM // _next_pow2(group))
+    edge_queries = e_hi - e_lo
+    edge_blocks = _ceil_div(edge_queries, block_q)
+    edge_first_page = sorted_starts[e_lo] + e_d0
+    edge_pages = e_d1 - e_d0
+    edge_tail = page_size - used[sorted_starts[e_lo] + e_d1 - 1]  # unused slots of the edge's last page
+    edge_tokens = edge_pages * page_size - edge_tail
+
+    # Chunk length: long enough that partial-state traffic stays small, short enough to fill the GPU.
+    rows_per_block = _ceil_div(edge_queries, edge_blocks) * group
+    total_work = int((edge_tokens * edge_blocks).sum())
+    balanced = _ceil_div(total_work, max(1, _PROGRAMS_PER_SM * num_sms // kv_heads))
+    chunk_tokens = np.maximum(np.maximum(rows_per_block * _TOKENS_PER_PARTIAL_ROW, balanced), _MIN_CHUNK_TOKENS)
+    edge_chunks = _ceil_div(edge_pages, np.maximum(1, chunk_tokens // page_size))
+    chunk_pages = _ceil_div(edge_pages, edge_chunks)
+
+    # Items: (edge, query block, chunk), edge-major so one edge's items are neighbours in the grid.
+    items_per_edge = edge_blocks * edge_chunks
+    num_edges = e_d0.shape[0]
+    item_edge = np.repeat(np.arange(num_edges), items_per_edge)
+    local = np.arange(item_edge.shape[0]) - np.repeat(np.cumsum(items_per_edge) - items_per_edge, items_per_edge)
+    item_block = local // edge_chunks[item_edge]
+    item_chunk = local % edge_chunks[item_edge]
+    item_page_begin = item_chunk * chunk_pages[item_edge]
+    item_pages = np.minimum(chunk_pages[item_edge], edge_pages[item_edge] - item_page_begin)
+    item_page_ptr = edge_first_page[item_edge] + item_page_begin
+    is_edge_tail = item_page_begin + item_pages == edge_pages[item_edge]
+    item_num_tokens = item_pages * page_size - np.where(is_edge_tail, edge_tail[item_edge], 0)
+    item_depth = e_d0[item_edge] + item_page_begin
+    # Balanced query blocks: block b of an edge holds sorted queries [lo + b*q//nb, lo + (b+1)*q//nb).
+    q_cnt, nb = edge_queries[item_edge], edge_blocks[item_edge]
+    block_lo = e_lo[item_edge] + item_block * q_cnt // nb
+    block_hi = e_lo[item_edge] + (item_block + 1) * q_cnt // nb
+    item_rows = block_hi - block_lo
+    item_row_ptr = np.concatenate([[0], np.cumsum(item_rows)])
+    num_rows = int(item_row_ptr[-1])
+    row_item = np.repeat(np.arange(item_rows.shape[0]), item_rows)
+    row_sorted_query = block_lo[row_item] + np.arange(num_rows) - item_row_ptr[:-1][row_item]
+    row_query = order[row_sorted_query]
+    row_depth = item_depth[row_item]
+
+    # Queries with one row write their output directly; the rest merge partials in root→leaf order.
+    rows_per_query = np.bincount(row_query, minlength=num_queries)
+    merged_rows = rows_per_query[row_query] > 1
+    partial_rows = np.nonzero(merged_rows)[0]
+    partial_rows = partial_rows[np.lexsort((row_depth[partial_rows], row_query[partial_rows]))]
+    row_dest = np.full(num_rows, -1, dtype=np.int64)
+    row_dest[partial_rows] = np.arange(partial_rows.shape[0])
+    merge_query = np.nonzero(rows_per_query != 1)[0]
+    merge_ptr = np.concatenate([[0], np.cumsum(rows_per_query[merge_query])])
+
+    max_q = int(item_rows.max()) if item_rows.size else 1
+    max_item_tokens = int(item_num_tokens.max()) if item_num_tokens.size else 0
+    stats = {
+        "num_queries": num_queries,
+        "unique_tokens": _unique_tokens(indices, used, page_size),
+        "naive_tokens": int(used.sum()),
+        "planned_tokens": int(item_num_tokens.sum()),
+        "work_items": int(item_rows.shape[0]),
+        "trie_edges": int(num_edges),
+        "partial_rows": int(partial_rows.shape[0]),
+        "direct_queries": int((rows_per_query == 1).sum()),
+        "max_queries_per_item": max_q,
+    }
+
+    pieces = [item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest, merge_query, merge_ptr]
+    packed = np.concatenate(pieces).astype(np.int32)
+    buffer = torch.from_numpy(packed)
+    if device.type == "cuda":
+        buffer = buffer.pin_memory().to(device, non_blocking=True)
+    else:
+        buffer = buffer.to(device)
+    views = torch.split(buffer, [p.shape[0] for p in pieces])
+
+    return TreePlan(
+        num_queries=num_queries,
+        page_size=page_size,
+        device=device,
+        kv_indptr=kv_indptr.to(device),
+        kv_indices=kv_indices.to(device),
+        kv_last_page_len=kv_last_page_len.to(device),
+        item_page_ptr=views[0],
+        item_num_tokens=views[1],
+        item_row_ptr=views[2],
+        row_query=views[3],
+        row_dest=views[4],
+        merge_query=views[5],
+        merge_ptr=views[6],
+        num_items=int(item_rows.shape[0]),
+        num_partial_rows=int(partial_rows.shape[0]),
+        max_queries_per_item=max_q,
+        max_item_tokens=max_item_tokens,
+        max_page_id=int(indices.max()) if nnz else -1,
+        stats=stats,
+    )
+
+
+def _unique_tokens(indices: np.ndarray, used: np.ndarray, page_size: int) -> int:
+    """Distinct (page, slot) tokens: a page read by several queries counts its largest used prefix once."""
+    if indices.size == 0:
+        return 0
+    tokens = np.zeros(int(indices.max()) + 1, dtype=np.int64)
+    partial = used < page_size
+    np.maximum.at(tokens, indices[partial], used[partial])
+    tokens[indices[~partial]] = page_size  # a full use of a page covers every partial use of it
+    return int(tokens.sum())
+
+
+def _check_table(indptr, indices, last_len, nnz, page_size, num_pages):
+    if indptr[0] != 0:
+        raise ValueError(f"kv_indptr: expected kv_indptr[0] == 0, got {int(indptr[0])}")
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        bad = int(np.nonzero(steps < 0)[0][0])
+        raise ValueError(
+            f"kv_indptr: expected non-decreasing values, got kv_indptr[{bad}]={int(indptr[bad])} > "
+            f"kv_indptr[{bad + 1}]={int(indptr[bad + 1])}"
+        )
+    if indptr[-1] != nnz:
+        raise ValueError(f"kv_indptr: expected kv_indptr[-1] == len(kv_indices) == {nnz}, got {int(indptr[-1])}")
+    if nnz:
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0:
+            raise ValueError(f"kv_indices: expected page ids >= 0, got {low}")
+        if num_pages is not None and high >= num_pages:
+            raise ValueError(f"kv_indices: expected page ids < num_pages={num_pages}, got {high}")
+    has_pages = steps > 0
+    bad = has_pages & ((last_len < 1) | (last_len > page_size))
+    if bad.any():
+        q = int(np.nonzero(bad)[0][0])
+        raise ValueError(
+            f"kv_last_page_len: expected 1..page_size={page_size} for query {q} (it has pages), got {int(last_len[q])}"
+        )
+

@@ -1,0 +1,171 @@
+"""Workloads shared by the tests and the benchmarks (so they never drift): paged tables of prefix trees,
+random tables, and KV caches whose unused slots hold NaN (any stray read shows up in the output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "PagedTable",
+    "tree_table",
+    "random_table",
+    "poisoned_cache",
+    "WORKLOADS",
+    "workload_table",
+    "relative_error",
+]
+
+
+@dataclass
+class PagedTable:
+    """A decode step's CSR page table (DESIGN §1) plus the pool size it needs."""
+
+    kv_indptr: torch.Tensor  # int32 [n + 1]
+    kv_indices: torch.Tensor  # int32 [nnz]
+    kv_last_page_len: torch.Tensor  # int32 [n]
+    page_size: int
+    num_pages: int
+
+    @property
+    def num_queries(self) -> int:
+        return self.kv_last_page_len.shape[0]
+
+    def to(self, device) -> "PagedTable":
+        return PagedTable(
+            self.kv_indptr.to(device), self.kv_indices.to(device), self.kv_last_page_len.to(device),
+            self.page_size, self.num_pages,
+        )
+
+    def token_slots(self, query: int) -> torch.Tensor:
+        """int64 flat slots (page * page_size + offset) of the query's KV, in order."""
+        from .reference import gather_kv_tokens
+
+        return gather_kv_tokens(self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.page_size, query)
+
+
+def _csr(rows: list[list[int]], last_lens: list[int], page_size: int, num_pages: int, perm) -> PagedTable:
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+    indptr = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(lengths, 0)
+    flat = torch.tensor([p for r in rows for p in r], dtype=torch.int64)
+    if perm is not None and flat.numel():
+        flat = perm[flat]
+    return PagedTable(
+        indptr.to(torch.int32), flat.to(torch.int32), torch.tensor(last_lens, dtype=torch.int32), page_size, num_pages
+    )
+
+
+def tree_table(
+    level_tokens: list[int],
+    fanout: list[int],
+    page_size: int,
+    *,
+    shuffle: bool = True,
+    spare_pages: int = 0,
+    generator: torch.Generator | None = None,
+) -> PagedTable:
+    """Table of a uniform prefix tree: level ``l`` has ``prod(fanout[:l+1])`` nodes of ``level_tokens[l]`` tokens.
+
+    One query per leaf attends its root→leaf path. Pages are allocated like a copy-on-write paged cache: a
+    node's full pages are shared by all its descendants; a node ending mid-page hands its partial page's
+    tokens to each child, which starts its own page with them. ``shuffle`` permutes page ids (as a
+    long-running pool would); ``spare_pages`` adds pages no query uses.
+
+    Example: ``tree_table([4096, 256], [1, 64], 16)`` is best-of-64 with a 4096-token prompt.
+    """
+    if len(level_tokens) != len(fanout):
+        raise ValueError(f"fanout: expected {len(level_tokens)} levels like level_tokens, got {len(fanout)}")
+    next_page = 0
+    # Each frontier entry: (pages of the path so far, tokens carried in an unfinished page).
+    frontier: list[tuple[list[int], int]] = [([], 0)]
+    for tokens, ways in zip(level_tokens, fanout):
+        grown = []
+        for pages, carry in frontier:
+            for _ in range(ways):
+                total = carry + tokens
+                full, rest = divmod(total, page_size)
+                own = list(range(next_page, next_page + full))
+                next_page += full
+                grown.append((pages + own, rest))
+        frontier = grown
+    rows, last = [], []
+    for pages, rest in frontier:
+        if rest:
+            pages = pages + [next_page]
+            next_page += 1
+        rows.append(pages)
+        last.append(rest if rest else page_size)
+    num_pages = next_page + spare_pages
+    perm = torch.randperm(num_pages, generator=generator) if shuffle else None
+    return _csr(rows, last, page_size, num_pages, perm)
+
+
+def random_table(
+    num_queries: int,
+    page_size: int,
+    *,
+    max_pages: int = 8,
+    pool_pages: int = 16,
+    empty_prob: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> PagedTable:
+    """Queries with random page lists drawn from a small pool: shared prefixes, repeats at other depths,
+    identical queries and empty queries all occur. Any valid table must give exact attention."""
+    g = generator
+    rows, last = [], []
+    for _ in range(num_queries):
+        if torch.rand((), generator=g).item() < empty_prob:
+            rows.append([])
+            last.append(int(torch.randint(1, page_size + 1, (), generator=g)))
+            continue
+        if rows and rows[-1] and torch.rand((), generator=g).item() < 0.6:
+            # Branch off an earlier query: keep a random prefix of its pages.
+            donor = rows[int(torch.randint(0, len(rows), (), generator=g))] or [0]
+            keep = int(torch.randint(0, len(donor) + 1, (), generator=g))
+            pages = donor[:keep]
+        else:
+            pages = []
+        extra = int(torch.randint(0 if pages else 1, max_pages - len(pages) + 1, (), generator=g)) if len(pages) < max_pages else 0
+        pages = pages + torch.randint(0, pool_pages, (extra,), generator=g).tolist()
+        if not pages:
+            pages = [int(torch.randint(0, pool_pages, (), generator=g))]
+        rows.append(pages)
+        last.append(int(torch.randint(1, page_size + 1, (), generator=g)))
+    return _csr(rows, last, page_size, pool_pages, None)
+
+
+def poisoned_cache(
+    table: PagedTable, shape_tail: tuple[int, ...], dtype: torch.dtype, device, *, generator=None
+) -> torch.Tensor:
+    """Random cache ``[num_pages, page_size, *shape_tail]`` with NaN in every slot no query attends."""
+    cache = torch.randn(table.num_pages, table.page_size, *shape_tail, generator=generator, dtype=torch.float32)
+    used = torch.zeros(table.num_pages * table.page_size, dtype=torch.bool)
+    for i in range(table.num_queries):
+        used[table.token_slots(i).cpu()] = True
+    cache.view(table.num_pages * table.page_size, -1)[~used] = float("nan")
+    return cache.to(dtype=dtype, device=device)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in fp32 (DESIGN §5); NaN anywhere gives NaN."""
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# DESIGN §4 workloads: name -> (level_tokens, fanout). GQA rows use 32 q / 8 kv heads, head_dim 128, page 16.
+WORKLOADS: dict[str, tuple[list[int], list[int]]] = {
+    "bestofN_P4k_N64_S256": ([4096, 256], [1, 64]),
+    "tree_2k_4x1k_4x512_4x128": ([2048, 1024, 512, 128], [1, 4, 4, 4]),
+    "longcot_P1k_N32_S8k": ([1024, 8192], [1, 32]),
+    "hydragen_P8k_N256_S64": ([8192, 64], [1, 256]),
+}
+
+
+def workload_table(name: str, page_size: int = 16, *, scale: float = 1.0, generator=None) -> PagedTable:
+    """Table of a named DESIGN §4 workload; ``scale`` < 1 shrinks every level's tokens (for CPU tests)."""
+    level_tokens, fanout = WORKLOADS[name]
+    tokens = [max(1, int(t * scale)) for t in level_tokens]
+    return tree_table(tokens, fanout, page_size, generator=generator)

@@ -1,0 +1,10 @@
+"""Triton kernels of treeattn, installed as ``treeattn.triton_kernels``.
+
+Naming: ``_x_kernel`` (the ``@triton.jit`` function) → ``x`` (host launcher taking tensors). The public ops
+live in ``treeattn.ops`` and reach these launchers only through ``treeattn._dispatch``.
+"""
+
+from .merge import merge_partials, merge_state
+from .tree_decode import tree_decode_stage1
+
+__all__ = ["merge_partials", "merge_state", "tree_decode_stage1"]

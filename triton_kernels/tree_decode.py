@@ -1,0 +1,155 @@
+"""Triton stage-1 kernel of tree decode (DESIGN §3.2): one program per (work item, KV head).
+
+The item's queries x GQA group heads are stacked into the M dimension of one tensor-core tile, so every
+K/V tile of the item's page chunk is loaded once for all of them. Online softmax in the exp2 domain;
+the result goes straight to the output when the query has no other item, else to an fp32 partial state
+that stage 2 (``merge.py``) merges.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import LOG2E, dot_precision, next_pow2
+
+__all__ = ["tree_decode_stage1"]
+
+
+@triton.jit
+def _tree_decode_stage1_kernel(
+    q_ptr, k_ptr, v_ptr,
+    out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    kv_indices_ptr, item_page_ptr, item_num_tokens_ptr, item_row_ptr, row_query_ptr, row_dest_ptr,
+    sm_scale_log2,
+    stride_q_n, stride_q_h,
+    stride_k_page, stride_k_slot, stride_k_head,
+    stride_v_page, stride_v_slot, stride_v_head,
+    stride_out_n, stride_out_h,
+    stride_lse_n,
+    stride_part_n, stride_part_h,
+    stride_part_lse_n,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    item = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    row_begin = tl.load(item_row_ptr + item)
+    num_rows = tl.load(item_row_ptr + item + 1) - row_begin
+    first_page = tl.load(item_page_ptr + item)
+    num_tokens = tl.load(item_num_tokens_ptr + item)
+
+    # Row m of the tile is (query m // GROUP_PAD of the item, head m % GROUP_PAD of this KV head's group).
+    m = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    local_query = m // GROUP_PAD
+    group_head = m % GROUP_PAD
+    row_valid = (local_query < num_rows) & (group_head < GROUP)
+    query = tl.load(row_query_ptr + row_begin + local_query, mask=local_query < num_rows, other=0)
+    head = kv_head * GROUP + group_head
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = d < HEAD_DIM
+
+    q = tl.load(
+        q_ptr + query[:, None].to(tl.int64) * stride_q_n + head[:, None] * stride_q_h + d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :], other=0.0,
+    )
+    m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+
+    for start in range(0, num_tokens, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        t_valid = t < num_tokens
+        # Masked lanes never touch memory: slots past a query's last token may hold garbage (or NaN).
+        page = tl.load(kv_indices_ptr + first_page + t // PAGE_SIZE, mask=t_valid, other=0).to(tl.int64)
+        slot = t % PAGE_SIZE
+        kv_mask = t_valid[:, None] & d_valid[None, :]
+        k = tl.load(
+            k_ptr + (page * stride_k_page + slot * stride_k_slot + kv_head * stride_k_head)[:, None] + d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        scores = tl.where(t_valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + (page * stride_v_page + slot * stride_v_slot + kv_head * stride_v_head)[:, None] + d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
+    dest = tl.load(row_dest_ptr + row_begin + local_query, mask=local_query < num_rows, other=-1)
+    direct = row_valid & (dest < 0)
+    partial = row_valid & (dest >= 0)
+    query64 = query.to(tl.int64)
+    tl.store(
+        out_ptr + query64[:, None] * stride_out_n + head[:, None] * stride_out_h + d[None, :],
+        o.to(out_ptr.dtype.element_ty), mask=direct[:, None] & d_valid[None, :],
+    )
+    tl.store(lse_ptr + query64 * stride_lse_n + head, lse, mask=direct)
+    dest64 = tl.maximum(dest, 0).to(tl.int64)
+    tl.store(
+        part_o_ptr + dest64[:, None] * stride_part_n + head[:, None] * stride_part_h + d[None, :],
+        o, mask=partial[:, None] & d_valid[None, :],
+    )
+    tl.store(part_lse_ptr + dest64 * stride_part_lse_n + head, lse, mask=partial)
+
+
+def tree_decode_stage1(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_indices: torch.Tensor,
+    item_page_ptr: torch.Tensor,
+    item_num_tokens: torch.Tensor,
+    item_row_ptr: torch.Tensor,
+    row_query: torch.Tensor,
+    row_dest: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    sm_scale: float,
+    max_queries_per_item: int,
+) -> None:
+    """Launch stage 1 over every work item.
+
+    q: ``[n, Hq, D]``; k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; out: ``[n, Hq, D]``;
+    lse: fp32 ``[n, Hq]``; partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]``.
+    """
+    num_items = item_page_ptr.shape[0]
+    if num_items == 0:
+        return
+    num_qo_heads, head_dim = q.shape[1], q.shape[2]
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_qo_heads // num_kv_heads
+    group_pad = next_pow2(group)
+    # tl.dot needs M >= 16: pad the query block so the tile is GPU-legal even for tiny groups.
+    block_q = max(next_pow2(max_queries_per_item), 16 // min(group_pad, 16))
+    block_m = block_q * group_pad
+    head_dim_pad = max(16, next_pow2(head_dim))
+    block_n = 64 if head_dim_pad <= 128 else 32
+    _tree_decode_stage1_kernel[(num_items, num_kv_heads)](
+        q, k_cache, v_cache,
+        out, lse, partial_o, partial_lse,
+        kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
+        sm_scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        lse.stride(0),
+        partial_o.stride(0), partial_o.stride(1),
+        partial_lse.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4 if block_m <= 64 else 8, num_stages=2,
+    )
