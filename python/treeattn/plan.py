@@ -186,6 +186,7 @@ def plan(
     num_pages: int | None = None,
     device: torch.device | str | None = None,
     num_sms: int = 132,
+    share_prefixes: bool = True,
 ) -> TreePlan:
     """Plan one decode step over a paged KV table; reuse the plan in every layer.
 
@@ -200,6 +201,8 @@ def plan(
         num_pages: optional pool size; page ids must then be ``< num_pages``.
         device: where the plan's tensors live (default: ``kv_indices.device``).
         num_sms: streaming multiprocessors to fill (split-KV parallelism).
+        share_prefixes: False plans every query on its own (plain split-KV decode through the same
+            kernels): the per-branch baseline the benchmarks compare against.
 
     Returns:
         A :class:`TreePlan`; ``plan.stats`` holds ``unique_tokens`` (distinct KV tokens attended),
@@ -241,7 +244,10 @@ def plan(
     order = _lexicographic_order(keys, indptr, num_queries)
     sorted_lengths = lengths[order]
     sorted_starts = indptr[:-1][order]
-    lcp = _neighbour_lcp(keys, sorted_starts, sorted_lengths)
+    if share_prefixes:
+        lcp = _neighbour_lcp(keys, sorted_starts, sorted_lengths)
+    else:
+        lcp = np.zeros(num_queries + 1, dtype=np.int64)
     e_d0, e_d1, e_lo, e_hi = _trie_edges(lcp, sorted_lengths)
 
     # Query blocks: rows = queries x padded GQA group, aiming at a 64-row M tile.

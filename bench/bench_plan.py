@@ -1,0 +1,58 @@
+"""Host cost of ``treeattn.plan`` (DESIGN §4 target: ≤ 200 µs for 256 queries × 8k tokens at page size 16).
+
+Host time is real on any machine, so this runs (and reports) on CPU as well as on the GPU machine.
+
+    python bench/bench_plan.py --out bench/results/latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+import treeattn  # noqa: E402
+from treeattn.testing import tree_table, workload_table  # noqa: E402
+
+CASES = {
+    "hydragen_P8k_N256_S64 (shared)": lambda: workload_table("hydragen_P8k_N256_S64"),
+    "256 x 8k, no sharing": lambda: tree_table([0, 8192], [1, 256], 16),
+    "tree_2k_4x1k_4x512_4x128": lambda: workload_table("tree_2k_4x1k_4x512_4x128"),
+    "bestofN_P4k_N64_S256": lambda: workload_table("bestofN_P4k_N64_S256"),
+}
+
+
+def median_plan_us(table, repeats: int) -> float:
+    args = (table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    treeattn.plan(*args, page_size=table.page_size)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        treeattn.plan(*args, page_size=table.page_size, device="cpu")
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/latest")
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args(argv)
+    rows = []
+    for name, make in CASES.items():
+        table = make()
+        rows.append({"case": name, "queries": table.num_queries, "nnz_pages": int(table.kv_indices.numel()),
+                     "plan_host_us": median_plan_us(table, args.repeats)})
+    common.print_table(rows, ["case", "queries", "nnz_pages", "plan_host_us"])
+    print(f"wrote {common.write_results(args.out, 'plan', {'env': common.environment(), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
