@@ -5,6 +5,7 @@ live in ``treeattn.ops`` and reach these launchers only through ``treeattn._disp
 """
 
 from .merge import merge_partials, merge_state
+from .mla_decode import mla_tree_decode_stage1
 from .tree_decode import tree_decode_stage1
 
-__all__ = ["merge_partials", "merge_state", "tree_decode_stage1"]
+__all__ = ["merge_partials", "merge_state", "mla_tree_decode_stage1", "tree_decode_stage1"]

@@ -20,3 +20,13 @@ def merge_state(o_a, lse_a, o_b, lse_b, out, lse_out):
     o, lse = reference.merge_state(o_a, lse_a, o_b, lse_b)
     out.copy_(o)
     lse_out.copy_(lse)
+
+
+@register("mla_tree_decode", "reference")
+def mla_tree_decode(q, kv_cache, plan, out, lse, workspace, sm_scale):
+    o_ref, lse_ref = reference.mla_tree_decode(
+        q, kv_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
+        sm_scale=sm_scale, v_head_dim=out.shape[2],
+    )
+    out.copy_(o_ref)
+    lse.copy_(lse_ref)

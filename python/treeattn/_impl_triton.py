@@ -27,3 +27,15 @@ def tree_decode(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale):
 @register("merge_state", "triton")
 def merge_state(o_a, lse_a, o_b, lse_b, out, lse_out):
     _tk.merge_state(o_a, lse_a, o_b, lse_b, out, lse_out)
+
+
+@register("mla_tree_decode", "triton")
+def mla_tree_decode(q, kv_cache, plan, out, lse, workspace, sm_scale):
+    partial_o, partial_lse = workspace
+    _tk.mla_tree_decode_stage1(
+        q, kv_cache, plan.kv_indices,
+        plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
+        out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item,
+    )
+    # Stage 2 is the GQA merge: it depends only on (partials, lse), not on how stage 1 computed them.
+    _tk.merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)

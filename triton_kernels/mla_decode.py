@@ -1,0 +1,188 @@
+"""Triton stage-1 kernel of MLA tree decode (DESIGN §3.4): absorbed multi-head latent attention.
+
+All heads share one latent KV row per token: ``kv = c_kv ‖ k_pe`` (``[head_dim]``, 512 + 64 for DeepSeek-V3),
+with K = ``kv[:head_dim]`` and V = ``kv[:v_head_dim]``. One program per (work item, query block, head block)
+stacks the item's queries x heads into the M dimension of one tile (64 rows: 64 heads of one query at 128
+heads, 4 queries x 16 heads at 16 heads, ...), and walks the item's page chunk in BLOCK_N-token tiles. Each
+tile's V part (``kv[:, :v_head_dim]``) is loaded **once** and used as both K (``q_nope · c_kvᵀ``) and V
+(``p · c_kv``); the rest of K (``k_pe``) is a second, narrow load. So every KV byte of a shared chunk is read
+once for all the queries and heads of the item. Online softmax in the exp2 domain; the result goes straight
+to the output when the query has no other item, else to an fp32 partial state that stage 2
+(``merge.merge_partials``, shared with GQA) merges.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import LOG2E, dot_precision, next_pow2
+
+__all__ = ["mla_tree_decode_stage1", "mla_tile_config"]
+
+
+@triton.jit
+def _mla_tree_decode_stage1_kernel(
+    q_ptr, kv_ptr,
+    out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
+    kv_indices_ptr, item_page_ptr, item_num_tokens_ptr, item_row_ptr, row_query_ptr, row_dest_ptr,
+    sm_scale_log2,
+    num_heads, num_head_blocks, num_sub_blocks,
+    stride_q_n, stride_q_h,
+    stride_kv_page, stride_kv_slot,
+    stride_out_n, stride_out_h,
+    stride_lse_n,
+    stride_part_n, stride_part_h,
+    stride_part_lse_n,
+    HEAD_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr,
+    V_DIM: tl.constexpr, V_DIM_PAD: tl.constexpr,
+    PE_DIM: tl.constexpr, PE_DIM_PAD: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Flat grid, item-major: the programs that read one item's chunk run next to each other (L2 reuse).
+    pid = tl.program_id(0)
+    item = pid // num_sub_blocks
+    q_block = (pid % num_sub_blocks) // num_head_blocks
+    h_block = pid % num_head_blocks
+    row_begin = tl.load(item_row_ptr + item)
+    num_rows = tl.load(item_row_ptr + item + 1) - row_begin
+    first_page = tl.load(item_page_ptr + item)
+    num_tokens = tl.load(item_num_tokens_ptr + item)
+    # A query block past the item's queries has nothing to do (its stores are all masked off).
+    num_tokens = tl.where(q_block * BLOCK_Q < num_rows, num_tokens, 0)
+
+    # Row m of the tile is (query m // HEAD_BLOCK of this query block, head m % HEAD_BLOCK of this head block).
+    m = tl.arange(0, BLOCK_Q * HEAD_BLOCK)
+    local_query = q_block * BLOCK_Q + m // HEAD_BLOCK
+    head = h_block * HEAD_BLOCK + m % HEAD_BLOCK
+    query_valid = local_query < num_rows
+    row_valid = query_valid & (head < num_heads)
+    query = tl.load(row_query_ptr + row_begin + local_query, mask=query_valid, other=0).to(tl.int64)
+
+    # K = [V part (c_kv, V_DIM wide) ‖ rest (k_pe, PE_DIM wide)]; V = the V part.
+    dv = tl.arange(0, V_DIM_PAD)
+    dv_valid = dv < V_DIM
+    q_rows = q_ptr + query[:, None] * stride_q_n + head[:, None] * stride_q_h
+    q_nope = tl.load(q_rows + dv[None, :], mask=row_valid[:, None] & dv_valid[None, :], other=0.0)
+    if PE_DIM > 0:
+        dp = tl.arange(0, PE_DIM_PAD)
+        dp_valid = dp < PE_DIM
+        q_pe = tl.load(q_rows + V_DIM + dp[None, :], mask=row_valid[:, None] & dp_valid[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_Q * HEAD_BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * HEAD_BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * HEAD_BLOCK, V_DIM_PAD], dtype=tl.float32)
+
+    for start in range(0, num_tokens, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        t_valid = t < num_tokens
+        # Masked lanes never touch memory: slots past the item's last token may hold garbage (or NaN).
+        page = tl.load(kv_indices_ptr + first_page + t // PAGE_SIZE, mask=t_valid, other=0).to(tl.int64)
+        kv_rows = kv_ptr + page * stride_kv_page + (t % PAGE_SIZE) * stride_kv_slot
+        # The V part, loaded once: K's first V_DIM columns and V itself.
+        c_kv = tl.load(kv_rows[:, None] + dv[None, :], mask=t_valid[:, None] & dv_valid[None, :], other=0.0)
+        scores = tl.dot(q_nope, tl.trans(c_kv), input_precision=DOT_PRECISION)
+        if PE_DIM > 0:
+            k_pe = tl.load(
+                kv_rows[:, None] + V_DIM + dp[None, :], mask=t_valid[:, None] & dp_valid[None, :], other=0.0
+            )
+            scores += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
+        scores = tl.where(t_valid[None, :], scores * sm_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # l_i is 0 only in a program with no tokens (a query block past the item's queries): nothing is stored.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
+    dest = tl.load(row_dest_ptr + row_begin + local_query, mask=query_valid, other=-1)
+    direct = row_valid & (dest < 0)
+    partial = row_valid & (dest >= 0)
+    tl.store(
+        out_ptr + query[:, None] * stride_out_n + head[:, None] * stride_out_h + dv[None, :],
+        o.to(out_ptr.dtype.element_ty), mask=direct[:, None] & dv_valid[None, :],
+    )
+    tl.store(lse_ptr + query * stride_lse_n + head, lse, mask=direct)
+    dest64 = tl.maximum(dest, 0).to(tl.int64)
+    tl.store(
+        part_o_ptr + dest64[:, None] * stride_part_n + head[:, None] * stride_part_h + dv[None, :],
+        o, mask=partial[:, None] & dv_valid[None, :],
+    )
+    tl.store(part_lse_ptr + dest64 * stride_part_lse_n + head, lse, mask=partial)
+
+
+def mla_tile_config(num_heads: int, max_queries_per_item: int, block_m: int = 64) -> tuple[int, int]:
+    """``(head_block, block_q)`` of the stage-1 M tile: ``head_block`` heads of ``block_q`` queries.
+
+    Heads fill the tile first (up to ``block_m``), then queries of the item; the tile has at least 16 rows
+    (``tl.dot``'s minimum) and every size is a power of two, so it is GPU-legal for any head count.
+    """
+    head_block = min(next_pow2(num_heads), block_m)
+    block_q = min(next_pow2(max(1, max_queries_per_item)), max(1, block_m // head_block))
+    block_q = max(block_q, 16 // min(head_block, 16))
+    return head_block, block_q
+
+
+def mla_tree_decode_stage1(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    kv_indices: torch.Tensor,
+    item_page_ptr: torch.Tensor,
+    item_num_tokens: torch.Tensor,
+    item_row_ptr: torch.Tensor,
+    row_query: torch.Tensor,
+    row_dest: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    sm_scale: float,
+    max_queries_per_item: int,
+    *,
+    block_m: int = 64,
+    block_n: int = 32,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> None:
+    """Launch MLA stage 1 over every work item.
+
+    q: ``[n, H, D]``; kv_cache: ``[num_pages, page_size, D]``; out: ``[n, H, Dv]`` (``Dv <= D``, V is
+    ``kv_cache[..., :Dv]``); lse: fp32 ``[n, H]``; partial_o: fp32 ``[P, H, Dv]``; partial_lse: fp32 ``[P, H]``.
+    ``block_m`` (rows per program, a power of two >= 16) and ``block_n`` (tokens per KV tile) are tuning knobs.
+    """
+    num_items = item_page_ptr.shape[0]
+    if num_items == 0:
+        return
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    v_dim = out.shape[2]
+    pe_dim = head_dim - v_dim
+    page_size = kv_cache.shape[1]
+    head_block, block_q = mla_tile_config(num_heads, max_queries_per_item, block_m)
+    num_head_blocks = triton.cdiv(num_heads, head_block)
+    num_q_blocks = triton.cdiv(max(1, max_queries_per_item), block_q)
+    rows = head_block * block_q
+    if num_warps is None:
+        num_warps = 4 if rows <= 32 else 8
+    _mla_tree_decode_stage1_kernel[(num_items * num_q_blocks * num_head_blocks,)](
+        q, kv_cache,
+        out, lse, partial_o, partial_lse,
+        kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
+        sm_scale * LOG2E,
+        num_heads, num_head_blocks, num_q_blocks * num_head_blocks,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1),
+        out.stride(0), out.stride(1),
+        lse.stride(0),
+        partial_o.stride(0), partial_o.stride(1),
+        partial_lse.stride(0),
+        HEAD_BLOCK=head_block, BLOCK_Q=block_q,
+        V_DIM=v_dim, V_DIM_PAD=max(16, next_pow2(v_dim)),
+        PE_DIM=pe_dim, PE_DIM_PAD=max(16, next_pow2(pe_dim)) if pe_dim > 0 else 16,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
