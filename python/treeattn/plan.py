@@ -21,7 +21,7 @@ import torch
 
 from ._validate import check_index_tensor
 
-__all__ = ["TreePlan", "plan", "PLAN_TENSOR_FIELDS", "PlanArgs"]
+__all__ = ["TreePlan", "plan", "plan_from_edges", "PLAN_TENSOR_FIELDS", "PlanArgs"]
 
 PLAN_TENSOR_FIELDS = (
     "kv_indptr", "kv_indices", "kv_last_page_len",
@@ -250,15 +250,58 @@ def plan(
         lcp = np.zeros(num_queries + 1, dtype=np.int64)
     e_d0, e_d1, e_lo, e_hi = _trie_edges(lcp, sorted_lengths)
 
+    edge_first_page = sorted_starts[e_lo] + e_d0
+    edge_tail = page_size - used[sorted_starts[e_lo] + e_d1 - 1]  # unused slots of the edge's last page
+    return plan_from_edges(
+        order=order, edge_lo=e_lo, edge_hi=e_hi, edge_depth=e_d0, edge_pages=e_d1 - e_d0,
+        edge_first_page=edge_first_page, edge_tail=edge_tail,
+        kv_indptr=kv_indptr, kv_indices=kv_indices, kv_last_page_len=kv_last_page_len,
+        indices=indices, used=used, page_size=page_size,
+        num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, device=device, num_sms=num_sms,
+    )
+
+
+def plan_from_edges(
+    *,
+    order: np.ndarray,
+    edge_lo: np.ndarray,
+    edge_hi: np.ndarray,
+    edge_depth: np.ndarray,
+    edge_pages: np.ndarray,
+    edge_first_page: np.ndarray,
+    edge_tail: np.ndarray,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    indices: np.ndarray,
+    used: np.ndarray,
+    page_size: int,
+    num_qo_heads: int | None,
+    num_kv_heads: int | None,
+    device: torch.device,
+    num_sms: int = 132,
+) -> TreePlan:
+    """The planner after sharing discovery: prefix-trie edges -> work items, rows, merge order, one buffer.
+
+    :func:`plan` finds the edges from a page table (LCP trie); ``TreeKVCache.plan`` knows them from its
+    tree. All arrays are int64 numpy. ``order[k]`` is the query at sorted position ``k``; edge ``e`` is
+    shared by exactly the queries at sorted positions ``edge_lo[e]..edge_hi[e]-1`` and is
+    ``edge_pages[e]`` pages of their lists starting at page depth ``edge_depth[e]`` (stage 2 merges a
+    query's partials in increasing depth), stored at ``kv_indices[edge_first_page[e]:...]``;
+    ``edge_tail[e]`` slots of its last page are unused. ``indices`` (page ids) and ``used`` (tokens each
+    page slot contributes) are the host copies of the table, for the stats. Every query's KV must be
+    covered exactly once by the edges it belongs to.
+    """
+    num_queries = order.shape[0]
+    e_lo, e_hi, e_d0 = edge_lo, edge_hi, edge_depth
+    nnz = indices.shape[0]
+
     # Query blocks: rows = queries x padded GQA group, aiming at a 64-row M tile.
     group = 4 if not (num_qo_heads and num_kv_heads) else max(1, num_qo_heads // num_kv_heads)
     kv_heads = num_kv_heads or 8
     block_q = max(1, _TARGET_ROWS_PER_ITEM // _next_pow2(group))
     edge_queries = e_hi - e_lo
     edge_blocks = _ceil_div(edge_queries, block_q)
-    edge_first_page = sorted_starts[e_lo] + e_d0
-    edge_pages = e_d1 - e_d0
-    edge_tail = page_size - used[sorted_starts[e_lo] + e_d1 - 1]  # unused slots of the edge's last page
     edge_tokens = edge_pages * page_size - edge_tail
 
     # Chunk length: long enough that partial-state traffic stays small, short enough to fill the GPU.
@@ -271,7 +314,7 @@ def plan(
 
     # Items: (edge, query block, chunk), edge-major so one edge's items are neighbours in the grid.
     items_per_edge = edge_blocks * edge_chunks
-    num_edges = e_d0.shape[0]
+    num_edges = e_lo.shape[0]
     item_edge = np.repeat(np.arange(num_edges), items_per_edge)
     local = np.arange(item_edge.shape[0]) - np.repeat(np.cumsum(items_per_edge) - items_per_edge, items_per_edge)
     item_block = local // edge_chunks[item_edge]
