@@ -224,6 +224,22 @@ def test_custom_op_registration(device):
     )
 
 
+def test_torch_compile_fullgraph(device):
+    """The op traces into one graph (custom op + fake impl, plan tensors as inputs) and gives the eager result."""
+    g = torch.Generator().manual_seed(12)
+    table = tree_table([20, 4], [1, 2], 16, generator=g)
+    plan = _plan(table, 4, device)
+    kv = poisoned_cache(table, (96,), torch.float32, device, generator=g)
+    q = torch.randn(2, 4, 96, generator=g).to(device)
+
+    def step(q, kv):
+        return treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.1, v_head_dim=64, return_lse=True)
+
+    o_c, lse_c = torch.compile(step, backend="aot_eager", fullgraph=True)(q, kv)
+    o_e, lse_e = step(q, kv)
+    assert torch.equal(o_c, o_e) and torch.equal(lse_c, lse_e)
+
+
 # --- errors -----------------------------------------------------------------------------------------------------
 
 

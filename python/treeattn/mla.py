@@ -7,6 +7,7 @@ the item's queries into its M tile, since all heads read the same latent KV row 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -95,7 +96,7 @@ def mla_tree_decode(
     """
     if sm_scale is None:
         raise TypeError(_SM_SCALE_HINT)
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale) or sm_scale <= 0:
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not math.isfinite(sm_scale) or sm_scale <= 0:
         raise ValueError(f"sm_scale: expected a finite positive float, got {sm_scale!r}")
     check_float_tensor("q", q, 3)
     check_float_tensor("kv_cache", kv_cache, 3)
