@@ -195,25 +195,26 @@ def test_out_lse_out_and_plan_reuse(device):
     assert isinstance(treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.07), torch.Tensor)
 
 
-def test_reference_backend_agrees(device):
+@pytest.fixture
+def tiny_step(device):
+    """(plan, kv_cache, q) of a 2-branch step: 3 heads, head_dim 80 = 64 + 16, fp32."""
     g = torch.Generator().manual_seed(4)
     table = tree_table([30, 5], [1, 2], 16, generator=g)
-    plan = _plan(table, 3, device)
     kv = poisoned_cache(table, (80,), torch.float32, device, generator=g)
-    q = torch.randn(2, 3, 80, generator=g).to(device)
+    return _plan(table, 3, device), kv, torch.randn(2, 3, 80, generator=g).to(device)
+
+
+def test_reference_backend_agrees(tiny_step):
+    plan, kv, q = tiny_step
     o1 = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.1, v_head_dim=64)
     with _dispatch.force("reference"):
         o2 = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.1, v_head_dim=64)
     assert relative_error(o1, o2) < 1e-5
 
 
-def test_custom_op_registration(device):
+def test_custom_op_registration(tiny_step, device):
     """Schema, fake (meta) kernel and mutation annotations of treeattn::mla_tree_decode_run."""
-    g = torch.Generator().manual_seed(6)
-    table = tree_table([20, 4], [1, 2], 16, generator=g)
-    plan = _plan(table, 3, device)
-    kv = poisoned_cache(table, (80,), torch.float32, device, generator=g)
-    q = torch.randn(2, 3, 80, generator=g).to(device)
+    plan, kv, q = tiny_step
     out = torch.empty(2, 3, 64, device=device)
     lse = torch.empty(2, 3, device=device)
     part_o, part_lse = plan.workspace(3, 64)
@@ -224,13 +225,9 @@ def test_custom_op_registration(device):
     )
 
 
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(tiny_step):
     """The op traces into one graph (custom op + fake impl, plan tensors as inputs) and gives the eager result."""
-    g = torch.Generator().manual_seed(12)
-    table = tree_table([20, 4], [1, 2], 16, generator=g)
-    plan = _plan(table, 4, device)
-    kv = poisoned_cache(table, (96,), torch.float32, device, generator=g)
-    q = torch.randn(2, 4, 96, generator=g).to(device)
+    plan, kv, q = tiny_step
 
     def step(q, kv):
         return treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.1, v_head_dim=64, return_lse=True)
