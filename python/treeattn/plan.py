@@ -14,12 +14,20 @@ they both attend in full; sharing is found, never assumed, and any valid table g
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ._validate import check_index_tensor
+
+try:  # the C++ planner (csrc/planner.cpp); the numpy planner below is its fallback and its oracle
+    from . import _planner
+except ImportError:
+    _planner = None
+# TREEATTN_PLANNER=numpy forces the numpy planner (tests compare the two).
+_PLANNER = os.environ.get("TREEATTN_PLANNER", "auto")
 
 __all__ = ["TreePlan", "plan", "plan_from_edges", "PLAN_TENSOR_FIELDS", "PlanArgs"]
 
@@ -228,11 +236,34 @@ def plan(
         device = kv_indices.device
     device = torch.device(device)
 
-    indptr = kv_indptr.cpu().numpy().astype(np.int64)
-    indices = kv_indices.cpu().numpy()
-    last_len = kv_last_page_len.cpu().numpy().astype(np.int64)
+    group, kv_heads = _sizing(num_qo_heads, num_kv_heads)
+    tables = (kv_indptr.cpu().numpy(), kv_indices.cpu().numpy(), kv_last_page_len.cpu().numpy())
+    planner = _plan_table_cpp if _planner is not None and _PLANNER != "numpy" else _plan_table_numpy
+    arrays = planner(*tables, page_size, -1 if num_pages is None else num_pages, share_prefixes, group, kv_heads, num_sms)
+    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device)
+
+
+def _sizing(num_qo_heads: int | None, num_kv_heads: int | None) -> tuple[int, int]:
+    """(rows per query = GQA group, KV heads) the plan sizes blocks and chunks for; GQA 32/8 by default."""
+    group = 4 if not (num_qo_heads and num_kv_heads) else max(1, num_qo_heads // num_kv_heads)
+    return group, num_kv_heads or 8
+
+
+def _plan_table_cpp(indptr, indices, last_len, page_size, num_pages, share_prefixes, group, kv_heads, num_sms):
+    """The C++ planner (``treeattn._planner``): same arrays as :func:`_plan_table_numpy`, ~20x faster."""
+    return _planner.plan_table(
+        indptr, indices, last_len, page_size, num_pages, share_prefixes, group, kv_heads, num_sms,
+        _TARGET_ROWS_PER_ITEM, _TOKENS_PER_PARTIAL_ROW, _MIN_CHUNK_TOKENS, _PROGRAMS_PER_SM,
+    )
+
+
+def _plan_table_numpy(indptr, indices, last_len, page_size, num_pages, share_prefixes, group, kv_heads, num_sms):
+    """Table -> plan arrays in numpy: ``(packed int32, piece sizes, stats, max_item_tokens, max_page_id)``."""
+    indptr = indptr.astype(np.int64)
+    last_len = last_len.astype(np.int64)
+    num_queries = last_len.shape[0]
     nnz = indices.shape[0]
-    _check_table(indptr, indices, last_len, nnz, page_size, num_pages)
+    _check_table(indptr, indices, last_len, nnz, page_size, None if num_pages < 0 else num_pages)
 
     lengths = np.diff(indptr)
     has_pages = lengths > 0
@@ -252,12 +283,9 @@ def plan(
 
     edge_first_page = sorted_starts[e_lo] + e_d0
     edge_tail = page_size - used[sorted_starts[e_lo] + e_d1 - 1]  # unused slots of the edge's last page
-    return plan_from_edges(
-        order=order, edge_lo=e_lo, edge_hi=e_hi, edge_depth=e_d0, edge_pages=e_d1 - e_d0,
-        edge_first_page=edge_first_page, edge_tail=edge_tail,
-        kv_indptr=kv_indptr, kv_indices=kv_indices, kv_last_page_len=kv_last_page_len,
-        indices=indices, used=used, page_size=page_size,
-        num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, device=device, num_sms=num_sms,
+    return _items_from_edges(
+        order, e_lo, e_hi, e_d0, e_d1 - e_d0, edge_first_page, edge_tail, indices, used, page_size, group,
+        kv_heads, num_sms,
     )
 
 
@@ -292,13 +320,22 @@ def plan_from_edges(
     page slot contributes) are the host copies of the table, for the stats. Every query's KV must be
     covered exactly once by the edges it belongs to.
     """
+    group, kv_heads = _sizing(num_qo_heads, num_kv_heads)
+    arrays = _items_from_edges(
+        order, edge_lo, edge_hi, edge_depth, edge_pages, edge_first_page, edge_tail, indices, used, page_size,
+        group, kv_heads, num_sms,
+    )
+    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device)
+
+
+def _items_from_edges(
+    order, e_lo, e_hi, e_d0, edge_pages, edge_first_page, edge_tail, indices, used, page_size, group, kv_heads, num_sms
+):
+    """Edges -> items, rows, merge CSR and stats (numpy; csrc/planner.cpp mirrors it line for line)."""
     num_queries = order.shape[0]
-    e_lo, e_hi, e_d0 = edge_lo, edge_hi, edge_depth
     nnz = indices.shape[0]
 
     # Query blocks: rows = queries x padded GQA group, aiming at a 64-row M tile.
-    group = 4 if not (num_qo_heads and num_kv_heads) else max(1, num_qo_heads // num_kv_heads)
-    kv_heads = num_kv_heads or 8
     block_q = max(1, _TARGET_ROWS_PER_ITEM // _next_pow2(group))
     edge_queries = e_hi - e_lo
     edge_blocks = _ceil_div(edge_queries, block_q)
@@ -363,15 +400,21 @@ def plan_from_edges(
 
     pieces = [item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest, merge_query, merge_ptr]
     packed = np.concatenate(pieces).astype(np.int32)
+    max_page_id = int(indices.max()) if nnz else -1
+    return packed, [p.shape[0] for p in pieces], stats, max_item_tokens, max_page_id
+
+
+def _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size: int, device: torch.device) -> TreePlan:
+    """Plan arrays -> TreePlan: one host-to-device copy of the packed buffer, then views."""
+    packed, sizes, stats, max_item_tokens, max_page_id = arrays
     buffer = torch.from_numpy(packed)
     if device.type == "cuda":
         buffer = buffer.pin_memory().to(device, non_blocking=True)
     else:
         buffer = buffer.to(device)
-    views = torch.split(buffer, [p.shape[0] for p in pieces])
-
+    views = torch.split(buffer, list(sizes))
     return TreePlan(
-        num_queries=num_queries,
+        num_queries=stats["num_queries"],
         page_size=page_size,
         device=device,
         kv_indptr=kv_indptr.to(device),
@@ -384,11 +427,11 @@ def plan_from_edges(
         row_dest=views[4],
         merge_query=views[5],
         merge_ptr=views[6],
-        num_items=int(item_rows.shape[0]),
-        num_partial_rows=int(partial_rows.shape[0]),
-        max_queries_per_item=max_q,
+        num_items=stats["work_items"],
+        num_partial_rows=stats["partial_rows"],
+        max_queries_per_item=stats["max_queries_per_item"],
         max_item_tokens=max_item_tokens,
-        max_page_id=int(indices.max()) if nnz else -1,
+        max_page_id=max_page_id,
         stats=stats,
     )
 
