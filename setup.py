@@ -1,11 +1,13 @@
 """Build script for treeattn.
 
-Pure-Python package (treeattn + treeattn.triton_kernels) plus, where possible, the CUDA extension
-``treeattn._C`` (ops registered with TORCH_LIBRARY under torch.ops.treeattn).
+Python package (treeattn + treeattn.triton_kernels) plus, where possible, two compiled modules:
+- ``treeattn._C``: the CUDA extension (ops registered with TORCH_LIBRARY under torch.ops.treeattn);
+- ``treeattn._planner``: the C++ host planner (pybind11, CPU). Optional: when it cannot be built
+  the install goes on without it and plan() uses the numpy planner.
 
 TREEATTN_BUILD_CUDA selects the extension build:
   auto (default)  build it when torch is a CUDA build and a CUDA toolkit (nvcc) is found
-  0               never build it: pure-Python install (Triton + reference paths)
+  0               never build it (the Triton and reference paths still work)
   1               build it or fail
 torch must be importable at build time for the extension, so install with
 ``pip install [-e] . --no-build-isolation`` (an isolated build has no torch: pure Python).
@@ -126,7 +128,44 @@ def cuda_extension():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
+def _pybind11_include():
+    try:
+        import pybind11
+
+        return pybind11.get_include()
+    except ImportError:
+        pass
+    try:  # torch ships the pybind11 headers
+        import torch
+
+        inc = os.path.join(os.path.dirname(torch.__file__), "include")
+        return inc if os.path.isfile(os.path.join(inc, "pybind11", "pybind11.h")) else None
+    except ImportError:
+        return None
+
+
+def planner_extension():
+    """The C++ host planner treeattn._planner, or None without pybind11 headers."""
+    from setuptools import Extension
+
+    include = _pybind11_include()
+    if include is None:
+        _log("skipping treeattn._planner: no pybind11 headers (pip install pybind11)")
+        return None
+    return Extension(
+        "treeattn._planner",
+        sources=["csrc/planner.cpp"],
+        include_dirs=[include],
+        extra_compile_args=["-O3", "-std=c++17"],
+        language="c++",
+        optional=True,  # a failed build leaves the numpy planner, not a failed install
+    )
+
+
 ext_modules, cmdclass = cuda_extension()
+planner = planner_extension()
+if planner is not None:
+    ext_modules.append(planner)
 
 # python/treeattn -> treeattn, triton_kernels/ -> treeattn.triton_kernels
 packages = {"treeattn", "treeattn.triton_kernels", *find_packages(where="python")}
@@ -137,6 +176,5 @@ setup(
     package_dir={"": "python", "treeattn.triton_kernels": "triton_kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
     zip_safe=False,
 )
