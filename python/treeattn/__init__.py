@@ -3,12 +3,14 @@
     plan = treeattn.plan(kv_indptr, kv_indices, kv_last_page_len, page_size=16)   # once per step
     o = treeattn.tree_decode(q, k_cache, v_cache, plan)                            # every layer
     o = treeattn.mla_tree_decode(q, kv_cache, plan, sm_scale=s)                    # MLA, every layer
+    cache = treeattn.TreeKVCache(...); plan = cache.plan(leaves)                   # paged tree cache
 """
 
 from . import reference
+from .cache import OutOfPages, TreeKVCache
 from .mla import mla_tree_decode
 from .ops import merge_state, tree_decode
 from .plan import TreePlan, plan
 
-__all__ = ["TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference"]
+__all__ = ["TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference", "TreeKVCache", "OutOfPages"]
 __version__ = "0.1.0"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from . import reference
 from ._dispatch import register
 
@@ -30,3 +32,21 @@ def mla_tree_decode(q, kv_cache, plan, out, lse, workspace, sm_scale):
     )
     out.copy_(o_ref)
     lse.copy_(lse_ref)
+
+
+@register("kv_write", "reference")
+def kv_write(slots, k, v, pool, layer):
+    keep = slots >= 0
+    dst = slots[keep]
+    pool[0, layer].flatten(0, 1)[dst] = k[keep]
+    if v is not None:
+        pool[1, layer].flatten(0, 1)[dst] = v[keep]
+
+
+@register("copy_pages", "reference")
+def copy_pages(pool, src, dst, num_slots):
+    planes = pool.flatten(0, 1).flatten(1, 2)  # [C * num_layers, num_pages * page_size, ...]
+    page_size = pool.shape[3]
+    slot = torch.arange(page_size, device=pool.device)
+    used = slot[None, :] < num_slots[:, None]
+    planes[:, (dst[:, None] * page_size + slot)[used]] = planes[:, (src[:, None] * page_size + slot)[used]]

@@ -39,3 +39,14 @@ def mla_tree_decode(q, kv_cache, plan, out, lse, workspace, sm_scale):
     )
     # Stage 2 is the GQA merge: it depends only on (partials, lse), not on how stage 1 computed them.
     _tk.merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)
+
+
+@register("kv_write", "triton")
+def kv_write(slots, k, v, pool, layer):
+    # pool: the TreeKVCache's stacked [C, num_layers, num_pages, page_size, ...] (C = 2 for K/V, 1 for MLA).
+    _tk.kv_write(slots, k, pool[0, layer], v, None if v is None else pool[1, layer])
+
+
+@register("copy_pages", "triton")
+def copy_pages(pool, src, dst, num_slots):
+    _tk.copy_pages(pool.flatten(0, 1), src, dst, num_slots)

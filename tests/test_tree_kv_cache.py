@@ -1,0 +1,579 @@
+"""TreeKVCache: a hypothesis state machine against a plain model (one token list per node), plus the write
+and page-copy kernels against the reference, planning, MLA, and every misuse error.
+
+The pools are tiny (2 layers, 2 KV heads, head_dim 16: the smallest GPU-legal tl.dot width) and poisoned with
+NaN, so a stray read of a slot no path holds shows up; token values are fresh random rows per token.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import treeattn
+from treeattn import OutOfPages, TreeKVCache
+from treeattn._dispatch import force
+from treeattn.testing import relative_error
+
+LAYERS, HKV, HQ, DIM = 2, 2, 4, 16
+DTYPE = torch.float32
+TOL = 1e-5
+
+
+def _cache(page_size=4, num_pages=32, **kw):
+    cache = TreeKVCache(LAYERS, HKV, DIM, page_size=page_size, num_pages=num_pages, dtype=DTYPE, device="cpu", **kw)
+    cache._pool.fill_(float("nan"))
+    return cache
+
+
+def _attend(q, k, v, scale):
+    """Model attention: q [H, D] over k, v [L, Hkv, D] (fp32); empty KV gives 0."""
+    if k.shape[0] == 0:
+        return torch.zeros(q.shape[0], v.shape[-1])
+    group = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q, k) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", p, v)
+
+
+class Model:
+    """The plain model: each node's whole token sequence (ids), the tree, and every token's K/V rows."""
+
+    def __init__(self):
+        self.seq: dict[int, list[int]] = {}
+        self.parent: dict[int, int | None] = {}
+        self.children: dict[int, set[int]] = {}
+        self.live: set[int] = set()
+        self.released: set[int] = set()
+        self.k: list[torch.Tensor] = []  # token id -> [LAYERS, HKV, DIM]
+        self.v: list[torch.Tensor] = []
+
+    def new_tokens(self, n):
+        first = len(self.k)
+        for _ in range(n):
+            self.k.append(torch.randn(LAYERS, HKV, DIM))
+            self.v.append(torch.randn(LAYERS, HKV, DIM))
+        return list(range(first, first + n))
+
+    def add_node(self, node, parent, seq):
+        self.seq[node], self.parent[node], self.children[node] = seq, parent, set()
+        self.live.add(node)
+        if parent is not None:
+            self.children[parent].add(node)
+
+    def leaves(self):
+        return sorted(n for n in self.live if not self.children[n])
+
+    def release(self, node):
+        self.live.discard(node)
+        self.released.add(node)
+        while node is not None and node not in self.live and not self.children[node]:
+            parent = self.parent.pop(node)
+            del self.seq[node], self.children[node]
+            if parent is not None:
+                self.children[parent].discard(node)
+            node = parent
+
+    def own_range(self, node):
+        parent = self.parent[node]
+        return (0 if parent is None else len(self.seq[parent])), len(self.seq[node])
+
+    def rows(self, ids, layer):
+        if not ids:
+            return torch.zeros(0, HKV, DIM), torch.zeros(0, HKV, DIM)
+        return torch.stack([self.k[t][layer] for t in ids]), torch.stack([self.v[t][layer] for t in ids])
+
+
+def _write(cache, model, slots, ids):
+    for layer in range(LAYERS):
+        k, v = model.rows(ids, layer)
+        cache.write(layer, slots, k, v)
+
+
+def _snapshot(cache):
+    return (
+        cache.stats(), cache._refcount.copy(), cache._fill.copy(), list(cache._free),
+        {n: (x.start, x.end, list(x.pages), x.released, sorted(x.children)) for n, x in cache._nodes.items()},
+        cache._pool.clone(),
+    )
+
+
+def _assert_unchanged(cache, snap):
+    now = _snapshot(cache)
+    assert now[0] == snap[0]
+    assert np.array_equal(now[1], snap[1]) and np.array_equal(now[2], snap[2])
+    assert now[3] == snap[3] and now[4] == snap[4]
+    torch.testing.assert_close(now[5], snap[5], rtol=0, atol=0, equal_nan=True)
+
+
+def _check_books(cache, model):
+    """Refcounts, fills and the free list agree with the nodes' page lists; stats agree with the model."""
+    refs = np.zeros(cache.num_pages, dtype=np.int64)
+    for node in cache._nodes.values():
+        for p in node.pages:
+            refs[p] += 1
+    assert np.array_equal(refs, cache._refcount)
+    free = cache._free
+    assert len(set(free)) == len(free), "a page is on the free list twice"
+    assert set(free) == set(np.nonzero(refs == 0)[0].tolist())
+    assert (cache._fill[refs == 0] == 0).all() and (cache._fill <= cache.page_size).all()
+    assert set(cache._nodes) == set(model.seq), "the cache's tree (live + released internal nodes) is the model's"
+    stats = cache.stats()
+    leaves = model.leaves()
+    assert stats["pages_used"] + stats["pages_free"] == cache.num_pages == stats["num_pages"]
+    assert stats["pages_used"] == int((refs > 0).sum())
+    assert stats["live_nodes"] == len(model.live)
+    assert stats["leaves"] == len(leaves)
+    assert stats["tokens_if_unshared"] == sum(len(model.seq[n]) for n in leaves)
+    assert stats["tokens_stored"] == sum(b - a for a, b in map(model.own_range, model.seq))
+
+
+def _check_pool(cache, model):
+    """Every live node's path, gathered from the pool, is its model sequence (every layer, K and V)."""
+    for node in sorted(model.live):
+        slots = cache.path_slots(node)
+        ids = model.seq[node]
+        assert slots.dtype == torch.int64 and slots.tolist() == cache.path_slots(node).tolist()
+        assert cache.length(node) == len(ids) == slots.shape[0]
+        begin, end = model.own_range(node)
+        assert cache.slots(node).tolist() == slots[begin:end].tolist()
+        for layer in range(LAYERS):
+            k_cache, v_cache = cache.layer(layer)
+            k, v = model.rows(ids, layer)
+            assert torch.equal(k_cache.reshape(-1, HKV, DIM)[slots], k)
+            assert torch.equal(v_cache.reshape(-1, HKV, DIM)[slots], v)
+
+
+def _check_decode(cache, model, nodes, num_tokens, layer, seed):
+    """tree_decode over cache.plan(nodes) equals attention over the model's sequences; the plan shares as
+    much as treeattn.plan finds on the same table."""
+    plan = cache.plan(nodes, num_tokens, num_qo_heads=HQ)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(len(nodes) * num_tokens, HQ, DIM, generator=g)
+    k_cache, v_cache = cache.layer(layer)
+    out, lse = treeattn.tree_decode(q, k_cache, v_cache, plan, return_lse=True)
+    scale = 1 / math.sqrt(DIM)
+    expected = torch.zeros_like(out)
+    for i, node in enumerate(nodes):
+        for j in range(num_tokens):
+            end = len(model.seq[node]) - (num_tokens - 1 - j)
+            k, v = model.rows(model.seq[node][:end], layer)
+            expected[i * num_tokens + j] = _attend(q[i * num_tokens + j], k, v, scale)
+    assert not torch.isnan(out).any()
+    assert relative_error(out, expected) < TOL if expected.norm() > 0 else out.abs().max() == 0
+    empty = plan.kv_indptr[1:] == plan.kv_indptr[:-1]
+    assert torch.isinf(lse[empty]).all()
+    # The same table through treeattn.plan's own sharing discovery: same edges, items and bytes.
+    again = treeattn.plan(
+        plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, page_size=cache.page_size,
+        num_qo_heads=HQ, num_kv_heads=HKV,
+    )
+    for key in ("unique_tokens", "naive_tokens", "planned_tokens", "trie_edges", "work_items", "partial_rows"):
+        assert plan.stats[key] == again.stats[key], key
+
+
+class TreeCacheMachine(RuleBasedStateMachine):
+    """Random add/fork/append/write/release/plan sequences; the model is the oracle."""
+
+    @initialize(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(6, 20))
+    def setup(self, page_size, num_pages):
+        self.cache = _cache(page_size, num_pages)
+        self.model = Model()
+        self.decodes = 0
+
+    def _pick(self, data, nodes, label):
+        return data.draw(st.sampled_from(sorted(nodes)), label=label)
+
+    @rule(n=st.integers(0, 9))
+    def add(self, n):
+        need = -(-n // self.cache.page_size)
+        free = self.cache.stats()["pages_free"]
+        if need > free:
+            snap = _snapshot(self.cache)
+            with pytest.raises(OutOfPages) as info:
+                self.cache.add(n)
+            assert (info.value.pages_needed, info.value.pages_free) == (need, free)
+            _assert_unchanged(self.cache, snap)
+            return
+        root = self.cache.add(n)
+        ids = self.model.new_tokens(n)
+        self.model.add_node(root, None, ids)
+        _write(self.cache, self.model, self.cache.slots(root), ids)
+
+    @precondition(lambda self: self.model.live)
+    @rule(data=st.data(), n=st.integers(1, 3))
+    def fork(self, data, n):
+        node = self._pick(data, self.model.live, "fork node")
+        for kid in self.cache.fork(node, n):
+            self.model.add_node(kid, node, list(self.model.seq[node]))
+
+    @precondition(lambda self: self.model.leaves())
+    @rule(data=st.data(), k=st.integers(1, 3))
+    def append(self, data, k):
+        leaves = data.draw(st.lists(st.sampled_from(self.model.leaves()), min_size=1, unique=True), label="leaves")
+        s = self.cache.page_size
+        ends = [len(self.model.seq[n]) for n in leaves]
+        fresh = sum(-(-(e + k) // s) - -(-e // s) for e in ends)
+        copies = sum(1 for e in ends if e % s)
+        free = self.cache.stats()["pages_free"]
+        snap = _snapshot(self.cache)
+        copied = self.cache.stats()["pages_copied"]
+        try:
+            slots = self.cache.append(leaves, k)
+        except OutOfPages as err:
+            event("append: OutOfPages")
+            assert free < fresh + copies, "OutOfPages although the worst case fits"
+            assert err.pages_free == free and fresh <= err.pages_needed <= fresh + copies and err.pages_needed > free
+            _assert_unchanged(self.cache, snap)
+            return
+        assert free >= fresh, "append succeeded without the pages it needs"
+        if self.cache.stats()["pages_copied"] > copied:
+            event("append: copy on write")
+        assert slots.shape == (len(leaves) * k,) and slots.dtype == torch.int64
+        ids = self.model.new_tokens(len(leaves) * k)
+        _write(self.cache, self.model, slots, ids)
+        for i, node in enumerate(leaves):
+            self.model.seq[node] = self.model.seq[node] + ids[i * k : (i + 1) * k]
+
+    @precondition(lambda self: any(self.model.own_range(n)[1] > self.model.own_range(n)[0] for n in self.model.leaves()))
+    @rule(data=st.data())
+    def rewrite(self, data):
+        """Overwrite a leaf's own tokens with new values (nothing else holds a copy of a leaf's own slots)."""
+        leaf = self._pick(data, [n for n in self.model.leaves() if len(set(self.model.own_range(n))) == 2], "leaf")
+        begin, end = self.model.own_range(leaf)
+        ids = self.model.new_tokens(end - begin)
+        _write(self.cache, self.model, self.cache.slots(leaf), ids)
+        self.model.seq[leaf] = self.model.seq[leaf][:begin] + ids
+
+    @precondition(lambda self: self.model.live)
+    @rule(data=st.data())
+    def release(self, data):
+        node = self._pick(data, self.model.live, "release node")
+        self.cache.release(node)
+        self.model.release(node)
+        if node in self.model.seq:
+            event("release: node stays for its descendants")
+
+    @precondition(lambda self: self.model.live and self.decodes < 3)
+    @rule(data=st.data(), num_tokens=st.sampled_from([1, 1, 2]), layer=st.integers(0, LAYERS - 1))
+    def decode(self, data, num_tokens, layer):
+        candidates = [n for n in sorted(self.model.live) if len(self.model.seq[n]) >= num_tokens]
+        if not candidates:
+            return
+        nodes = data.draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=6), label="plan nodes")
+        self.decodes += 1
+        event(f"decode: num_tokens={num_tokens}")
+        _check_decode(self.cache, self.model, nodes, num_tokens, layer, seed=self.decodes)
+
+    @precondition(lambda self: self.model.live)
+    @rule(data=st.data(), case=st.integers(0, 9))
+    def misuse(self, data, case):
+        """Every misuse raises a clear error and changes nothing."""
+        cache, model = self.cache, self.model
+        node = self._pick(data, model.live, "node")
+        snap = _snapshot(cache)
+        slots = torch.zeros(2, dtype=torch.int64)
+        rows = torch.zeros(2, HKV, DIM)
+        if case == 0 and model.released:
+            gone = self._pick(data, model.released, "released")
+            for call in (cache.release, lambda n: cache.fork(n, 1), cache.append, cache.plan, cache.slots, cache.path_slots):
+                with pytest.raises(ValueError, match=f"node {gone} was released"):
+                    call(gone)
+        elif case == 1 and model.children[node]:
+            with pytest.raises(ValueError, match="has children"):
+                cache.append([node])
+        elif case == 2:
+            with pytest.raises(ValueError, match="layer"):
+                cache.write(LAYERS, slots, rows, rows)
+            with pytest.raises(ValueError, match="layer"):
+                cache.layer(-1)
+        elif case == 3:
+            with pytest.raises(ValueError, match="k: expected shape"):
+                cache.write(0, slots, torch.zeros(3, HKV, DIM), rows)
+            with pytest.raises(ValueError, match="v: expected shape"):
+                cache.write(0, slots, rows, torch.zeros(2, HKV, DIM + 1))
+        elif case == 4:
+            with pytest.raises(ValueError, match="dtype"):
+                cache.write(0, slots, rows.half(), rows.half())
+            with pytest.raises(ValueError, match="slots"):
+                cache.write(0, slots.int(), rows, rows)
+            with pytest.raises(ValueError, match="v: expected a tensor"):
+                cache.write(0, slots, rows)
+        elif case == 5 and not model.children[node]:
+            with pytest.raises(ValueError, match="twice"):
+                cache.append([node, node])
+        elif case == 6:
+            with pytest.raises(ValueError, match="unknown node"):
+                cache.fork(10**6, 1)
+            with pytest.raises(ValueError, match="expected an int"):
+                cache.append([node], 0)
+        elif case == 7:
+            with pytest.raises(OutOfPages) as info:
+                cache.add(cache.num_pages * cache.page_size + 1)
+            assert info.value.pages_needed == cache.num_pages + 1
+            assert info.value.pages_free == cache.stats()["pages_free"]
+            assert isinstance(info.value, RuntimeError)
+        elif case == 8:
+            with pytest.raises(ValueError, match="fewer than num_tokens"):
+                cache.plan([node], max(2, len(model.seq[node]) + 1))
+        _assert_unchanged(cache, snap)
+
+    @invariant()
+    def books_balance(self):
+        if hasattr(self, "cache"):
+            _check_books(self.cache, self.model)
+
+    @invariant()
+    def paths_read_back(self):
+        if hasattr(self, "cache"):
+            _check_pool(self.cache, self.model)
+
+    def teardown(self):
+        if not hasattr(self, "cache"):
+            return
+        for node in sorted(self.model.live):
+            self.cache.release(node)
+            self.model.release(node)
+        _check_books(self.cache, self.model)
+        stats = self.cache.stats()
+        assert stats["pages_free"] == self.cache.num_pages and stats["nodes"] == 0
+        assert sorted(self.cache._free) == list(range(self.cache.num_pages))
+
+
+TreeCacheMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)
+test_tree_cache_state_machine = TreeCacheMachine.TestCase
+
+
+# ---- kernels against the reference ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mla", [False, True])
+def test_kv_write_matches_reference(mla):
+    g = torch.Generator().manual_seed(0)
+    planes, row = (1, (24,)) if mla else (2, (3, 16))
+    pool = torch.randn(planes, 2, 5, 4, *row, generator=g)
+    slots = torch.tensor([7, 0, -1, 19, 12], dtype=torch.int64)
+    # Non-contiguous rows (a head-strided view) exercise the source strides.
+    k = torch.randn(5, *row[:-1], 2 * row[-1], generator=g)[..., ::1][..., : row[-1]]
+    v = None if mla else torch.randn(5, *row, generator=g)
+    want, got = pool.clone(), pool.clone()
+    with force("reference"):
+        torch.ops.treeattn.kv_write_run(slots, k, v, want, 1)
+    with force("triton"):
+        torch.ops.treeattn.kv_write_run(slots, k, v, got, 1)
+    assert torch.equal(want, got)
+    flat = got[0, 1].flatten(0, 1)
+    assert torch.equal(flat[19], k[3]) and torch.equal(got[:, 0], pool[:, 0])
+
+
+def test_copy_pages_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    pool = torch.randn(2, 3, 6, 4, 2, 16, generator=g)
+    src, dst, n = torch.tensor([0, 2, 2]), torch.tensor([5, 1, 3]), torch.tensor([3, 1, 4])
+    want, got = pool.clone(), pool.clone()
+    with force("reference"):
+        torch.ops.treeattn.copy_pages_run(want, src, dst, n)
+    with force("triton"):
+        torch.ops.treeattn.copy_pages_run(got, src, dst, n)
+    assert torch.equal(want, got)
+    assert torch.equal(got[:, :, 5, :3], pool[:, :, 0, :3]) and torch.equal(got[:, :, 5, 3], pool[:, :, 5, 3])
+
+
+def test_append_copies_on_write_in_one_launch(monkeypatch):
+    from treeattn import _impl_triton
+
+    calls = []
+    real = _impl_triton._tk.copy_pages
+    monkeypatch.setattr(_impl_triton._tk, "copy_pages", lambda *a: (calls.append(a[1].numel()), real(*a)))
+    cache, model = _cache(page_size=4, num_pages=32), Model()
+    root = cache.add(6)
+    ids = model.new_tokens(6)
+    model.add_node(root, None, ids)
+    _write(cache, model, cache.slots(root), ids)
+    kids = cache.fork(root, 4)
+    for kid in kids:
+        model.add_node(kid, root, list(ids))
+    slots = cache.append(kids, 3)
+    # The first child continues the shared half-full page in place; the other three copy it, in one launch.
+    assert calls == [3]
+    assert cache.stats()["pages_copied"] == 3
+    new = model.new_tokens(12)
+    _write(cache, model, slots, new)
+    for i, kid in enumerate(kids):
+        model.seq[kid] = ids + new[3 * i : 3 * i + 3]
+    _check_pool(cache, model)
+    _check_books(cache, model)
+
+
+def test_release_reopens_a_page_continued_in_place():
+    cache = _cache(page_size=4, num_pages=8)
+    root = cache.add(2)
+    a, b = cache.fork(root, 2)
+    cache.append([a])  # continues root's page in place
+    cache.release(a)
+    cache.append([b])  # the slots a claimed are free again: b continues in place too, no copy
+    assert cache.stats()["pages_copied"] == 0 and cache.stats()["pages_used"] == 1
+
+
+def test_released_parent_lives_while_children_need_it():
+    cache = _cache(page_size=4, num_pages=8)
+    root = cache.add(5)
+    (kid,) = cache.fork(root, 1)
+    cache.append([kid], 4)
+    cache.release(root)
+    assert cache.stats()["pages_used"] == 3 and cache.stats()["nodes"] == 2 and cache.stats()["live_nodes"] == 1
+    assert cache.path_slots(kid).shape[0] == 9
+    cache.release(kid)
+    assert cache.stats()["pages_free"] == 8 and cache.stats()["nodes"] == 0
+
+
+# ---- planning ---------------------------------------------------------------------------------------
+
+
+def _grow(cache, model, node, n):
+    slots = cache.append([node], n)
+    ids = model.new_tokens(n)
+    _write(cache, model, slots, ids)
+    model.seq[node] = model.seq[node] + ids
+
+
+def _tree(page_size, prompt, fanout, tokens):
+    """A prompt, then levels of forks; every new node gets ``tokens[l]`` tokens."""
+    cache, model = _cache(page_size=page_size, num_pages=256), Model()
+    root = cache.add(prompt)
+    ids = model.new_tokens(prompt)
+    model.add_node(root, None, ids)
+    _write(cache, model, cache.slots(root), ids)
+    frontier = [root]
+    for ways, n in zip(fanout, tokens):
+        nxt = []
+        for node in frontier:
+            for kid in cache.fork(node, ways):
+                model.add_node(kid, node, list(model.seq[node]))
+                if n:
+                    _grow(cache, model, kid, n)
+                nxt.append(kid)
+        frontier = nxt
+    return cache, model, frontier
+
+
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_best_of_n_plan_and_stats(page_size):
+    cache, model, leaves = _tree(page_size, 37, [6], [5])
+    _check_decode(cache, model, leaves, 1, 1, seed=3)
+    stats = cache.stats()
+    prompt_pages = -(-37 // page_size)
+    assert stats["tokens_stored"] == 37 + 6 * 5 and stats["tokens_if_unshared"] == 6 * 42
+    assert stats["pages_if_unshared"] == 6 * -(-42 // page_size)
+    assert stats["pages_used"] < stats["pages_if_unshared"] and stats["memory_saved"] > 0
+    assert stats["pages_used"] <= prompt_pages + 6 * -(-5 // page_size) + 6
+
+
+def test_speculative_draft_tree_of_one_token_nodes():
+    """A draft tree of 1-token nodes: every draft node is a query attending its ancestors and itself."""
+    cache, model, _ = _tree(4, 10, [], [])
+    root = next(iter(model.live))
+    drafts, frontier = [], [root]
+    for ways in (2, 2, 1):
+        nxt = []
+        for node in frontier:
+            for kid in cache.fork(node, ways):
+                model.add_node(kid, node, list(model.seq[node]))
+                _grow(cache, model, kid, 1)
+                nxt.append(kid)
+        drafts += nxt
+        frontier = nxt
+    _check_decode(cache, model, drafts, 1, 0, seed=4)
+    _check_decode(cache, model, [root] + drafts[::-1], 1, 1, seed=5)
+
+
+def test_plan_several_query_tokens_per_leaf_and_empty_queries():
+    cache, model, leaves = _tree(4, 6, [3, 2], [3, 2])
+    _check_decode(cache, model, leaves, 3, 0, seed=6)  # causal: token j attends up to itself
+    _check_decode(cache, model, leaves[:2] + leaves[:1], 5, 1, seed=7)  # duplicates, reaching into ancestors
+    empty_root = cache.add(0)
+    model.add_node(empty_root, None, [])
+    (child,) = cache.fork(empty_root, 1)
+    model.add_node(child, empty_root, [])
+    _check_decode(cache, model, [empty_root, leaves[0], child], 1, 0, seed=8)  # empty KV: 0 and -inf
+
+
+def test_plan_of_forked_children_before_append():
+    cache, model, leaves = _tree(4, 7, [2, 3], [2, 0])  # the last level is forked, not appended yet
+    _check_decode(cache, model, leaves, 1, 0, seed=9)
+
+
+def test_mla_cache():
+    cache = TreeKVCache.mla(2, kv_lora_rank=32, rope_dim=16, page_size=4, num_pages=16, dtype=DTYPE, device="cpu")
+    cache._pool.fill_(float("nan"))
+    assert cache.layer(1).shape == (16, 4, 48)
+    g = torch.Generator().manual_seed(10)
+    root = cache.add(6)
+    rows = {}
+    for layer in range(2):
+        rows[layer] = torch.randn(6, 48, generator=g)
+        cache.write(layer, cache.slots(root), rows[layer])
+    kids = cache.fork(root, 3)
+    slots = cache.append(kids, 2)
+    for layer in range(2):
+        new = torch.randn(6, 48, generator=g)
+        cache.write(layer, slots, new)
+        rows[layer] = (rows[layer], new)
+    with pytest.raises(ValueError, match="one latent row"):
+        cache.write(0, slots, new, new)
+    with pytest.raises(ValueError, match="kv: expected shape"):
+        cache.write(0, slots, torch.zeros(6, 47))
+    plan = cache.plan(kids, num_qo_heads=16)
+    q = torch.randn(3, 16, 48, generator=g)
+    out = treeattn.mla_tree_decode(q, cache.layer(1), plan, sm_scale=0.1, v_head_dim=32)
+    prompt, new = rows[1]
+    for i in range(3):
+        kv = torch.cat([prompt, new[2 * i : 2 * i + 2]])
+        p = torch.softmax(q[i] @ kv.T * 0.1, dim=-1)
+        assert relative_error(out[i], p @ kv[:, :32]) < TOL
+
+
+def test_constructor_and_arguments_are_checked():
+    with pytest.raises(ValueError, match="num_pages"):
+        TreeKVCache(1, 1, 16, num_pages=0, device="cpu")
+    with pytest.raises(ValueError, match="dtype"):
+        TreeKVCache(1, 1, 16, num_pages=4, dtype=torch.int32, device="cpu")
+    cache = _cache()
+    with pytest.raises(ValueError, match="num_tokens"):
+        cache.add(-1)
+    with pytest.raises(ValueError, match="expected a node"):
+        cache.fork("root", 1)
+    root = cache.add(3)
+    with pytest.raises(ValueError, match="n: expected"):
+        cache.fork(root, -1)
+    assert cache.fork(root, 0) == []
+    assert "TreeKVCache(num_layers=2" in repr(cache)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 4)), min_size=1, max_size=12), st.sampled_from([1, 4, 16]))
+def test_plan_equals_treeattn_plan_on_random_forests(ops, page_size):
+    """Random forests (grown without decoding): cache.plan shares exactly what treeattn.plan finds."""
+    cache = TreeKVCache(1, HKV, DIM, page_size=page_size, num_pages=4096, dtype=DTYPE, device="cpu")
+    nodes = [cache.add(5)]
+    for pick, n in ops:
+        node = nodes[pick % len(nodes)]
+        if cache._nodes[node].children:
+            nodes += cache.fork(node, 1)
+        else:
+            cache.append([node], n)
+            nodes += cache.fork(node, n % 3)
+    plan = cache.plan(nodes, num_qo_heads=HQ)
+    again = treeattn.plan(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, page_size=page_size,
+                          num_qo_heads=HQ, num_kv_heads=HKV)
+    for key in ("unique_tokens", "naive_tokens", "planned_tokens", "trie_edges", "work_items", "partial_rows"):
+        assert plan.stats[key] == again.stats[key], key
+    for i, node in enumerate(nodes):
+        row = plan.kv_indices[plan.kv_indptr[i] : plan.kv_indptr[i + 1]].long()
+        slots = (row[:, None] * page_size + torch.arange(page_size)).reshape(-1)[: cache.length(node)]
+        assert slots.tolist() == cache.path_slots(node).tolist()

@@ -1,0 +1,128 @@
+"""Triton kernels of the paged KV cache (``treeattn.TreeKVCache``): the per-step KV write and the
+copy-on-write page copy.
+
+``kv_write`` scatters one step's new K and V rows (or, for MLA, the one latent row) of every branch into
+the pool at flat slots ``page * page_size + offset``, in one launch. ``copy_pages`` copies page prefixes
+inside a stacked pool ``[C, num_layers, num_pages, page_size, ...]`` for every layer (and K and V) in one
+launch: the copies one ``append`` needs when branches leave a shared, partially filled page.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import next_pow2
+
+__all__ = ["kv_write", "copy_pages"]
+
+# Elements of a row each program moves (a power of two; masked at the row's end), and elements per tile.
+_MAX_BLOCK = 1024
+_TILE = 2048
+
+
+@triton.jit
+def _kv_write_kernel(
+    slots_ptr, k_ptr, v_ptr, k_pool_ptr, v_pool_ptr,
+    num_tokens,
+    stride_k_n, stride_k_h, stride_v_n, stride_v_h,
+    stride_kp_slot, stride_kp_h, stride_vp_slot, stride_vp_h,
+    ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr, HAS_V: tl.constexpr,
+):
+    """One program per (block of new tokens, block of the ``heads x head_dim`` row); a negative slot is skipped."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    t_valid = t < num_tokens
+    slot = tl.load(slots_ptr + t, mask=t_valid, other=-1)
+    mask = (t_valid & (slot >= 0))[:, None] & (e < ROW)[None, :]
+    h = e // HEAD_DIM
+    d = e % HEAD_DIM
+    slot = tl.maximum(slot, 0)
+    k = tl.load(k_ptr + t[:, None] * stride_k_n + (h * stride_k_h + d)[None, :], mask=mask)
+    tl.store(k_pool_ptr + slot[:, None] * stride_kp_slot + (h * stride_kp_h + d)[None, :], k, mask=mask)
+    if HAS_V:
+        v = tl.load(v_ptr + t[:, None] * stride_v_n + (h * stride_v_h + d)[None, :], mask=mask)
+        tl.store(v_pool_ptr + slot[:, None] * stride_vp_slot + (h * stride_vp_h + d)[None, :], v, mask=mask)
+
+
+def _heads_view(t: torch.Tensor) -> torch.Tensor:
+    """``[n, D]`` -> ``[n, 1, D]`` so GQA ``[n, H, D]`` and MLA ``[n, D]`` rows share one kernel."""
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def kv_write(
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    k_pool: torch.Tensor,
+    v: torch.Tensor | None = None,
+    v_pool: torch.Tensor | None = None,
+) -> None:
+    """``k_pool.view(-1, *row)[slots[i]] = k[i]`` (and the same for ``v``) for every ``i`` with ``slots[i] >= 0``.
+
+    slots: int64 ``[n]`` flat slots; k, v: ``[n, H, D]`` (GQA) or ``[n, D]`` (MLA, ``v`` None), last dim
+    contiguous; k_pool, v_pool: ``[num_pages, page_size, H, D]`` or ``[num_pages, page_size, D]`` whose
+    page and slot dims flatten (any view of one layer of a stacked pool does). One launch for K and V.
+    """
+    n = slots.shape[0]
+    if n == 0:
+        return
+    k3 = _heads_view(k)
+    kp = k_pool.flatten(0, 1)
+    kp = kp.unsqueeze(1) if kp.dim() == 2 else kp
+    heads, head_dim = k3.shape[1], k3.shape[2]
+    row = heads * head_dim
+    has_v = v is not None
+    if has_v:
+        v3 = _heads_view(v)
+        vp = v_pool.flatten(0, 1)
+        vp = vp.unsqueeze(1) if vp.dim() == 2 else vp
+    else:
+        v3, vp = k3, kp
+    block = min(next_pow2(row), _MAX_BLOCK)
+    block_t = max(1, _TILE // block)  # a fixed tile per row width: no recompile per token count
+    _kv_write_kernel[(triton.cdiv(n, block_t), triton.cdiv(row, block))](
+        slots, k3, v3, kp, vp,
+        n,
+        k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
+        ROW=row, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK=block, HAS_V=has_v,
+    )
+
+
+@triton.jit
+def _copy_pages_kernel(
+    pool_ptr, src_ptr, dst_ptr, num_elems_ptr,
+    stride_g, stride_page,
+    BLOCK: tl.constexpr,
+):
+    """One program per (copy, layer-and-K/V plane, block of the page's elements)."""
+    c = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    e = tl.program_id(2).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    src = tl.load(src_ptr + c).to(tl.int64)
+    dst = tl.load(dst_ptr + c).to(tl.int64)
+    mask = e < tl.load(num_elems_ptr + c)
+    x = tl.load(pool_ptr + g * stride_g + src * stride_page + e, mask=mask)
+    tl.store(pool_ptr + g * stride_g + dst * stride_page + e, x, mask=mask)
+
+
+def copy_pages(pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, num_slots: torch.Tensor) -> None:
+    """For every copy ``c`` and every leading index ``g``: ``pool[g, dst[c], :num_slots[c]] = pool[g, src[c], :num_slots[c]]``.
+
+    pool: ``[G, num_pages, page_size, ...]`` with each page contiguous (a stacked ``[C, L, P, S, ...]`` pool
+    flattened over ``C, L``); src, dst, num_slots: int64 ``[num_copies]`` on the pool's device, ``dst``
+    pages distinct from every ``src``. One launch for all copies, layers, K and V.
+    """
+    num_copies = src.shape[0]
+    if num_copies == 0:
+        return
+    num_planes, page_size = pool.shape[0], pool.shape[2]
+    slot_elems = pool[0, 0, 0].numel()
+    block = min(next_pow2(page_size * slot_elems), _MAX_BLOCK)
+    num_elems = num_slots * slot_elems
+    _copy_pages_kernel[(num_copies, num_planes, triton.cdiv(page_size * slot_elems, block))](
+        pool, src, dst, num_elems,
+        pool.stride(0), pool.stride(1),
+        BLOCK=block,
+    )
