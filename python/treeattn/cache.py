@@ -211,7 +211,11 @@ class TreeKVCache:
             nodes = [nodes]
         if isinstance(nodes, torch.Tensor):
             nodes = nodes.tolist()
-        return [self._node(n, action) for n in nodes]
+        get = self._nodes.get
+        found = [get(n) for n in nodes]
+        if None in found or any(n.released for n in found) or any(isinstance(n, bool) for n in nodes):
+            return [self._node(n, action) for n in nodes]  # raises the precise error
+        return found
 
     def _new_node(self, parent, start, end, pages) -> _Node:
         n = _Node(self._next_id, parent, start, end, pages)
@@ -578,7 +582,11 @@ class TreeKVCache:
         q_pages = -(-q_end_arr // s)
         indptr = np.zeros(num_queries + 1, dtype=np.int64)
         np.cumsum(q_pages, out=indptr[1:])
-        rows = [self._path_pages(m)[: (e + s - 1) // s] for e, m in zip(q_end, q_owner) if m is not None]
+        path = self._path_pages
+        rows = [
+            (m.path if m.path_end == m.end else path(m))[: (e + s - 1) // s]
+            for e, m in zip(q_end, q_owner) if m is not None
+        ]
         indices = np.concatenate(rows) if rows else _EMPTY
         has_pages = q_pages > 0
         last_len = np.where(has_pages, q_end_arr - (q_pages - 1) * s, 0)
