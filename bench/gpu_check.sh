@@ -10,10 +10,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/gpu.txt" 2>&1
 python3 -c 'import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)' >> "$out/gpu.txt"
 git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null
-if [ -z "${CUDA_HOME:-}" ]; then
-  nvcc_path=$(readlink -f "$(command -v nvcc)")
-  export CUDA_HOME=$(dirname "$(dirname "$nvcc_path")")
-fi
+# setup.py finds the toolkit root itself (also behind a wrapper nvcc).
 start=$(date +%s)
 TREEATTN_BUILD_CUDA=1 MAX_JOBS=16 python3 -m pip install -e . --no-build-isolation --no-deps 2>&1 | tail -n 30 > "$out/build.log"
 echo "build rc=${PIPESTATUS[0]} seconds=$(( $(date +%s) - start ))" | tee -a "$out/build.log"

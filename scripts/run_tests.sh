@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The project's test command: TRITON_INTERPRET=1 python -m pytest -q -x tests [pytest args...]
-# On a CPU-only machine the Triton kernels run in the interpreter (the variable must be set
-# before triton is imported); tests marked `gpu` skip there.
+# The project's test command (in an environment that has treeattn installed): python -m pytest -q tests
+# tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported when there is no CUDA GPU, so the
+# Triton kernels run in the CPU interpreter; tests marked `gpu` skip there and run on a GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=1
-exec python -m pytest -q -x tests "$@"
+exec python -m pytest -q tests "$@"

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Set-up for a fresh machine (used by .ci/run, scripts/test.sh and scripts/bench.sh): a venv with
+# torch, triton, numpy, the build and test tools, and treeattn installed into it with its CUDA extension
+# (and the C++ planner). Source it: it leaves the venv first on PATH.
+#   TREEATTN_FRESH_VENV=1   recreate the venv (CI); otherwise an existing one is reused
+#   TREEATTN_BUILD_CUDA     auto (default here: build the CUDA extension when a toolkit exists) | 0 | 1
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=${TREEATTN_CI_VENV:-$ROOT/.venv}
+TORCH_SPEC=${TREEATTN_CI_TORCH:-torch==2.14.1}
+
+step() { printf '\n=== %s (%ds)\n' "$*" "$SECONDS"; }
+
+if [ "${TREEATTN_FRESH_VENV:-0}" = 1 ] || [ ! -x "$VENV/bin/python" ]; then
+  step "fresh venv at $VENV"
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+fi
+export PATH="$VENV/bin:$PATH"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+python --version
+
+step "install $TORCH_SPEC, triton, numpy, build and test dependencies"
+python -m pip install -q "$TORCH_SPEC" triton numpy
+python -m pip install -q "setuptools>=64" wheel ninja pybind11 -r requirements-test.txt
+python -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__)'
+
+# The CUDA toolkit root. The nvcc on PATH may be a wrapper script (/usr/local/bin/nvcc that
+# execs /usr/local/cuda-13.0/bin/nvcc), from which torch would guess the root /usr/local.
+is_toolkit() { [ -n "$1" ] && [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ]; }
+find_cuda_home() {
+  local nvcc cand
+  if is_toolkit "${CUDA_HOME:-}"; then echo "$CUDA_HOME"; return 0; fi
+  if nvcc=$(command -v nvcc); then
+    nvcc=$(readlink -f "$nvcc")
+    cand=$(dirname "$(dirname "$nvcc")")
+    if is_toolkit "$cand"; then echo "$cand"; return 0; fi
+    if grep -qI . "$nvcc"; then  # a text wrapper: look for the nvcc it runs
+      for cand in $(grep -o '[^[:space:]"'\''=:;]*/bin/nvcc' "$nvcc"); do
+        cand=$(dirname "$(dirname "$(readlink -f "$cand")")")
+        if is_toolkit "$cand"; then echo "$cand"; return 0; fi
+      done
+    fi
+  fi
+  for cand in /usr/local/cuda /usr/local/cuda-*; do
+    if is_toolkit "$cand"; then echo "$cand"; return 0; fi
+  done
+  return 1
+}
+export TREEATTN_BUILD_CUDA=${TREEATTN_BUILD_CUDA:-auto}
+if CUDA_HOME=$(find_cuda_home); then
+  export CUDA_HOME
+  "$CUDA_HOME/bin/nvcc" --version | tail -n 2
+elif [ "$TREEATTN_BUILD_CUDA" = 1 ]; then
+  echo "no CUDA toolkit found (nvcc + include/cuda_runtime.h)" >&2
+  exit 1
+else
+  unset CUDA_HOME
+  echo "no CUDA toolkit: installing without the CUDA extension (Triton + reference paths)"
+fi
+
+step "build and install treeattn (TREEATTN_BUILD_CUDA=$TREEATTN_BUILD_CUDA, CUDA_HOME=${CUDA_HOME:-none})"
+build_start=$SECONDS
+MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation "$ROOT"
+echo "build + install took $((SECONDS - build_start)) s"
+
