@@ -24,7 +24,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CUDA_SOURCES = ["csrc/registration.cpp", "csrc/merge_state.cu"]
+CUDA_SOURCES = ["csrc/registration.cpp", "csrc/merge_state.cu", "csrc/kv_write.cu"]
 # Hopper (H100/H200) only, with the arch-specific features (wgmma, TMA) of sm_90a.
 NVCC_ARCH_FLAGS = ["-gencode=arch=compute_90a,code=sm_90a"]
 

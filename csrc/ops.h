@@ -16,4 +16,9 @@ void merge_state_cuda(const at::TensorBase& o_a, const at::TensorBase& lse_a,
                       const at::TensorBase& o_b, const at::TensorBase& lse_b,
                       const at::TensorBase& o_out, const at::TensorBase& lse_out);
 
+// pool[0, layer] (and pool[1, layer] when v is given) at flat slots = k (v): the TreeKVCache
+// write of one step, one launch; see kv_write.cu. v null for an MLA pool.
+void kv_write_cuda(const at::TensorBase& slots, const at::TensorBase& k, const at::TensorBase* v,
+                   const at::TensorBase& pool, int64_t layer);
+
 }  // namespace treeattn

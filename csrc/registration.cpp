@@ -16,6 +16,11 @@ void merge_state_cuda(const at::Tensor& o_a, const at::Tensor& lse_a, const at::
   treeattn::merge_state_cuda(o_a, lse_a, o_b, lse_b, o_out, lse_out);
 }
 
+void kv_write_cuda(const at::Tensor& slots, const at::Tensor& k, const std::optional<at::Tensor>& v,
+                   const at::Tensor& pool, int64_t layer) {
+  treeattn::kv_write_cuda(slots, k, v.has_value() ? &v.value() : nullptr, pool, layer);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(treeattn, m) {
@@ -24,9 +29,12 @@ TORCH_LIBRARY(treeattn, m) {
   m.def(
       "merge_state_cuda(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b, "
       "Tensor(a!) o_out, Tensor(b!) lse_out) -> ()");
+  // TreeKVCache write: pool[0, layer] (and pool[1, layer] for GQA) at flat slots = k (and v).
+  m.def("kv_write_cuda(Tensor slots, Tensor k, Tensor? v, Tensor(a!) pool, int layer) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(treeattn, CUDA, m) {
+  m.impl("kv_write_cuda", &kv_write_cuda);
   m.impl("merge_state_cuda", &merge_state_cuda);
 }
 

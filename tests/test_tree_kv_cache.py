@@ -577,3 +577,83 @@ def test_plan_equals_treeattn_plan_on_random_forests(ops, page_size):
         row = plan.kv_indices[plan.kv_indptr[i] : plan.kv_indptr[i + 1]].long()
         slots = (row[:, None] * page_size + torch.arange(page_size)).reshape(-1)[: cache.length(node)]
         assert slots.tolist() == cache.path_slots(node).tolist()
+
+
+# ---- GPU: the CUDA and Triton write kernels, a bf16 cache, CUDA-graph capture -----------------------
+
+GPU_BACKENDS = ["triton", "cuda"]
+
+
+def _skip_without(backend):
+    from treeattn import _ext
+
+    if backend == "cuda" and not _ext.HAS_CUDA_EXT:
+        pytest.skip(f"treeattn._C not built: {_ext.load_error}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("row", [(8, 128), (3, 100), (576,), (17,)])
+def test_kv_write_gpu(backend, dtype, row):
+    _skip_without(backend)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    planes = 2 if len(row) == 2 else 1
+    pool = torch.randn(planes, 3, 7, 16, *row, device="cuda", generator=g).to(dtype)
+    n = 37
+    slots = torch.randperm(7 * 16, device="cuda", generator=g)[:n]
+    slots[5] = -1
+    k = torch.randn(n, *row[:-1], row[-1] + 8, device="cuda", generator=g).to(dtype)[..., : row[-1]]  # strided rows
+    v = torch.randn(n, *row, device="cuda", generator=g).to(dtype) if planes == 2 else None
+    want, got = pool.clone(), pool.clone()
+    with force("reference"):
+        torch.ops.treeattn.kv_write_run(slots, k, v, want, 2)
+    with force(backend):
+        torch.ops.treeattn.kv_write_run(slots, k, v, got, 2)
+    torch.cuda.synchronize()
+    assert torch.equal(want, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cache_decode_and_cuda_graph_gpu(backend):
+    """A bf16 best-of-N step on the GPU: append, write, plan, tree_decode vs the reference; then the step's
+    write + tree_decode captured in a CUDA graph and replayed with new K/V."""
+    _skip_without(backend)
+    torch.manual_seed(0)
+    dev, dt = "cuda", torch.bfloat16
+    cache = TreeKVCache(2, 8, 128, page_size=16, num_pages=512, dtype=dt, device=dev)
+    root = cache.add(1000)
+    prompt = cache.slots(root)
+    for layer in range(2):
+        cache.write(layer, prompt, torch.randn(1000, 8, 128, device=dev, dtype=dt), torch.randn(1000, 8, 128, device=dev, dtype=dt))
+    leaves = cache.fork(root, 16)
+    for _ in range(3):
+        slots = cache.append(leaves)
+        for layer in range(2):
+            cache.write(layer, slots, torch.randn(16, 8, 128, device=dev, dtype=dt), torch.randn(16, 8, 128, device=dev, dtype=dt))
+    assert cache.stats()["pages_copied"] == 15
+    plan = cache.plan(leaves, num_qo_heads=32)
+    q = torch.randn(16, 32, 128, device=dev, dtype=dt)
+    k_new, v_new = (torch.randn(16, 8, 128, device=dev, dtype=dt) for _ in range(2))
+    out = torch.empty_like(q)
+    with force(backend if backend == "triton" else None):
+
+        def step():
+            cache.write(1, slots, k_new, v_new)
+            treeattn.tree_decode(q, *cache.layer(1), plan, out=out)
+
+        step()  # warm up (compiles, allocates the plan's workspace)
+        ref, _ = treeattn.reference.tree_decode(q, *cache.layer(1), plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
+        assert relative_error(out, ref) < 1e-2
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        k_new.copy_(torch.randn_like(k_new))
+        v_new.copy_(torch.randn_like(v_new))
+        graph.replay()
+        torch.cuda.synchronize()
+    k_cache, v_cache = cache.layer(1)
+    assert torch.equal(k_cache.reshape(-1, 8, 128)[slots], k_new)
+    ref, _ = treeattn.reference.tree_decode(q, k_cache, v_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
+    assert relative_error(out, ref) < 1e-2

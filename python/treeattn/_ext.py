@@ -21,7 +21,7 @@ import torch
 __all__ = ["HAS_CUDA_EXT", "load_error", "OPS"]
 
 # Every op that csrc/registration.cpp defines.
-OPS = ("merge_state_cuda",)
+OPS = ("merge_state_cuda", "kv_write_cuda")
 
 HAS_CUDA_EXT: bool = False
 load_error: str | None = None
@@ -48,7 +48,11 @@ def _register_fakes() -> str | None:
         # Mutates o_out and lse_out in place; returns nothing.
         return None
 
-    fakes = {"treeattn::merge_state_cuda": merge_state_cuda_fake}
+    def kv_write_cuda_fake(slots, k, v, pool, layer):
+        # Mutates pool in place; returns nothing.
+        return None
+
+    fakes = {"treeattn::merge_state_cuda": merge_state_cuda_fake, "treeattn::kv_write_cuda": kv_write_cuda_fake}
     errors = []
     for qualname, fn in fakes.items():
         try:
