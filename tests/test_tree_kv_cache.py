@@ -579,6 +579,25 @@ def test_plan_equals_treeattn_plan_on_random_forests(ops, page_size):
         assert slots.tolist() == cache.path_slots(node).tolist()
 
 
+def test_write_and_decode_under_torch_compile():
+    """A layer's step (cache.write + tree_decode) traces in one graph: the write op has a fake impl."""
+    cache = _cache(page_size=4, num_pages=16)
+    root = cache.add(6)
+    cache.write(0, cache.slots(root), torch.randn(6, HKV, DIM), torch.randn(6, HKV, DIM))
+    kids = cache.fork(root, 3)
+    slots = cache.append(kids)
+    plan = cache.plan(kids, num_qo_heads=HQ)
+    q, k, v = torch.randn(3, HQ, DIM), torch.randn(3, HKV, DIM), torch.randn(3, HKV, DIM)
+
+    def step(q, k, v, slots):
+        cache.write(0, slots, k, v)
+        return treeattn.tree_decode(q, *cache.layer(0), plan)
+
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, slots)
+    assert torch.equal(cache.layer(0)[1].reshape(-1, HKV, DIM)[slots], v)
+    assert torch.equal(out, step(q, k, v, slots))
+
+
 # ---- GPU: the CUDA and Triton write kernels, a bf16 cache, CUDA-graph capture -----------------------
 
 GPU_BACKENDS = ["triton", "cuda"]
