@@ -31,6 +31,8 @@ def _merge_partials_kernel(
     d = tl.arange(0, HEAD_DIM_PAD)
     mask = h_valid[:, None] & (d < HEAD_DIM)[None, :]
     query = tl.load(merge_query_ptr + pid).to(tl.int64)
+    if query < 0:  # padding entry of a fixed-capacity plan
+        return
     begin = tl.load(merge_ptr + pid)
     end = tl.load(merge_ptr + pid + 1)
     m_run = tl.full([HEAD_BLOCK], float("-inf"), dtype=tl.float32)

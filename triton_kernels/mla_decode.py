@@ -49,8 +49,9 @@ def _mla_tree_decode_stage1_kernel(
     num_rows = tl.load(item_row_ptr + item + 1) - row_begin
     first_page = tl.load(item_page_ptr + item)
     num_tokens = tl.load(item_num_tokens_ptr + item)
-    # A query block past the item's queries has nothing to do (its stores are all masked off).
-    num_tokens = tl.where(q_block * BLOCK_Q < num_rows, num_tokens, 0)
+    # A query block past the item's queries (or a padding item of a fixed-capacity plan) has nothing to do.
+    if q_block * BLOCK_Q >= num_rows:
+        return
 
     # Row m of the tile is (query m // HEAD_BLOCK of this query block, head m % HEAD_BLOCK of this head block).
     m = tl.arange(0, BLOCK_Q * HEAD_BLOCK)

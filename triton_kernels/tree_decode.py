@@ -38,6 +38,8 @@ def _tree_decode_stage1_kernel(
     kv_head = tl.program_id(1)
     row_begin = tl.load(item_row_ptr + item)
     num_rows = tl.load(item_row_ptr + item + 1) - row_begin
+    if num_rows == 0:  # padding item of a fixed-capacity plan
+        return
     first_page = tl.load(item_page_ptr + item)
     num_tokens = tl.load(item_num_tokens_ptr + item)
 

@@ -10,7 +10,7 @@ from . import reference
 from .cache import OutOfPages, TreeKVCache
 from .mla import mla_tree_decode
 from .ops import merge_state, tree_decode
-from .plan import TreePlan, plan
+from .plan import PlanCapacity, TreePlan, plan
 
-__all__ = ["TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference", "TreeKVCache", "OutOfPages"]
+__all__ = ["PlanCapacity", "TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference", "TreeKVCache", "OutOfPages"]
 __version__ = "0.1.0"

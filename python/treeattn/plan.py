@@ -29,7 +29,7 @@ except ImportError:
 # TREEATTN_PLANNER=numpy forces the numpy planner (tests compare the two).
 _PLANNER = os.environ.get("TREEATTN_PLANNER", "auto")
 
-__all__ = ["TreePlan", "plan", "plan_from_edges", "PLAN_TENSOR_FIELDS", "PlanArgs"]
+__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_edges", "PLAN_TENSOR_FIELDS", "PlanArgs"]
 
 PLAN_TENSOR_FIELDS = (
     "kv_indptr", "kv_indices", "kv_last_page_len",
@@ -59,6 +59,42 @@ _PROGRAMS_PER_SM = 4
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class PlanCapacity:
+    """Fixed sizes of a plan's device buffers, so that later steps can be re-planned into the same memory
+    (:meth:`TreePlan.update_`) and a CUDA graph captured once replays every step. Padding items read
+    nothing and padding merge entries write nothing.
+
+    Example:
+        >>> cap = treeattn.PlanCapacity.of(first_plan, headroom=2.0)
+        >>> plan = treeattn.plan(indptr, indices, last_len, page_size=16, capacity=cap)
+    """
+
+    items: int
+    rows: int
+    partial_rows: int
+    merge_queries: int
+    nnz: int
+
+    @classmethod
+    def of(cls, plan: "TreePlan", headroom: float = 1.0) -> "PlanCapacity":
+        """Capacity of ``plan``'s actual sizes times ``headroom``."""
+        s = plan.stats
+        sizes = (s["work_items"], s["rows"], s["partial_rows"], s["merge_queries"], s["nnz"])
+        return cls(*(max(1, int(np.ceil(v * headroom))) for v in sizes))
+
+    def piece_sizes(self) -> list[int]:
+        """Sizes of the packed pieces, in :data:`_PIECES` order."""
+        return [self.items, self.items, self.items + 1, self.rows, self.rows, self.merge_queries, self.merge_queries + 1]
+
+
+# Packed buffer pieces, and the value that pads each (padding items read nothing, padding rows write
+# nothing, a padding merge entry has query -1 and no rows).
+_PIECES = ("item_page_ptr", "item_num_tokens", "item_row_ptr", "row_query", "row_dest", "merge_query", "merge_ptr")
+_PAD = {"item_page_ptr": 0, "item_num_tokens": 0, "item_row_ptr": "last", "row_query": 0, "row_dest": -1,
+        "merge_query": -1, "merge_ptr": "last"}
 
 
 @dataclass(eq=False)
@@ -94,6 +130,9 @@ class TreePlan:
     max_item_tokens: int
     max_page_id: int
     stats: dict = field(default_factory=dict)
+    capacity: PlanCapacity | None = None
+    _buffer: torch.Tensor | None = field(default=None, repr=False)
+    _replan: dict = field(default_factory=dict, repr=False)
     _workspaces: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -115,6 +154,37 @@ class TreePlan:
                 torch.empty(rows, num_heads, dtype=torch.float32, device=self.device),
             )
         return self._workspaces[key]
+
+    def update_(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> "TreePlan":
+        """Re-plan a new step's table into this plan's buffers, in place (CUDA-graph replay over trees that
+        change every step). Needs a plan built with ``capacity=``, the same number of queries and a step
+        that fits the capacity; copies to the device without a host sync.
+
+        Example:
+            >>> plan = treeattn.plan(..., capacity=cap); graph captured over tree_decode(q, k, v, plan, out=o)
+            >>> plan.update_(next_indptr, next_indices, next_last_len); graph.replay()
+        """
+        if self.capacity is None:
+            raise ValueError("plan: expected a plan built with capacity=PlanCapacity(...) for update_, got capacity=None")
+        check_index_tensor("kv_indptr", kv_indptr)
+        check_index_tensor("kv_indices", kv_indices)
+        check_index_tensor("kv_last_page_len", kv_last_page_len)
+        if kv_last_page_len.shape[0] != self.num_queries:
+            raise ValueError(
+                f"kv_last_page_len: expected {self.num_queries} queries (the captured plan's), got {kv_last_page_len.shape[0]}"
+            )
+        packed, sizes, stats, max_item_tokens, max_page_id = _run_planner(
+            kv_indptr, kv_indices, kv_last_page_len, **self._replan
+        )
+        stats = _with_sizes(stats, sizes, kv_indices)
+        padded = _pad_to_capacity((packed, sizes, stats, None, None), self.capacity)
+        nnz = kv_indices.shape[0]
+        self._buffer.copy_(_staged(torch.from_numpy(padded), self.device), non_blocking=True)
+        self.kv_indptr.copy_(kv_indptr, non_blocking=True)
+        self.kv_indices[:nnz].copy_(kv_indices, non_blocking=True)
+        self.kv_last_page_len.copy_(kv_last_page_len, non_blocking=True)
+        self.stats, self.max_item_tokens, self.max_page_id = stats, max_item_tokens, max_page_id
+        return self
 
     def __repr__(self) -> str:
         return f"TreePlan(num_queries={self.num_queries}, page_size={self.page_size}, stats={self.stats})"
@@ -195,6 +265,7 @@ def plan(
     device: torch.device | str | None = None,
     num_sms: int = 132,
     share_prefixes: bool = True,
+    capacity: PlanCapacity | None = None,
 ) -> TreePlan:
     """Plan one decode step over a paged KV table; reuse the plan in every layer.
 
@@ -211,6 +282,8 @@ def plan(
         num_sms: streaming multiprocessors to fill (split-KV parallelism).
         share_prefixes: False plans every query on its own (plain split-KV decode through the same
             kernels): the per-branch baseline the benchmarks compare against.
+        capacity: fixed buffer sizes (:class:`PlanCapacity`) so that later steps can be re-planned in place
+            with :meth:`TreePlan.update_` under a captured CUDA graph; raises if this step does not fit.
 
     Returns:
         A :class:`TreePlan`; ``plan.stats`` holds ``unique_tokens`` (distinct KV tokens attended),
@@ -236,11 +309,23 @@ def plan(
         device = kv_indices.device
     device = torch.device(device)
 
+    replan = dict(page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, num_pages=num_pages,
+                  num_sms=num_sms, share_prefixes=share_prefixes)
+    arrays = _run_planner(kv_indptr, kv_indices, kv_last_page_len, **replan)
+    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device, capacity, replan)
+
+
+def _run_planner(kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads, num_kv_heads, num_pages,
+                 num_sms, share_prefixes):
     group, kv_heads = _sizing(num_qo_heads, num_kv_heads)
     tables = (kv_indptr.cpu().numpy(), kv_indices.cpu().numpy(), kv_last_page_len.cpu().numpy())
     planner = _plan_table_cpp if _planner is not None and _PLANNER != "numpy" else _plan_table_numpy
-    arrays = planner(*tables, page_size, -1 if num_pages is None else num_pages, share_prefixes, group, kv_heads, num_sms)
-    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device)
+    return planner(*tables, page_size, -1 if num_pages is None else num_pages, share_prefixes, group, kv_heads, num_sms)
+
+
+def _with_sizes(stats: dict, sizes, kv_indices: torch.Tensor) -> dict:
+    """Adds the buffer sizes a :class:`PlanCapacity` bounds to the stats."""
+    return {**stats, "rows": int(sizes[3]), "merge_queries": int(sizes[5]), "nnz": int(kv_indices.shape[0])}
 
 
 def _sizing(num_qo_heads: int | None, num_kv_heads: int | None) -> tuple[int, int]:
@@ -404,14 +489,45 @@ def _items_from_edges(
     return packed, [p.shape[0] for p in pieces], stats, max_item_tokens, max_page_id
 
 
-def _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size: int, device: torch.device) -> TreePlan:
-    """Plan arrays -> TreePlan: one host-to-device copy of the packed buffer, then views."""
+def _staged(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor ready for a non-blocking copy to ``device`` (pinned when the device is a GPU)."""
+    return host.pin_memory() if device.type == "cuda" else host
+
+
+def _pad_to_capacity(arrays, capacity: PlanCapacity) -> np.ndarray:
+    """Plan arrays laid out in ``capacity``'s fixed piece sizes; raises if the step does not fit."""
+    packed, sizes, stats, _, _ = arrays
+    limits = {"items": (stats["work_items"], capacity.items), "rows": (stats["rows"], capacity.rows),
+              "partial_rows": (stats["partial_rows"], capacity.partial_rows),
+              "merge_queries": (stats["merge_queries"], capacity.merge_queries), "nnz": (stats["nnz"], capacity.nnz)}
+    for name, (used, limit) in limits.items():
+        if used > limit:
+            raise ValueError(f"capacity: expected this step's {name} <= capacity.{name}={limit}, got {used}")
+    out = []
+    for name, piece, size in zip(_PIECES, np.split(packed, np.cumsum(sizes)[:-1]), capacity.piece_sizes()):
+        pad = _PAD[name]
+        fill = (piece[-1] if piece.size else 0) if pad == "last" else pad
+        out.append(np.concatenate([piece, np.full(size - piece.shape[0], fill, dtype=np.int32)]))
+    return np.concatenate(out)
+
+
+def _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size: int, device: torch.device,
+              capacity: PlanCapacity | None = None, replan: dict | None = None) -> TreePlan:
+    """Plan arrays -> TreePlan: one host-to-device copy of the packed buffer, then views. With a capacity the
+    pieces are padded to fixed sizes and the plan owns copies of the table (so update_ can refill them)."""
     packed, sizes, stats, max_item_tokens, max_page_id = arrays
-    buffer = torch.from_numpy(packed)
-    if device.type == "cuda":
-        buffer = buffer.pin_memory().to(device, non_blocking=True)
-    else:
-        buffer = buffer.to(device)
+    stats = _with_sizes(stats, sizes, kv_indices)
+    block_queries = stats["max_queries_per_item"]
+    if capacity is not None:
+        if not replan:
+            raise ValueError("capacity: only plans made by treeattn.plan(...) can take a capacity")
+        packed, sizes = _pad_to_capacity((packed, sizes, stats, None, None), capacity), capacity.piece_sizes()
+        # Under a capacity the kernels' query block is fixed at the largest any step can need.
+        block_queries = max(1, _TARGET_ROWS_PER_ITEM // _next_pow2(_sizing(replan["num_qo_heads"], replan["num_kv_heads"])[0]))
+        indices = torch.zeros(capacity.nnz, dtype=torch.int32, device=device)
+        indices[: kv_indices.shape[0]].copy_(kv_indices)
+        kv_indptr, kv_indices, kv_last_page_len = kv_indptr.to(device, copy=True), indices, kv_last_page_len.to(device, copy=True)
+    buffer = _staged(torch.from_numpy(packed), device).to(device, non_blocking=True)
     views = torch.split(buffer, list(sizes))
     return TreePlan(
         num_queries=stats["num_queries"],
@@ -420,19 +536,16 @@ def _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size: int, d
         kv_indptr=kv_indptr.to(device),
         kv_indices=kv_indices.to(device),
         kv_last_page_len=kv_last_page_len.to(device),
-        item_page_ptr=views[0],
-        item_num_tokens=views[1],
-        item_row_ptr=views[2],
-        row_query=views[3],
-        row_dest=views[4],
-        merge_query=views[5],
-        merge_ptr=views[6],
-        num_items=stats["work_items"],
-        num_partial_rows=stats["partial_rows"],
-        max_queries_per_item=stats["max_queries_per_item"],
+        **dict(zip(_PIECES, views)),
+        num_items=views[0].shape[0],
+        num_partial_rows=stats["partial_rows"] if capacity is None else capacity.partial_rows,
+        max_queries_per_item=block_queries,
         max_item_tokens=max_item_tokens,
         max_page_id=max_page_id,
         stats=stats,
+        capacity=capacity,
+        _buffer=buffer,
+        _replan=replan or {},
     )
 
 

@@ -1,0 +1,111 @@
+"""Fixed-capacity plans: re-planning a new tree into the same buffers (CUDA-graph replay over trees that
+change every step). Padding items and merge entries must be no-ops."""
+
+import pytest
+import torch
+from conftest import TOLERANCE
+
+import treeattn
+from treeattn.testing import poisoned_cache, relative_error, tree_table
+
+
+def _step_inputs(table, device, dtype=torch.float32, heads=(8, 2), head_dim=64):
+    q = torch.randn(table.num_queries, heads[0], head_dim, device=device, dtype=dtype)
+    k = poisoned_cache(table, (heads[1], head_dim), dtype, device)
+    v = poisoned_cache(table, (heads[1], head_dim), dtype, device)
+    return q, k, v
+
+
+def _reference(q, k, v, table):
+    return treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+
+
+def _plan(table, **kw):
+    return treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size,
+                         num_qo_heads=8, num_kv_heads=2, **kw)
+
+
+def test_padded_plan_matches_exact_plan(device):
+    table = tree_table([70, 20, 5], [1, 3, 2], 16).to(device)
+    q, k, v = _step_inputs(table, device)
+    exact = _plan(table, num_sms=2)
+    cap = treeattn.PlanCapacity.of(exact, headroom=2.0)
+    padded = _plan(table, num_sms=2, capacity=cap)
+    assert padded.item_page_ptr.shape[0] == cap.items > exact.num_items
+    assert padded.merge_query.shape[0] == cap.merge_queries
+    o_exact = treeattn.tree_decode(q, k, v, exact)
+    o_padded, lse = treeattn.tree_decode(q, k, v, padded, return_lse=True)
+    o_ref, lse_ref = _reference(q, k, v, table)
+    assert relative_error(o_padded, o_ref) < TOLERANCE[torch.float32]
+    assert relative_error(lse, lse_ref) < 1e-6
+    assert torch.equal(o_padded, o_exact)
+
+
+def test_update_replans_a_different_tree_in_place(device):
+    first = tree_table([64, 16], [1, 6], 16).to(device)
+    # Same number of queries, another shape: a deeper tree, with shuffled page ids of its own.
+    second = tree_table([30, 40, 9], [1, 2, 3], 16).to(device)
+    cap = treeattn.PlanCapacity(items=64, rows=128, partial_rows=64, merge_queries=6, nnz=64)
+    plan = _plan(first, capacity=cap, num_sms=2)
+    buffers = [t.data_ptr() for t in plan.tensor_args()]
+    q, k, v = _step_inputs(first, device)
+    out = torch.empty_like(q)
+    treeattn.tree_decode(q, k, v, plan, out=out)
+    assert relative_error(out, _reference(q, k, v, first)[0]) < 1e-5
+
+    plan.update_(second.kv_indptr, second.kv_indices, second.kv_last_page_len)
+    assert [t.data_ptr() for t in plan.tensor_args()] == buffers, "update_ must refill, not reallocate"
+    assert plan.stats["unique_tokens"] == len({s for i in range(6) for s in second.token_slots(i).tolist()})
+    q2, k2, v2 = _step_inputs(second, device)
+    out2, lse2 = treeattn.tree_decode(q2, k2, v2, plan, out=out, return_lse=True)
+    o_ref, lse_ref = _reference(q2, k2, v2, second)
+    assert relative_error(out2, o_ref) < 1e-5 and relative_error(lse2, lse_ref) < 1e-6
+
+
+def test_update_errors_leave_the_plan_unchanged(device):
+    table = tree_table([32, 16], [1, 4], 16).to(device)
+    plan = _plan(table, capacity=treeattn.PlanCapacity.of(_plan(table)))
+    before = [t.clone() for t in plan.tensor_args()]
+    bigger = tree_table([64, 48], [1, 4], 16).to(device)
+    with pytest.raises(ValueError, match=r"capacity: expected this step's .* <= capacity\.\w+=\d+, got \d+"):
+        plan.update_(bigger.kv_indptr, bigger.kv_indices, bigger.kv_last_page_len)
+    other_n = tree_table([32, 16], [1, 5], 16).to(device)
+    with pytest.raises(ValueError, match=r"kv_last_page_len: expected 4 queries \(the captured plan's\), got 5"):
+        plan.update_(other_n.kv_indptr, other_n.kv_indices, other_n.kv_last_page_len)
+    assert all(torch.equal(a, b) for a, b in zip(before, plan.tensor_args()))
+    with pytest.raises(ValueError, match=r"plan: expected a plan built with capacity=PlanCapacity\(\.\.\.\) for update_"):
+        _plan(table).update_(table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    with pytest.raises(ValueError, match=r"capacity: expected this step's items <= capacity.items=1"):
+        _plan(table, capacity=treeattn.PlanCapacity(items=1, rows=64, partial_rows=64, merge_queries=8, nnz=64))
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_changing_trees():
+    """Capture one decode step once; every later step re-plans its own tree into the captured buffers."""
+    device = torch.device("cuda")
+    tables = [tree_table(levels, fanout, 16) for levels, fanout in
+              [([512, 64], [1, 8]), ([256, 128, 32], [1, 2, 4]), ([0, 300], [1, 8]), ([700, 1, 1], [1, 4, 2])]]
+    num_pages = max(t.num_pages for t in tables)
+    k = torch.randn(num_pages, 16, 8, 128, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(8, 32, 128, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    first = tables[0].to(device)
+    probe = treeattn.plan(first.kv_indptr, first.kv_indices, first.kv_last_page_len, page_size=16,
+                          num_qo_heads=32, num_kv_heads=8)
+    cap = treeattn.PlanCapacity(items=4 * probe.num_items + 64, rows=1024, partial_rows=1024, merge_queries=8, nnz=2048)
+    plan = treeattn.plan(first.kv_indptr, first.kv_indices, first.kv_last_page_len, page_size=16,
+                         num_qo_heads=32, num_kv_heads=8, capacity=cap)
+    treeattn.tree_decode(q, k, v, plan, out=out)  # compile + workspace before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        treeattn.tree_decode(q, k, v, plan, out=out)
+    for table in tables[1:] + tables[:1]:
+        table = table.to(device)
+        plan.update_(table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        o_ref, _ = _reference(q, k, v, table)
+        assert relative_error(out, o_ref) < TOLERANCE[torch.bfloat16]
