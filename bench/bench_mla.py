@@ -133,15 +133,7 @@ def run_gpu(bandwidth_gbs: float, sweep: bool, device: str = "cuda") -> list[dic
                 "treeattn_per_branch": lambda p=per_branch: treeattn.mla_tree_decode(
                     q, kv_cache, p, sm_scale=SM_SCALE, out=out, lse_out=lse),
             }
-            try:
-                methods["flashinfer_mla"] = _flashinfer_mla(q, kv_cache, table, num_heads)
-            except Exception as exc:  # optional provider: record why it is absent
-                row["flashinfer_error"] = f"{type(exc).__name__}: {exc}"[:200]
-            for method, fn in methods.items():
-                try:
-                    row[f"{method}_us"] = common.time_us(fn)
-                except Exception as exc:
-                    row[f"{method}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            common.time_methods(row, methods, {"flashinfer_mla": lambda: _flashinfer_mla(q, kv_cache, table, num_heads)})
             if sweep:
                 best = None
                 for config in SWEEP:

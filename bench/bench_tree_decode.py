@@ -108,15 +108,7 @@ def run_gpu(names, bandwidth_gbs) -> list[dict]:
             "treeattn_per_branch": lambda: treeattn.tree_decode(q, k_cache, v_cache, per_branch, out=out),
             "sdpa_duplicated": _sdpa_duplicated(q, k_cache, v_cache, table),
         }
-        try:
-            methods["flashinfer_decode_tc"] = _flashinfer_decode(q, k_cache, v_cache, table)
-        except Exception as exc:  # optional provider: record why it is absent
-            row["flashinfer_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        for method, fn in methods.items():
-            try:
-                row[f"{method}_us"] = common.time_us(fn)
-            except Exception as exc:
-                row[f"{method}_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        common.time_methods(row, methods, {"flashinfer_decode_tc": lambda: _flashinfer_decode(q, k_cache, v_cache, table)})
         o_shared = treeattn.tree_decode(q, k_cache, v_cache, shared)
         o_branch = treeattn.tree_decode(q, k_cache, v_cache, per_branch)
         row["rel_err_shared_vs_per_branch"] = relative_error(o_shared, o_branch)
@@ -125,7 +117,7 @@ def run_gpu(names, bandwidth_gbs) -> list[dict]:
             row["treeattn_unique_GBps"] = bytes_["unique_bytes"] / us / 1e3
             row["pct_of_copy_bw"] = 100 * row["treeattn_unique_GBps"] / bandwidth_gbs
             row["x_floor"] = us / row["floor_us"]
-            for base in ("treeattn_per_branch", "sdpa_duplicated", "flashinfer_decode_tc"):
+            for base in ("treeattn_per_branch", "sdpa_duplicated", "flashinfer_decode_tc"):  # noqa: E501
                 if row.get(f"{base}_us"):
                     row[f"speedup_vs_{base}"] = row[f"{base}_us"] / us
         rows.append(row)

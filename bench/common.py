@@ -63,6 +63,27 @@ def time_us(fn, *, graph: bool = True) -> float:
     return 1e3 * triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
 
 
+def time_methods(row: dict, methods: dict, optional: dict | None = None) -> None:
+    """Times every method into ``row["<name>_us"]``. ``optional`` maps a provider name to a zero-argument
+    builder that may fail (a peer library that is absent): its failure is recorded as ``<name>_error``,
+    as is a method that fails to run, and the others still run."""
+    methods = dict(methods)
+    for name, build in (optional or {}).items():
+        try:
+            methods[name] = build()
+        except Exception as exc:
+            row[f"{name}_error"] = _error(exc)
+    for name, fn in methods.items():
+        try:
+            row[f"{name}_us"] = time_us(fn)
+        except Exception as exc:
+            row[f"{name}_error"] = _error(exc)
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
 def copy_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth measured now (read + write bytes / median time), GB/s."""
     src = torch.randn(num_bytes // 4, device="cuda")
