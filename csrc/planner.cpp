@@ -125,14 +125,10 @@ struct Sorter {
   }
 };
 
+// Compressed-trie edges: edge k is pages [depth, depth + pages) of the sorted queries lo..hi-1, stored at
+// kv_indices[first_page : first_page + pages], with `tail` unused slots in its last page.
 struct Edges {
-  std::vector<i64> d0, d1, lo, hi;
-  void add(i64 a, i64 b, i64 l, i64 h) {
-    d0.push_back(a);
-    d1.push_back(b);
-    lo.push_back(l);
-    hi.push_back(h);
-  }
+  std::vector<i64> lo, hi, depth, pages, first_page, tail;
 };
 
 i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
@@ -145,6 +141,103 @@ i64 next_pow2(i64 x) {
 struct Sizing {
   i64 group, kv_heads, num_sms, target_rows, tokens_per_partial_row, min_chunk_tokens, programs_per_sm;
 };
+
+// Edges -> chunks x query blocks -> items, rows, partial rows (root->leaf per query), merge CSR; mirrors
+// _items_from_edges in plan.py exactly. Returns (packed int32, piece sizes, stats, max_item_tokens); the
+// caller adds the table's unique_tokens / naive_tokens to the stats.
+py::tuple build_items(const std::vector<i64>& order, const Edges& e, i64 ps, const Sizing& s) {
+  const i64 block_q = std::max<i64>(1, s.target_rows / next_pow2(s.group));
+  const i64 n = static_cast<i64>(order.size()), num_edges = static_cast<i64>(e.lo.size());
+  const std::vector<i64>&efirst = e.first_page, &epages = e.pages, &etail = e.tail;
+  std::vector<i64> eq(num_edges), eb(num_edges), echunks(num_edges), echunk_pages(num_edges);
+  i64 total_work = 0;
+  for (i64 k = 0; k < num_edges; ++k) {
+    eq[k] = e.hi[k] - e.lo[k];
+    eb[k] = ceil_div(eq[k], block_q);
+    total_work += (epages[k] * ps - etail[k]) * eb[k];
+  }
+  const i64 balanced = ceil_div(total_work, std::max<i64>(1, s.programs_per_sm * s.num_sms / s.kv_heads));
+  i64 num_items = 0;
+  for (i64 k = 0; k < num_edges; ++k) {
+    i64 rows_per_block = ceil_div(eq[k], eb[k]) * s.group;
+    i64 chunk_tokens = std::max({rows_per_block * s.tokens_per_partial_row, balanced, s.min_chunk_tokens});
+    echunks[k] = ceil_div(epages[k], std::max<i64>(1, chunk_tokens / ps));
+    echunk_pages[k] = ceil_div(epages[k], echunks[k]);
+    num_items += eb[k] * echunks[k];
+  }
+
+  std::vector<i64> item_page_ptr, item_tokens, item_row_ptr{0}, row_query, row_depth;
+  item_page_ptr.reserve(num_items);
+  item_tokens.reserve(num_items);
+  item_row_ptr.reserve(num_items + 1);
+  i64 planned_tokens = 0, max_q = 0, max_item_tokens = 0;
+  for (i64 k = 0; k < num_edges; ++k) {
+    for (i64 b = 0; b < eb[k]; ++b) {
+      i64 block_lo = e.lo[k] + b * eq[k] / eb[k], block_hi = e.lo[k] + (b + 1) * eq[k] / eb[k];
+      for (i64 c = 0; c < echunks[k]; ++c) {
+        i64 page_begin = c * echunk_pages[k];
+        i64 pages = std::min(echunk_pages[k], epages[k] - page_begin);
+        i64 tokens = pages * ps - (page_begin + pages == epages[k] ? etail[k] : 0);
+        item_page_ptr.push_back(efirst[k] + page_begin);
+        item_tokens.push_back(tokens);
+        planned_tokens += tokens;
+        max_item_tokens = std::max(max_item_tokens, tokens);
+        for (i64 q = block_lo; q < block_hi; ++q) {
+          row_query.push_back(order[q]);
+          row_depth.push_back(e.depth[k] + page_begin);
+        }
+        item_row_ptr.push_back(static_cast<i64>(row_query.size()));
+        max_q = std::max(max_q, block_hi - block_lo);
+      }
+    }
+  }
+  const i64 num_rows = static_cast<i64>(row_query.size());
+
+  // Queries with one row write directly; the others' rows become partial rows, by (query, depth).
+  std::vector<i64> rows_per_query(n, 0);
+  for (i64 r = 0; r < num_rows; ++r) rows_per_query[row_query[r]]++;
+  std::vector<i64> partial;
+  for (i64 r = 0; r < num_rows; ++r)
+    if (rows_per_query[row_query[r]] > 1) partial.push_back(r);
+  std::stable_sort(partial.begin(), partial.end(), [&](i64 a, i64 b) {
+    return row_query[a] != row_query[b] ? row_query[a] < row_query[b] : row_depth[a] < row_depth[b];
+  });
+  std::vector<i64> row_dest(num_rows, -1);
+  for (i64 k = 0; k < static_cast<i64>(partial.size()); ++k) row_dest[partial[k]] = k;
+  std::vector<i64> merge_query, merge_ptr{0};
+  i64 direct = 0;
+  for (i64 q = 0; q < n; ++q) {
+    if (rows_per_query[q] == 1) {
+      ++direct;
+    } else {
+      merge_query.push_back(q);
+      merge_ptr.push_back(merge_ptr.back() + rows_per_query[q]);
+    }
+  }
+
+  const std::vector<i64>* pieces[] = {&item_page_ptr, &item_tokens, &item_row_ptr, &row_query,
+                                      &row_dest,      &merge_query, &merge_ptr};
+  std::vector<i64> sizes;
+  i64 total = 0;
+  for (auto* p : pieces) {
+    sizes.push_back(static_cast<i64>(p->size()));
+    total += sizes.back();
+  }
+  IntArray packed(total);
+  int32_t* out = packed.mutable_data();
+  for (auto* p : pieces)
+    for (i64 v : *p) *out++ = static_cast<int32_t>(v);
+
+  py::dict stats;
+  stats["num_queries"] = n;
+  stats["planned_tokens"] = planned_tokens;
+  stats["work_items"] = num_items;
+  stats["trie_edges"] = num_edges;
+  stats["partial_rows"] = static_cast<i64>(partial.size());
+  stats["direct_queries"] = direct;
+  stats["max_queries_per_item"] = max_q > 0 ? max_q : 1;
+  return py::make_tuple(packed, sizes, stats, max_item_tokens);
+}
 
 py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_page_len, i64 page_size,
                      i64 num_pages, bool share_prefixes, Sizing s) {
@@ -201,7 +294,13 @@ py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_p
     }
   }
 
-  Edges e;
+  std::vector<i64> d0, d1, elo, ehi;
+  auto add_edge = [&](i64 a, i64 b, i64 l, i64 h) {
+    d0.push_back(a);
+    d1.push_back(b);
+    elo.push_back(l);
+    ehi.push_back(h);
+  };
   std::vector<i64> stack_lcp{0}, stack_lb{0};
   for (i64 i = 1; i <= n; ++i) {
     i64 value = lcp[i], lb = i - 1;
@@ -210,7 +309,7 @@ py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_p
       stack_lcp.pop_back();
       lb = stack_lb.back();
       stack_lb.pop_back();
-      e.add(std::max(value, stack_lcp.back()), top, lb, i);
+      add_edge(std::max(value, stack_lcp.back()), top, lb, i);
     }
     if (value > stack_lcp.back()) {
       stack_lcp.push_back(value);
@@ -219,106 +318,19 @@ py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_p
   }
   for (i64 i = 0; i < n; ++i) {
     i64 leaf_begin = std::max(lcp[i], lcp[i + 1]);
-    if (slen[i] > leaf_begin) e.add(leaf_begin, slen[i], i, i + 1);
+    if (slen[i] > leaf_begin) add_edge(leaf_begin, slen[i], i, i + 1);
   }
-  const i64 num_edges = static_cast<i64>(e.d0.size());
-
-  // Edges -> chunks x query blocks (mirrors plan.py exactly).
-  const i64 block_q = std::max<i64>(1, s.target_rows / next_pow2(s.group));
-  std::vector<i64> eq(num_edges), eb(num_edges), efirst(num_edges), epages(num_edges), etail(num_edges),
-      echunks(num_edges), echunk_pages(num_edges);
-  i64 total_work = 0;
-  for (i64 k = 0; k < num_edges; ++k) {
-    eq[k] = e.hi[k] - e.lo[k];
-    eb[k] = ceil_div(eq[k], block_q);
-    efirst[k] = sstart[e.lo[k]] + e.d0[k];
-    epages[k] = e.d1[k] - e.d0[k];
-    etail[k] = ps - keys.used(order[e.lo[k]], e.d1[k] - 1);
-    total_work += (epages[k] * ps - etail[k]) * eb[k];
+  Edges e{elo, ehi, d0, {}, {}, {}};
+  for (size_t k = 0; k < d0.size(); ++k) {
+    e.pages.push_back(d1[k] - d0[k]);
+    e.first_page.push_back(sstart[elo[k]] + d0[k]);
+    e.tail.push_back(ps - keys.used(order[elo[k]], d1[k] - 1));
   }
-  const i64 balanced = ceil_div(total_work, std::max<i64>(1, s.programs_per_sm * s.num_sms / s.kv_heads));
-  i64 num_items = 0;
-  for (i64 k = 0; k < num_edges; ++k) {
-    i64 rows_per_block = ceil_div(eq[k], eb[k]) * s.group;
-    i64 chunk_tokens = std::max({rows_per_block * s.tokens_per_partial_row, balanced, s.min_chunk_tokens});
-    echunks[k] = ceil_div(epages[k], std::max<i64>(1, chunk_tokens / ps));
-    echunk_pages[k] = ceil_div(epages[k], echunks[k]);
-    num_items += eb[k] * echunks[k];
-  }
-
-  std::vector<i64> item_page_ptr, item_tokens, item_row_ptr{0}, row_query, row_depth;
-  item_page_ptr.reserve(num_items);
-  item_tokens.reserve(num_items);
-  item_row_ptr.reserve(num_items + 1);
-  i64 planned_tokens = 0, max_q = 0, max_item_tokens = 0;
-  for (i64 k = 0; k < num_edges; ++k) {
-    for (i64 b = 0; b < eb[k]; ++b) {
-      i64 block_lo = e.lo[k] + b * eq[k] / eb[k], block_hi = e.lo[k] + (b + 1) * eq[k] / eb[k];
-      for (i64 c = 0; c < echunks[k]; ++c) {
-        i64 page_begin = c * echunk_pages[k];
-        i64 pages = std::min(echunk_pages[k], epages[k] - page_begin);
-        i64 tokens = pages * ps - (page_begin + pages == epages[k] ? etail[k] : 0);
-        item_page_ptr.push_back(efirst[k] + page_begin);
-        item_tokens.push_back(tokens);
-        planned_tokens += tokens;
-        max_item_tokens = std::max(max_item_tokens, tokens);
-        for (i64 q = block_lo; q < block_hi; ++q) {
-          row_query.push_back(order[q]);
-          row_depth.push_back(e.d0[k] + page_begin);
-        }
-        item_row_ptr.push_back(static_cast<i64>(row_query.size()));
-        max_q = std::max(max_q, block_hi - block_lo);
-      }
-    }
-  }
-  const i64 num_rows = static_cast<i64>(row_query.size());
-
-  // Queries with one row write directly; the others' rows become partial rows, by (query, depth).
-  std::vector<i64> rows_per_query(n, 0);
-  for (i64 r = 0; r < num_rows; ++r) rows_per_query[row_query[r]]++;
-  std::vector<i64> partial;
-  for (i64 r = 0; r < num_rows; ++r)
-    if (rows_per_query[row_query[r]] > 1) partial.push_back(r);
-  std::stable_sort(partial.begin(), partial.end(), [&](i64 a, i64 b) {
-    return row_query[a] != row_query[b] ? row_query[a] < row_query[b] : row_depth[a] < row_depth[b];
-  });
-  std::vector<i64> row_dest(num_rows, -1);
-  for (i64 k = 0; k < static_cast<i64>(partial.size()); ++k) row_dest[partial[k]] = k;
-  std::vector<i64> merge_query, merge_ptr{0};
-  i64 direct = 0;
-  for (i64 q = 0; q < n; ++q) {
-    if (rows_per_query[q] == 1) {
-      ++direct;
-    } else {
-      merge_query.push_back(q);
-      merge_ptr.push_back(merge_ptr.back() + rows_per_query[q]);
-    }
-  }
-
-  const std::vector<i64>* pieces[] = {&item_page_ptr, &item_tokens, &item_row_ptr, &row_query,
-                                      &row_dest,      &merge_query, &merge_ptr};
-  std::vector<i64> sizes;
-  i64 total = 0;
-  for (auto* p : pieces) {
-    sizes.push_back(static_cast<i64>(p->size()));
-    total += sizes.back();
-  }
-  IntArray packed(total);
-  int32_t* out = packed.mutable_data();
-  for (auto* p : pieces)
-    for (i64 v : *p) *out++ = static_cast<int32_t>(v);
-
-  py::dict stats;
-  stats["num_queries"] = n;
+  py::tuple items = build_items(order, e, ps, s);
+  py::dict stats = items[2];
   stats["unique_tokens"] = unique_tokens;
   stats["naive_tokens"] = naive_tokens;
-  stats["planned_tokens"] = planned_tokens;
-  stats["work_items"] = num_items;
-  stats["trie_edges"] = num_edges;
-  stats["partial_rows"] = static_cast<i64>(partial.size());
-  stats["direct_queries"] = direct;
-  stats["max_queries_per_item"] = max_q > 0 ? max_q : 1;
-  return py::make_tuple(packed, sizes, stats, max_item_tokens, max_page);
+  return py::make_tuple(items[0], items[1], stats, items[3], max_page);
 }
 
 }  // namespace
@@ -334,4 +346,15 @@ PYBIND11_MODULE(_planner, m) {
         return plan_table(indptr, indices, last_len, page_size, num_pages, share_prefixes, s);
       },
       "Plan a CSR page table: returns (packed int32 buffer, piece sizes, stats, max_item_tokens, max_page_id).");
+  m.def(
+      "plan_edges",
+      [](py::array_t<i64, py::array::c_style | py::array::forcecast> order, std::vector<i64> lo, std::vector<i64> hi,
+         std::vector<i64> depth, std::vector<i64> pages, std::vector<i64> first_page, std::vector<i64> tail,
+         i64 page_size, i64 group, i64 kv_heads, i64 num_sms, i64 target_rows, i64 tokens_per_partial_row,
+         i64 min_chunk_tokens, i64 programs_per_sm) {
+        Sizing s{group, kv_heads, num_sms, target_rows, tokens_per_partial_row, min_chunk_tokens, programs_per_sm};
+        std::vector<i64> ord(order.data(), order.data() + order.size());
+        return build_items(ord, Edges{lo, hi, depth, pages, first_page, tail}, page_size, s);
+      },
+      "Edges -> (packed int32 buffer, piece sizes, stats without the table counts, max_item_tokens).");
 }

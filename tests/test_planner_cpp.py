@@ -72,3 +72,34 @@ def test_same_errors(indptr, indices, last, num_pages, match):
     for planner in (plan_module._plan_table_cpp, plan_module._plan_table_numpy):
         with pytest.raises(ValueError, match=match):
             planner(*args)
+
+
+def test_edges_entry_point_identical():
+    """plan_from_edges (TreeKVCache.plan's path) gives the same plan through C++ as through numpy."""
+    table = workload_table("tree_2k_4x1k_4x512_4x128")
+    numpy_plan = _both(table)[1]
+    indptr = table.kv_indptr.numpy().astype(np.int64)
+    indices = table.kv_indices.numpy()
+    used = np.full(indices.shape[0], table.page_size, dtype=np.int64)
+    lengths = np.diff(indptr)
+    used[indptr[1:][lengths > 0] - 1] = table.kv_last_page_len.numpy()[lengths > 0]
+    keys = indices.astype(np.int64) * (table.page_size + 1) + used
+    order = plan_module._lexicographic_order(keys, indptr, table.num_queries)
+    starts = indptr[:-1][order]
+    lcp = plan_module._neighbour_lcp(keys, starts, lengths[order])
+    d0, d1, lo, hi = plan_module._trie_edges(lcp, lengths[order])
+    kw = dict(order=order, edge_lo=lo, edge_hi=hi, edge_depth=d0, edge_pages=d1 - d0, edge_first_page=starts[lo] + d0,
+              edge_tail=table.page_size - used[starts[lo] + d1 - 1], kv_indptr=table.kv_indptr,
+              kv_indices=table.kv_indices, kv_last_page_len=table.kv_last_page_len, indices=indices, used=used,
+              page_size=table.page_size, num_qo_heads=None, num_kv_heads=None, device=torch.device("cpu"))
+    cpp = plan_module.plan_from_edges(**kw)
+    saved, plan_module._PLANNER = plan_module._PLANNER, "numpy"
+    try:
+        ref = plan_module.plan_from_edges(**kw)
+    finally:
+        plan_module._PLANNER = saved
+    for name in plan_module.PLAN_TENSOR_FIELDS:
+        assert torch.equal(getattr(cpp, name), getattr(ref, name)), name
+    assert cpp.stats == ref.stats
+    assert np.array_equal(np.concatenate([getattr(ref, n).numpy() for n in plan_module.PLAN_TENSOR_FIELDS[3:]]),
+                          numpy_plan[0])

@@ -406,10 +406,16 @@ def plan_from_edges(
     covered exactly once by the edges it belongs to.
     """
     group, kv_heads = _sizing(num_qo_heads, num_kv_heads)
-    arrays = _items_from_edges(
-        order, edge_lo, edge_hi, edge_depth, edge_pages, edge_first_page, edge_tail, indices, used, page_size,
-        group, kv_heads, num_sms,
-    )
+    edges = (order, edge_lo, edge_hi, edge_depth, edge_pages, edge_first_page, edge_tail)
+    if _planner is not None and _PLANNER != "numpy":
+        packed, sizes, stats, max_item_tokens = _planner.plan_edges(
+            *edges, page_size, group, kv_heads, num_sms,
+            _TARGET_ROWS_PER_ITEM, _TOKENS_PER_PARTIAL_ROW, _MIN_CHUNK_TOKENS, _PROGRAMS_PER_SM,
+        )
+        stats.update(unique_tokens=_unique_tokens(indices, used, page_size), naive_tokens=int(used.sum()))
+        arrays = (packed, sizes, stats, max_item_tokens, int(indices.max()) if indices.size else -1)
+    else:
+        arrays = _items_from_edges(*edges, indices, used, page_size, group, kv_heads, num_sms)
     return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device)
 
 
