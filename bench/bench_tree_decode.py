@@ -5,7 +5,7 @@ same run, and speedups over per-branch decode (treeattn with sharing off) and to
 duplicated cache; FlashInfer's tensor-core decode when flashinfer is importable. CPU: the plan (host time
 measured) and the bytes each method would read; no kernel timings.
 
-    python bench/bench_tree_decode.py --out bench/results/latest
+    python bench/bench_tree_decode.py --out bench/results/latest [--sweep]
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from treeattn.testing import WORKLOADS, relative_error, workload_table  # noqa: 
 
 NUM_QO_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 DTYPE_BYTES = 2
+# --sweep: stage-1 tile configs (block_n, warps, stages) timed on the GPU.
+SWEEP = [(bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
 
 
 def _plan(table, **kw):
@@ -86,7 +88,38 @@ def _flashinfer_decode(q, k_cache, v_cache, table):
     return lambda: wrapper.run(q, (k_cache, v_cache))
 
 
-def run_gpu(names, bandwidth_gbs) -> list[dict]:
+def _stage1_config_fn(q, k_cache, v_cache, plan, out, config):
+    """The Triton path (stage 1 + merge) with one stage-1 tile config, bypassing dispatch."""
+    from treeattn import triton_kernels as tk
+
+    block_n, warps, stages = config
+    part_o, part_lse = plan.workspace(NUM_QO_HEADS, HEAD_DIM)
+    lse = torch.empty(q.shape[0], NUM_QO_HEADS, device=q.device)
+
+    def run():
+        tk.tree_decode_stage1(
+            q, k_cache, v_cache, plan.kv_indices, plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr,
+            plan.row_query, plan.row_dest, out, lse, part_o, part_lse, HEAD_DIM ** -0.5, plan.max_queries_per_item,
+            block_n=block_n, num_warps=warps, num_stages=stages,
+        )
+        tk.merge_partials(part_o, part_lse, plan.merge_query, plan.merge_ptr, out, lse)
+
+    return run
+
+
+def sweep_stage1(row, q, k_cache, v_cache, plan, out) -> None:
+    """Times every SWEEP config into ``row["sweep_us"]`` and the fastest into ``row["sweep_best"]``."""
+    timings = {}
+    for config in SWEEP:
+        common.time_methods(timings, {str(config): _stage1_config_fn(q, k_cache, v_cache, plan, out, config)})
+    row["sweep_us"] = {k[:-3]: v for k, v in timings.items() if k.endswith("_us")}
+    row["sweep_errors"] = {k[:-6]: v for k, v in timings.items() if k.endswith("_error")}
+    if row["sweep_us"]:
+        best = min(row["sweep_us"], key=row["sweep_us"].get)
+        row["sweep_best"] = {"block_n_warps_stages": best, "us": row["sweep_us"][best]}
+
+
+def run_gpu(names, bandwidth_gbs, sweep: bool = False) -> list[dict]:
     device = torch.device("cuda")
     rows = []
     for name in names:
@@ -109,6 +142,8 @@ def run_gpu(names, bandwidth_gbs) -> list[dict]:
             "sdpa_duplicated": _sdpa_duplicated(q, k_cache, v_cache, table),
         }
         common.time_methods(row, methods, {"flashinfer_decode_tc": lambda: _flashinfer_decode(q, k_cache, v_cache, table)})
+        if sweep:
+            sweep_stage1(row, q, k_cache, v_cache, shared, out)
         o_shared = treeattn.tree_decode(q, k_cache, v_cache, shared)
         o_branch = treeattn.tree_decode(q, k_cache, v_cache, per_branch)
         row["rel_err_shared_vs_per_branch"] = relative_error(o_shared, o_branch)
@@ -144,11 +179,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/latest")
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
+    parser.add_argument("--sweep", action="store_true", help="GPU: also time stage-1 tile configs")
     args = parser.parse_args(argv)
     env = common.environment()
     if torch.cuda.is_available():
         bandwidth = common.copy_bandwidth_gbs()
-        rows = run_gpu(args.workloads, bandwidth)
+        rows = run_gpu(args.workloads, bandwidth, args.sweep)
         payload = {"env": env, "copy_bandwidth_GBps": bandwidth, "rows": rows}
         cols = ["workload", "floor_us", "treeattn_us", "x_floor", "treeattn_per_branch_us", "sdpa_duplicated_us",
                 "flashinfer_decode_tc_us", "speedup_vs_treeattn_per_branch", "pct_of_copy_bw", "plan_host_us"]

@@ -17,3 +17,8 @@ echo "build rc=${PIPESTATUS[0]} seconds=$(( $(date +%s) - start ))" | tee -a "$o
 python3 -c 'import treeattn._ext as e; print("HAS_CUDA_EXT", e.HAS_CUDA_EXT, getattr(e, "load_error", None))' 2>&1 | tee -a "$out/build.log"
 timeout 240 python3 -m pytest -q -x -p no:cacheprovider tests --junitxml="$out/tests.xml" 2>&1 | tail -n 40 | tee "$out/tests.log"
 timeout 300 python3 bench/run_all.py --out "$out" 2>&1 | tee "$out/bench.log"
+# Optional tile sweeps (a few more minutes): TREEATTN_SWEEP=1 bash bench/gpu_check.sh DIR
+if [ "${TREEATTN_SWEEP:-0}" = 1 ]; then
+  timeout 300 python3 bench/bench_tree_decode.py --sweep --out "$out/sweep" 2>&1 | tail -n 20 | tee "$out/sweep.log"
+  timeout 300 python3 bench/bench_mla.py --sweep --out "$out/sweep" 2>&1 | tail -n 20 | tee -a "$out/sweep.log"
+fi

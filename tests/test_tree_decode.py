@@ -169,3 +169,42 @@ def test_cuda_graph_capture_and_replay():
     torch.cuda.synchronize()
     o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
     assert relative_error(out, o_ref) < TOLERANCE[torch.bfloat16]
+
+
+def test_deterministic_bitwise(device):
+    """Fixed merge order, no atomics: the same step gives bit-identical outputs every time."""
+    table = tree_table([300, 40, 9], [1, 4, 2], 16).to(device)
+    q = torch.randn(table.num_queries, 8, 64, device=device, dtype=torch.float16)
+    k = poisoned_cache(table, (2, 64), torch.float16, device)
+    v = poisoned_cache(table, (2, 64), torch.float16, device)
+    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16, num_sms=2)
+    assert plan.stats["partial_rows"] > 0  # stage 2 merges run
+    first = treeattn.tree_decode(q, k, v, plan, return_lse=True)
+    again = treeattn.tree_decode(q, k, v, plan, return_lse=True)
+    replanned = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16, num_sms=2)
+    third = treeattn.tree_decode(q, k, v, replanned, return_lse=True)
+    for a, b, c in zip(first, again, third):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_torch_compile_fullgraph(device):
+    table = tree_table([40, 9], [1, 3], 16).to(device)
+    q = torch.randn(3, 4, 64, device=device)
+    k = poisoned_cache(table, (2, 64), torch.float32, device)
+    v = poisoned_cache(table, (2, 64), torch.float32, device)
+    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
+    compiled = torch.compile(lambda q, k, v: treeattn.tree_decode(q, k, v, plan) * 2.0, fullgraph=True, backend="eager")
+    o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    assert relative_error(compiled(q, k, v), 2.0 * o_ref) < 1e-5
+
+
+def test_opcheck_registered_op(device):
+    table = tree_table([40, 9], [1, 3], 16).to(device)
+    q = torch.randn(3, 4, 64, device=device)
+    k = torch.randn(table.num_pages, 16, 2, 64, device=device)
+    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
+    partial_o, partial_lse = plan.workspace(4, 64)
+    args = (q, k, k.clone(), plan.tensor_args(), torch.empty_like(q), torch.empty(3, 4, device=device),
+            partial_o, partial_lse, 0.125, 16, plan.max_queries_per_item)
+    torch.library.opcheck(torch.ops.treeattn.tree_decode_run.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

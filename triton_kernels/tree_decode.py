@@ -120,11 +120,17 @@ def tree_decode_stage1(
     partial_lse: torch.Tensor,
     sm_scale: float,
     max_queries_per_item: int,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> None:
     """Launch stage 1 over every work item.
 
     q: ``[n, Hq, D]``; k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; out: ``[n, Hq, D]``;
     lse: fp32 ``[n, Hq]``; partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]``.
+    ``block_n`` (KV tokens per tile, a power of two >= 16), ``num_warps`` and ``num_stages`` are tuning knobs
+    (defaults: 64 tokens for head dims up to 128, 4 warps up to 64 rows).
     """
     num_items = item_page_ptr.shape[0]
     if num_items == 0:
@@ -137,7 +143,10 @@ def tree_decode_stage1(
     block_q = max(next_pow2(max_queries_per_item), 16 // min(group_pad, 16))
     block_m = block_q * group_pad
     head_dim_pad = max(16, next_pow2(head_dim))
-    block_n = 64 if head_dim_pad <= 128 else 32
+    if block_n is None:
+        block_n = 64 if head_dim_pad <= 128 else 32
+    if num_warps is None:
+        num_warps = 4 if block_m <= 64 else 8
     _tree_decode_stage1_kernel[(num_items, num_kv_heads)](
         q, k_cache, v_cache,
         out, lse, partial_o, partial_lse,
@@ -153,5 +162,5 @@ def tree_decode_stage1(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_m <= 64 else 8, num_stages=2,
+        num_warps=num_warps, num_stages=num_stages,
     )

@@ -1,0 +1,88 @@
+"""Host cost of ``TreeKVCache.plan`` against ``treeattn.plan`` on the same trees (issue 3: the cache's plan,
+which knows the tree, must be at least as cheap as re-detecting the sharing from the page table).
+
+Each DESIGN §4 workload is built in a TreeKVCache (``add(prompt)``, then ``fork`` + ``append`` per level; one
+query per leaf). ``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after
+every leaf grew by one token (a decode loop's step: the paths the cache keeps change); ``table_plan_us`` is
+``treeattn.plan`` on the CSR table of the leaves' paths. Host time is real on any machine, so this runs on CPU
+as well as on the GPU machine.
+
+    python bench/bench_cache_plan.py --out bench/results/latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+import treeattn  # noqa: E402
+from treeattn.testing import WORKLOADS  # noqa: E402
+
+PAGE_SIZE = 16
+
+
+def build_tree(name: str, appends: int) -> tuple[treeattn.TreeKVCache, list[int]]:
+    """The workload's tree in a host-only cache (one tiny layer: only the bookkeeping matters here), with
+    room for every leaf to grow by ``appends`` more tokens."""
+    level_tokens, fanout = WORKLOADS[name]
+    nodes, pages = 1, 0
+    for tokens, ways in zip(level_tokens, fanout):
+        nodes *= ways
+        pages += nodes * (-(-tokens // PAGE_SIZE) + 1)  # + 1: a copy on write of the parent's partial page
+    cache = treeattn.TreeKVCache(1, 1, 1, page_size=PAGE_SIZE, num_pages=pages + nodes * appends,
+                                 dtype=torch.float32, device="cpu")
+    frontier = [cache.add(level_tokens[0]) for _ in range(fanout[0])]
+    for tokens, ways in zip(level_tokens[1:], fanout[1:]):
+        frontier = [kid for node in frontier for kid in cache.fork(node, ways)]
+        cache.append(frontier, tokens)
+    return cache, frontier
+
+
+def median_us(fn, repeats: int, before=None) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/latest")
+    parser.add_argument("--repeats", type=int, default=21)
+    args = parser.parse_args(argv)
+    rows = []
+    for name in WORKLOADS:
+        cache, leaves = build_tree(name, appends=args.repeats + 1)  # the after-append runs' warm-up + repeats
+        table = cache.plan(leaves)
+        csr = (table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+        row = {
+            "workload": name,
+            "queries": len(leaves),
+            "nnz_pages": int(table.kv_indices.numel()),
+            "table_plan_us": median_us(lambda: treeattn.plan(*csr, page_size=PAGE_SIZE, device="cpu"), args.repeats),
+            "cache_plan_us": median_us(lambda: cache.plan(leaves), args.repeats),
+            "cache_plan_after_append_us": median_us(lambda: cache.plan(leaves), args.repeats,
+                                                    before=lambda: cache.append(leaves)),
+        }
+        row["cache_vs_table"] = row["cache_plan_us"] / row["table_plan_us"]
+        rows.append(row)
+    common.print_table(rows, ["workload", "queries", "nnz_pages", "table_plan_us", "cache_plan_us",
+                              "cache_plan_after_append_us", "cache_vs_table"])
+    print(f"wrote {common.write_results(args.out, 'cache_plan', {'env': common.environment(), 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
