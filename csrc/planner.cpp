@@ -2,11 +2,16 @@
 // python/treeattn/plan.py. Both produce identical plans (tests/test_planner_cpp.py checks it); this one
 // meets the DESIGN §4 host budget (<= 200 us for 256 queries x 8k tokens at page size 16).
 //
-// Steps: validate the CSR table; key every page slot by (page id, tokens used); sort queries
-// lexicographically by key lists (multikey radix sort that skips common runs with memcmp); LCPs of
-// neighbours; LCP-interval stack walk -> compressed-trie edges; edges -> chunks x query blocks -> work
-// items, rows, partial-state rows (root->leaf per query) and the stage-2 merge CSR, packed into one int32
-// buffer in the order python/treeattn/plan.py unpacks it.
+// Two entry points, one back end:
+// - plan_table (treeattn.plan): validate the CSR table; key every page slot by (page id, tokens used); sort
+//   queries lexicographically by key lists (multikey radix sort that skips common runs with memcmp); LCPs of
+//   neighbours; LCP-interval stack walk -> compressed-trie edges.
+// - plan_tree (TreeKVCache.plan): the cache knows its tree, so the edges come from a walk of the queried
+//   subtree (O(nodes + queries), no sorting or page comparisons), and the table is written from the nodes'
+//   page lists.
+// Back end (build_items): edges -> chunks x query blocks -> work items, rows, partial-state rows
+// (root->leaf per query) and the stage-2 merge CSR, packed into one int32 buffer in the order
+// python/treeattn/plan.py unpacks it.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -18,6 +23,7 @@
 #include <numeric>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace py = pybind11;
@@ -38,7 +44,8 @@ struct Table {
 
 std::string str(i64 v) { return std::to_string(v); }
 
-void check_table(const Table& t, i64 num_pages) {
+// Validates the table; returns the largest page id (-1 when there are no pages).
+i64 check_table(const Table& t, i64 num_pages) {
   if (t.indptr[0] != 0)
     throw std::invalid_argument("kv_indptr: expected kv_indptr[0] == 0, got " + str(t.indptr[0]));
   for (i64 i = 0; i < t.num_queries; ++i) {
@@ -49,8 +56,10 @@ void check_table(const Table& t, i64 num_pages) {
   if (t.indptr[t.num_queries] != t.nnz)
     throw std::invalid_argument("kv_indptr: expected kv_indptr[-1] == len(kv_indices) == " + str(t.nnz) + ", got " +
                                 str(t.indptr[t.num_queries]));
+  int32_t high = -1;
   if (t.nnz) {
-    int32_t low = t.indices[0], high = t.indices[0];
+    int32_t low = t.indices[0];
+    high = t.indices[0];
     for (i64 j = 1; j < t.nnz; ++j) {
       low = std::min(low, t.indices[j]);
       high = std::max(high, t.indices[j]);
@@ -64,6 +73,7 @@ void check_table(const Table& t, i64 num_pages) {
       throw std::invalid_argument("kv_last_page_len: expected 1..page_size=" + str(t.page_size) + " for query " +
                                   str(i) + " (it has pages), got " + str(t.last_len[i]));
   }
+  return high;
 }
 
 // Length of the common prefix of a[0:n) and b[0:n): memcmp over blocks, then a scan of the differing block.
@@ -246,14 +256,13 @@ py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_p
   if (kv_indptr.shape(0) != t.num_queries + 1)
     throw std::invalid_argument("kv_indptr: expected shape [" + str(t.num_queries + 1) +
                                 "] (len(kv_last_page_len) + 1), got [" + str(kv_indptr.shape(0)) + "]");
-  check_table(t, num_pages);
-  const i64 n = t.num_queries, nnz = t.nnz, ps = page_size;
+  const i64 max_page = check_table(t, num_pages);
+  const i64 n = t.num_queries, ps = page_size;
 
   const Keys keys{t};
-  i64 naive_tokens = 0, max_page = -1;
+  i64 naive_tokens = 0;
   for (i64 i = 0; i < n; ++i)
     if (keys.length(i) > 0) naive_tokens += (keys.length(i) - 1) * ps + t.last_len[i];
-  for (i64 j = 0; j < nnz; ++j) max_page = std::max<i64>(max_page, t.indices[j]);
   // Distinct (page, slot) tokens: each page counts its largest used prefix once. A full use covers any
   // partial one, and only last slots are partial: a bitmap of fully used pages plus the few last pages.
   std::vector<uint8_t> full(max_page + 1, 0);
