@@ -1,13 +1,16 @@
 """The C++ planner (treeattn._planner) produces exactly the numpy planner's plan (its oracle)."""
 
+import contextlib
 import importlib
+from array import array
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from treeattn.testing import random_table, tree_table, workload_table
+from treeattn import TreeKVCache
+from treeattn.testing import WORKLOADS, assert_same_plan, random_table, tree_table, workload_table
 
 plan_module = importlib.import_module("treeattn.plan")  # the module; treeattn.plan is the function
 
@@ -74,32 +77,116 @@ def test_same_errors(indptr, indices, last, num_pages, match):
             planner(*args)
 
 
-def test_edges_entry_point_identical():
-    """plan_from_edges (TreeKVCache.plan's path) gives the same plan through C++ as through numpy."""
-    table = workload_table("tree_2k_4x1k_4x512_4x128")
-    numpy_plan = _both(table)[1]
-    indptr = table.kv_indptr.numpy().astype(np.int64)
-    indices = table.kv_indices.numpy()
-    used = np.full(indices.shape[0], table.page_size, dtype=np.int64)
-    lengths = np.diff(indptr)
-    used[indptr[1:][lengths > 0] - 1] = table.kv_last_page_len.numpy()[lengths > 0]
-    keys = indices.astype(np.int64) * (table.page_size + 1) + used
-    order = plan_module._lexicographic_order(keys, indptr, table.num_queries)
-    starts = indptr[:-1][order]
-    lcp = plan_module._neighbour_lcp(keys, starts, lengths[order])
-    d0, d1, lo, hi = plan_module._trie_edges(lcp, lengths[order])
-    kw = dict(order=order, edge_lo=lo, edge_hi=hi, edge_depth=d0, edge_pages=d1 - d0, edge_first_page=starts[lo] + d0,
-              edge_tail=table.page_size - used[starts[lo] + d1 - 1], kv_indptr=table.kv_indptr,
-              kv_indices=table.kv_indices, kv_last_page_len=table.kv_last_page_len, indices=indices, used=used,
-              page_size=table.page_size, num_qo_heads=None, num_kv_heads=None, device=torch.device("cpu"))
-    cpp = plan_module.plan_from_edges(**kw)
-    saved, plan_module._PLANNER = plan_module._PLANNER, "numpy"
+@contextlib.contextmanager
+def _planner(name):
+    """plan_module._PLANNER = name inside (as TREEATTN_PLANNER=name would set it)."""
+    saved, plan_module._PLANNER = plan_module._PLANNER, name
     try:
-        ref = plan_module.plan_from_edges(**kw)
+        yield
     finally:
         plan_module._PLANNER = saved
-    for name in plan_module.PLAN_TENSOR_FIELDS:
-        assert torch.equal(getattr(cpp, name), getattr(ref, name)), name
-    assert cpp.stats == ref.stats
-    assert np.array_equal(np.concatenate([getattr(ref, n).numpy() for n in plan_module.PLAN_TENSOR_FIELDS[3:]]),
-                          numpy_plan[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    page_size=st.sampled_from([1, 2, 4, 16]),
+    ops=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60), st.integers(1, 20)), max_size=25),
+    picks=st.one_of(st.just("all"), st.lists(st.integers(0, 60), min_size=1, max_size=8)),
+    num_tokens=st.sampled_from([1, 1, 2, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tree_entry_point_identical(page_size, ops, picks, num_tokens, seed):
+    """TreeKVCache.plan through plan_tree (C++) equals the numpy walk (the same walk TreeKVCache.plan ran
+    before it moved to C++, counting tokens on the table): every tensor, stat and bound."""
+    cache = TreeKVCache(1, 1, 16, page_size=page_size, num_pages=4096, dtype=torch.float32, device="cpu")
+    rng = np.random.default_rng(seed)
+    nodes = [cache.add(int(rng.integers(0, 40)))]
+    for op, pick, n in ops:  # fork, append, release or add, on a live node
+        live = [x for x in nodes if x in cache._live]
+        node = live[pick % len(live)]
+        if op == 0 or (op == 1 and cache._nodes[node].children):
+            nodes += cache.fork(node, 1 + n % 3)
+        elif op == 1:
+            cache.append([node], n)
+        elif op == 2 and len(live) > 1:
+            cache.release(node)
+        else:
+            nodes.append(cache.add(n))
+    live = [x for x in nodes if x in cache._live]
+    chosen = live if picks == "all" else [live[p % len(live)] for p in picks]  # all: parents with children
+    if num_tokens > 1:
+        chosen = [x for x in chosen if cache.length(x) >= num_tokens] or [cache.add(num_tokens)]
+    cpp = cache.plan(chosen, num_tokens, num_qo_heads=8)
+    cache._last_reach = None  # the numpy run gathers the tree afresh too
+    with _planner("numpy"):
+        assert_same_plan(cpp, cache.plan(chosen, num_tokens, num_qo_heads=8))
+    table = plan_module.plan(cpp.kv_indptr, cpp.kv_indices, cpp.kv_last_page_len, page_size=page_size,
+                             num_qo_heads=8, num_kv_heads=1)
+    assert cpp.stats == table.stats  # what treeattn.plan finds on the same table
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_tree_workloads_identical(name):
+    """The DESIGN §4 trees as a TreeKVCache builds them: C++ = numpy, and treeattn.plan's stats on the table."""
+    level_tokens, fanout = WORKLOADS[name]
+    tokens = [t // 16 for t in level_tokens]  # (a sixteenth of each level keeps the numpy run short)
+    cache = TreeKVCache(1, 1, 16, page_size=16, num_pages=8192, dtype=torch.float32, device="cpu")
+    frontier = [cache.add(tokens[0]) for _ in range(fanout[0])]
+    for t, ways in zip(tokens[1:], fanout[1:]):
+        frontier = [kid for node in frontier for kid in cache.fork(node, ways)]
+        cache.append(frontier, t)
+    cpp = cache.plan(frontier)
+    with _planner("numpy"):
+        assert_same_plan(cpp, cache.plan(frontier))
+    table = plan_module.plan(cpp.kv_indptr, cpp.kv_indices, cpp.kv_last_page_len, page_size=16, num_kv_heads=1)
+    assert cpp.stats == table.stats
+
+
+def _tree(**changes):
+    """A valid tree at page size 8: a root of 20 tokens (pages 4 5 6), a child of 7 more continuing page 6 in
+    place (pages 6 7) and an empty child; queries at the child's end, at the root's end (page 6 again, in
+    part) and an empty one. ``changes`` break it."""
+    tree = dict(parent=[-1, 0, 0], start=[0, 20, 20], end=[20, 27, 20],
+                pages=[array("i", [4, 5, 6]), array("i", [6, 7]), array("i")], query_owner=[1, 0, -1],
+                query_end=[27, 20, 0])
+    tree.update(changes)
+    return tree
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(start=[0, 20]), "tree: expected parent, start, end and pages of one length"),
+        (dict(query_end=[27]), "query_end: expected one entry per query \\(3\\), got 1"),
+        (dict(parent=[-1, 3, 0]), "parent: expected -1 or another node's index < 3 for node 1, got 3"),
+        (dict(parent=[-1, 1, 0]), "parent: expected -1 or another node's index < 3 for node 1, got 1"),
+        (dict(start=[0, 19, 20]), "start: expected 20 for node 1 \\(a root starts at 0"),
+        (dict(end=[20, 27, 19]), "end: expected >= start=20 for node 2, got 19"),
+        (dict(pages=[array("i", [4, 5]), array("i", [6, 7]), array("i")]), "pages: expected 3 page ids for node 0"),
+        (dict(parent=[-1, 2, 1], start=[0, 20, 20], end=[20, 20, 20],
+              pages=[array("i", [4, 5, 6]), array("i"), array("i")], query_owner=[0, -1, -1], query_end=[20, 0, 0]),
+         "parent: expected a forest \\(every node leads to a root\\), got a cycle"),
+        (dict(pages=[array("i", [4, -5, 6]), array("i", [6, 7]), array("i")]), "pages: expected page ids >= 0, got -5 in node 0"),
+        (dict(query_owner=[1, 3, -1]), "query_owner: expected -1 or a node index < 3 for query 1, got 3"),
+        (dict(query_end=[27, 20, 2]), "query_end: expected 0 \\(no owner\\) for query 2, got 2"),
+        (dict(query_end=[20, 20, 0]), "query_end: expected start < query_end <= end of node 1 \\(20, 27\\] for query 0, got 20"),
+    ],
+)
+def test_tree_same_errors(changes, match):
+    for planner in ("auto", "numpy"):
+        with _planner(planner), pytest.raises(ValueError, match=match):
+            plan_module.plan_from_tree(**_tree(**changes), page_size=8, num_qo_heads=None, num_kv_heads=None,
+                                       device=torch.device("cpu"))
+
+
+def test_tree_valid_example_and_int32_buffers():
+    """The error cases' base tree plans alike through both planners; C++ reads int32 buffers only."""
+    kw = dict(page_size=8, num_qo_heads=None, num_kv_heads=None, device=torch.device("cpu"))
+    cpp = plan_module.plan_from_tree(**_tree(), **kw)
+    with _planner("numpy"):
+        assert_same_plan(cpp, plan_module.plan_from_tree(**_tree(), **kw))
+    assert cpp.kv_indices.tolist() == [4, 5, 6, 7, 4, 5, 6] and cpp.kv_last_page_len.tolist() == [3, 4, 0]
+    # Pages 4, 5 and 6 in full (6 through the child; the root reads 4 of its tokens), 3 tokens of page 7.
+    assert cpp.stats["unique_tokens"] == 3 * 8 + 3 and cpp.stats["naive_tokens"] == 27 + 20
+    with pytest.raises(ValueError, match="pages: expected 1-D int32 buffers"):
+        plan_module.plan_from_tree(**_tree(pages=[np.array([4, 5, 6]), array("i", [6, 7]), array("i")]), **kw)

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import treeattn
 from treeattn import OutOfPages, TreeKVCache
 from treeattn._dispatch import force
-from treeattn.testing import relative_error
+from treeattn.testing import assert_same_plan, relative_error
 
 LAYERS, HKV, HQ, DIM = 2, 2, 4, 16
 DTYPE = torch.float32
@@ -577,6 +577,40 @@ def test_plan_equals_treeattn_plan_on_random_forests(ops, page_size):
         row = plan.kv_indices[plan.kv_indptr[i] : plan.kv_indptr[i + 1]].long()
         slots = (row[:, None] * page_size + torch.arange(page_size)).reshape(-1)[: cache.length(node)]
         assert slots.tolist() == cache.path_slots(node).tolist()
+
+
+def test_plan_keeps_the_reached_subtree_only_while_it_holds():
+    """A decode loop plans the same nodes every step, so cache.plan keeps the subtree they reach between calls.
+    Each plan equals one gathered afresh, through growth across page ends, forks, releases, queries on
+    internal nodes, several tokens per node and nodes that start empty (their queries change owner)."""
+    cache = _cache(page_size=4, num_pages=256)
+    root = cache.add(6)
+    leaves = cache.fork(root, 3)
+
+    def check(nodes, num_tokens=1):
+        plan = cache.plan(nodes, num_tokens, num_qo_heads=HQ)
+        kept = cache._last_reach
+        cache._last_reach = None
+        assert_same_plan(plan, cache.plan(nodes, num_tokens, num_qo_heads=HQ))
+        cache._last_reach = kept
+        return kept
+
+    assert check(leaves) is None  # empty leaves: their queries belong to the root until they grow
+    cache.append(leaves, 2)
+    kept = check(leaves)
+    for step in range(7):
+        cache.append(leaves)
+        assert check(leaves) is kept  # reused across steps, also past page ends
+    check(leaves, 3)
+    kept = check(leaves)
+    kids = cache.fork(leaves[0], 2)
+    assert check(leaves) is kept  # forking a planned node keeps the walk up from it valid
+    cache.append(kids[:1], 5)
+    check([root, leaves[0], kids[0], kids[1]])  # internal nodes and an empty one
+    cache.release(leaves[2])
+    with pytest.raises(ValueError, match="was released"):
+        cache.plan(leaves)
+    check(leaves[:2] + kids)
 
 
 def test_write_and_decode_under_torch_compile():

@@ -27,7 +27,7 @@ page holds at that moment.
 
 from __future__ import annotations
 
-import bisect
+from array import array
 from typing import Optional
 
 import numpy as np
@@ -35,7 +35,7 @@ import torch
 
 from . import _dispatch, _impl_cuda, _impl_reference, _impl_triton  # noqa: F401  (backends register)
 from ._validate import check_float_tensor
-from .plan import TreePlan, plan_from_edges
+from .plan import TreePlan, plan_from_tree
 
 __all__ = ["TreeKVCache", "OutOfPages"]
 
@@ -89,16 +89,65 @@ def _(pool, src, dst, num_slots):
 class _Node:
     __slots__ = ("id", "parent", "children", "start", "end", "pages", "released", "path", "path_end")
 
-    def __init__(self, node_id: int, parent: "_Node | None", start: int, end: int, pages: list[int]):
+    def __init__(self, node_id: int, parent: "_Node | None", start: int, end: int, pages: array):
         self.id = node_id
         self.parent = parent
         self.children: dict[int, _Node] = {}
         self.start = start
         self.end = end
-        self.pages = pages
+        self.pages = pages  # int32 page ids (array('i'): the planner reads them in place, no conversion)
         self.released = False
         self.path: np.ndarray | None = None  # cached page ids of the root→node path (valid while path_end == end)
         self.path_end = -1
+
+
+class _Reach:
+    """The part of the tree a plan's queries reach, as :func:`plan_from_tree` takes it (ends aside).
+
+    Query ``q`` (node ``nodes[q // k]``, end ``q_end[q]``) attends path positions ``[0, end)``; its owner is the
+    deepest node on the path holding position ``end - 1``. The marked subtree is the owners and their
+    ancestors, numbered in the order the walks up from the owners first reach them, so siblings are planned
+    in the order the queries reach them.
+
+    Reuse across decode steps (TreeKVCache.plan keeps the last one): parent links and starts never change and
+    a live node's ancestors are never removed, so for the same nodes and ``k`` only the owners could differ,
+    and a query owned by its own node stays so as the node grows (ends only grow). ``reusable`` says every
+    query is owned by its own node; the caller reads the ends afresh each step.
+    """
+
+    __slots__ = ("nodes", "k", "marked", "parent", "owner", "start", "pages", "reusable")
+
+    def __init__(self, nodes: list[_Node], k: int, q_end: list[int]):
+        self.nodes, self.k = nodes, k
+        index: dict[_Node, int] = {}  # node -> number
+        marked: list[_Node] = []
+        parent: list[int] = []
+        owner: list[int] = []
+        reusable = True
+        for n, e in zip(nodes if k == 1 else [n for n in nodes for _ in range(k)], q_end):
+            if not e:
+                owner.append(-1)
+                reusable = False
+                continue
+            m = n
+            while m.start >= e:
+                m = m.parent
+                reusable = False
+            i = index.get(m)
+            if i is None:  # number m, then its ancestors up to the first one already numbered
+                i = len(marked)
+                while True:
+                    index[m] = len(marked)
+                    marked.append(m)
+                    m = m.parent
+                    up = -1 if m is None else index.get(m, len(marked))  # len(marked): m is next
+                    parent.append(up)
+                    if up != len(marked):
+                        break
+            owner.append(i)
+        self.marked, self.parent, self.owner, self.reusable = marked, parent, owner, reusable
+        self.start = [m.start for m in marked]
+        self.pages = [m.pages for m in marked]  # array('i') objects: appends grow them in place
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -191,8 +240,9 @@ class TreeKVCache:
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._nodes: dict[int, _Node] = {}
         self._next_id = 0
-        self._num_live = 0
+        self._live: dict[int, _Node] = {}  # the nodes callers may still use (not released)
         self._pages_copied = 0
+        self._last_reach: _Reach | None = None  # the last plan's marked subtree, reused while it stays valid
 
     # ---- helpers ----
 
@@ -211,17 +261,16 @@ class TreeKVCache:
             nodes = [nodes]
         if isinstance(nodes, torch.Tensor):
             nodes = nodes.tolist()
-        get = self._nodes.get
-        found = [get(n) for n in nodes]
-        if None in found or any(n.released for n in found) or any(isinstance(n, bool) for n in nodes):
+        # C-level passes (this runs every decode step); a bool would hash as node 0 or 1.
+        found = list(map(self._live.get, nodes))
+        if None in found or bool in map(type, nodes):
             return [self._node(n, action) for n in nodes]  # raises the precise error
         return found
 
     def _new_node(self, parent, start, end, pages) -> _Node:
         n = _Node(self._next_id, parent, start, end, pages)
         self._next_id += 1
-        self._nodes[n.id] = n
-        self._num_live += 1
+        self._nodes[n.id] = self._live[n.id] = n
         if parent is not None:
             parent.children[n.id] = n
         return n
@@ -275,14 +324,14 @@ class TreeKVCache:
         need = -(-num_tokens // s)
         if need > len(self._free):
             raise OutOfPages(need, len(self._free), "add")
-        pages = [self._alloc(min(s, num_tokens - i * s)) for i in range(need)]
+        pages = array("i", [self._alloc(min(s, num_tokens - i * s)) for i in range(need)])
         return self._new_node(None, 0, num_tokens, pages).id
 
     def fork(self, node: int, n: int) -> list[int]:
         """``n`` new children of ``node``, each sharing every token of ``node``'s path (no pages used yet)."""
         parent = self._node(node, "fork")
         n = _check_int("n", n, 0)
-        return [self._new_node(parent, parent.end, parent.end, []).id for _ in range(n)]
+        return [self._new_node(parent, parent.end, parent.end, array("i")).id for _ in range(n)]
 
     def append(self, leaves, num_tokens: int = 1) -> torch.Tensor:
         """Grow each leaf by ``num_tokens`` slots; returns their int64 flat slots (``page * page_size + offset``),
@@ -363,7 +412,7 @@ class TreeKVCache:
         of a node with live descendants stay (their paths need them) until the last of those is released."""
         n = self._node(node, "release")
         n.released = True
-        self._num_live -= 1
+        del self._live[n.id]
         while n is not None and n.released and not n.children:
             parent = n.parent
             self._remove(n)
@@ -382,7 +431,7 @@ class TreeKVCache:
         if n.parent is not None:
             del n.parent.children[n.id]
         del self._nodes[n.id]
-        n.pages, n.path = [], None
+        n.pages, n.path = array("i"), None
 
     # ---- slots and pools ----
 
@@ -466,149 +515,19 @@ class TreeKVCache:
         """
         node_list = self._nodes_arg(nodes, "plan")
         k = _check_int("num_tokens", num_tokens, 1)
-        s = self.page_size
-        num_queries = len(node_list) * k
-
-        # Each query is (owner, end): it attends path positions [0, end); its owner is the deepest node
-        # on the path holding position end - 1.
-        q_end: list[int] = []
-        q_owner: list[_Node | None] = []
-        own: dict[int, list] = {}  # owner id -> [(end, query)]
-        owners: dict[int, _Node] = {}
-        for n in node_list:
-            if n.end < k and k > 1:  # (one query over an empty path is fine: empty KV, output 0)
-                raise ValueError(f"plan: node {n.id} has {n.end} tokens on its path, fewer than num_tokens={k}")
-            for e in range(n.end - k + 1, n.end + 1):
-                m = n
-                if e:
-                    while m.start >= e:
-                        m = m.parent
-                    lst = own.get(m.id)
-                    if lst is None:
-                        own[m.id] = [(e, len(q_end))]
-                        owners[m.id] = m
-                    else:
-                        lst.append((e, len(q_end)))
-                else:
-                    m = None
-                q_end.append(e)
-                q_owner.append(m)
-
-        # The marked subtree: owners and their ancestors (children in first-marked order).
-        kids: dict[int, list[_Node]] = {}
-        roots: list[_Node] = []
-        for m in owners.values():
-            child = None
-            while m.id not in kids:
-                kids[m.id] = [child] if child is not None else []
-                if m.parent is None:
-                    roots.append(m)
-                    break
-                child, m = m, m.parent
-            else:
-                if child is not None:
-                    kids[m.id].append(child)
-
-        # Depth-first order of the queries: a node's subtree is contiguous, its descendants' queries first,
-        # then its own by decreasing end. Each node yields trie segments (page-depth range, query range);
-        # segments with the same query range chain along one path and merge into one edge.
-        order: list[int] = []
-        edges: dict[tuple[int, int], list[int]] = {}  # (lo, hi) -> [depth_begin, depth_end, tail]
-
-        def add_segment(lo, hi, d0, d1, tail):
-            cur = edges.get((lo, hi))
-            if cur is None:
-                edges[(lo, hi)] = [d0, d1, tail]
-            else:
-                if d0 < cur[0]:
-                    cur[0] = d0
-                if d1 > cur[1]:
-                    cur[1], cur[2] = d1, tail
-
-        stack = [(r, -1) for r in reversed(roots)]
-        while stack:
-            m, lo = stack.pop()
-            if lo < 0:
-                children = kids[m.id]
-                if children:
-                    stack.append((m, len(order)))
-                    stack.extend((c, -1) for c in reversed(children))
-                    continue
-                lo = len(order)
-            desc_end = len(order)
-            a, b = m.start // s, m.end // s
-            mine = own.get(m.id)
-            if desc_end == lo and mine is not None and len(mine) == 1:  # a leaf of one query (the usual case)
-                e, q = mine[0]
-                order.append(q)
-                f, rest = divmod(e, s)
-                if rest:
-                    add_segment(lo, lo + 1, a, f + 1, s - rest)
-                elif a < f:
-                    add_segment(lo, lo + 1, a, f, 0)
-                continue
-            if mine is None:  # a shared ancestor: all its full pages go to every descendant
-                if a < b:
-                    add_segment(lo, desc_end, a, b, 0)
-                continue
-            if len(mine) > 1:
-                mine.sort(key=lambda t: (-t[0], t[1]))
-            order.extend([q for _, q in mine])
-            # Full pages [a, b): every descendant reads them all, an own query of end e reads [a, e // s).
-            fulls_asc = [e // s for e, _ in reversed(mine)]
-            if fulls_asc[0] >= b:  # every own query reads them all (the usual leaf)
-                if a < b:
-                    add_segment(lo, desc_end + len(mine), a, b, 0)
-            else:
-                cuts = sorted({a, b, *(f for f in fulls_asc if a < f < b)})
-                for u, v in zip(cuts, cuts[1:]):
-                    hi = desc_end + len(fulls_asc) - bisect.bisect_right(fulls_asc, u)
-                    if hi > lo:
-                        add_segment(lo, hi, u, v, 0)
-            # Partial last pages of own queries: one edge per run of equal ends.
-            i = 0
-            while i < len(mine):
-                e = mine[i][0]
-                j = i + 1
-                while j < len(mine) and mine[j][0] == e:
-                    j += 1
-                if e % s:
-                    add_segment(desc_end + i, desc_end + j, e // s, e // s + 1, s - e % s)
-                i = j
-        order.extend([qi for qi, m in enumerate(q_owner) if m is None])
-
-        # The paged table (one row per query: its path's pages) and the edges' places in it.
-        q_end_arr = np.asarray(q_end, dtype=np.int64)
-        q_pages = -(-q_end_arr // s)
-        indptr = np.zeros(num_queries + 1, dtype=np.int64)
-        np.cumsum(q_pages, out=indptr[1:])
-        path = self._path_pages
-        rows = [
-            (m.path if m.path_end == m.end else path(m))[: (e + s - 1) // s]
-            for e, m in zip(q_end, q_owner) if m is not None
-        ]
-        indices = np.concatenate(rows) if rows else _EMPTY
-        has_pages = q_pages > 0
-        last_len = np.where(has_pages, q_end_arr - (q_pages - 1) * s, 0)
-        used = np.full(indices.shape[0], s, dtype=np.int64)
-        used[indptr[1:][has_pages] - 1] = last_len[has_pages]
-
-        order_arr = np.asarray(order, dtype=np.int64)
-        if edges:
-            lo_hi = np.asarray(list(edges.keys()), dtype=np.int64)
-            spans = np.asarray(list(edges.values()), dtype=np.int64)
-        else:
-            lo_hi = np.zeros((0, 2), dtype=np.int64)
-            spans = np.zeros((0, 3), dtype=np.int64)
-        e_lo, e_hi = lo_hi[:, 0], lo_hi[:, 1]
-        e_d0, e_d1, e_tail = spans[:, 0], spans[:, 1], spans[:, 2]
-        return plan_from_edges(
-            order=order_arr, edge_lo=e_lo, edge_hi=e_hi, edge_depth=e_d0, edge_pages=e_d1 - e_d0,
-            edge_first_page=indptr[order_arr[e_lo]] + e_d0, edge_tail=e_tail,
-            kv_indptr=torch.from_numpy(indptr.astype(np.int32)),
-            kv_indices=torch.from_numpy(indices.astype(np.int32)),
-            kv_last_page_len=torch.from_numpy(last_len.astype(np.int32)),
-            indices=indices, used=used, page_size=s,
+        if k > 1:  # (one query over an empty path is fine: empty KV, output 0)
+            for n in node_list:
+                if n.end < k:
+                    raise ValueError(f"plan: node {n.id} has {n.end} tokens on its path, fewer than num_tokens={k}")
+        # Query i * k + j attends node i's path up to end = length - k + 1 + j (causal over its last k tokens).
+        q_end = [n.end for n in node_list] if k == 1 else [e for n in node_list for e in range(n.end - k + 1, n.end + 1)]
+        reach = self._last_reach
+        if reach is None or reach.k != k or reach.nodes != node_list:  # (!= compares nodes by identity)
+            reach = _Reach(node_list, k, q_end)
+            self._last_reach = reach if reach.reusable else None
+        return plan_from_tree(
+            parent=reach.parent, start=reach.start, end=[m.end for m in reach.marked], pages=reach.pages,
+            query_owner=reach.owner, query_end=q_end, page_size=self.page_size,
             num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, device=self.device, num_sms=num_sms,
         )
 
@@ -641,7 +560,7 @@ class TreeKVCache:
             "bytes_if_unshared": pages_if_unshared * bytes_per_page,
             "memory_saved": 1.0 - pages_used / pages_if_unshared if pages_if_unshared else 0.0,
             "nodes": len(self._nodes),
-            "live_nodes": self._num_live,
+            "live_nodes": len(self._live),
             "leaves": len(leaves),
             "pages_copied": self._pages_copied,
         }

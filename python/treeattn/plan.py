@@ -14,6 +14,7 @@ they both attend in full; sharing is found, never assumed, and any valid table g
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ except ImportError:
 # TREEATTN_PLANNER=numpy forces the numpy planner (tests compare the two).
 _PLANNER = os.environ.get("TREEATTN_PLANNER", "auto")
 
-__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_edges", "PLAN_TENSOR_FIELDS", "PlanArgs"]
+__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "PLAN_TENSOR_FIELDS", "PlanArgs"]
 
 PLAN_TENSOR_FIELDS = (
     "kv_indptr", "kv_indices", "kv_last_page_len",
@@ -374,49 +375,210 @@ def _plan_table_numpy(indptr, indices, last_len, page_size, num_pages, share_pre
     )
 
 
-def plan_from_edges(
+def plan_from_tree(
     *,
-    order: np.ndarray,
-    edge_lo: np.ndarray,
-    edge_hi: np.ndarray,
-    edge_depth: np.ndarray,
-    edge_pages: np.ndarray,
-    edge_first_page: np.ndarray,
-    edge_tail: np.ndarray,
-    kv_indptr: torch.Tensor,
-    kv_indices: torch.Tensor,
-    kv_last_page_len: torch.Tensor,
-    indices: np.ndarray,
-    used: np.ndarray,
+    parent,
+    start,
+    end,
+    pages,
+    query_owner,
+    query_end,
     page_size: int,
     num_qo_heads: int | None,
     num_kv_heads: int | None,
     device: torch.device,
     num_sms: int = 132,
 ) -> TreePlan:
-    """The planner after sharing discovery: prefix-trie edges -> work items, rows, merge order, one buffer.
+    """Plan a step over a tree whose sharing is known (``TreeKVCache.plan``): the prefix-trie edges come from
+    the tree instead of from comparing page lists, and the paged table is written from the nodes' page lists.
 
-    :func:`plan` finds the edges from a page table (LCP trie); ``TreeKVCache.plan`` knows them from its
-    tree. All arrays are int64 numpy. ``order[k]`` is the query at sorted position ``k``; edge ``e`` is
-    shared by exactly the queries at sorted positions ``edge_lo[e]..edge_hi[e]-1`` and is
-    ``edge_pages[e]`` pages of their lists starting at page depth ``edge_depth[e]`` (stage 2 merges a
-    query's partials in increasing depth), stored at ``kv_indices[edge_first_page[e]:...]``;
-    ``edge_tail[e]`` slots of its last page are unused. ``indices`` (page ids) and ``used`` (tokens each
-    page slot contributes) are the host copies of the table, for the stats. Every query's KV must be
-    covered exactly once by the edges it belongs to.
+    Nodes form a forest given as sequences of one entry per node: ``parent[i]`` is -1 for a root, else its
+    parent's index; siblings (and roots) are planned in index order. Node ``i`` holds path positions
+    ``[start[i], end[i])`` (a root starts at 0, a child where its parent ends) in ``pages[i]``, an int32 buffer
+    (``array('i')`` or numpy) of the page ids at page indices ``start[i] // page_size ..
+    ceil(end[i] / page_size) - 1`` (empty when the node holds no tokens); a path's page at an index is that of
+    the deepest node covering it. Query ``q`` attends path positions ``[0, query_end[q])`` of node
+    ``query_owner[q]``, the node on its path that holds its last position (``start < query_end <= end``), or
+    is empty (``query_owner[q] == -1``, ``query_end[q] == 0``). A page id belongs to one node, except that a
+    node starting mid-page may continue in place in the page its parent's path ends in (TreeKVCache's copy on
+    write): the C++ planner counts ``unique_tokens`` on that basis, from the nodes rather than the table.
+    The plan shares exactly what :func:`plan` finds on the same table (same stats); bad input raises
+    ``ValueError``.
     """
     group, kv_heads = _sizing(num_qo_heads, num_kv_heads)
-    edges = (order, edge_lo, edge_hi, edge_depth, edge_pages, edge_first_page, edge_tail)
+    tree = (parent, start, end, pages, query_owner, query_end, page_size)
     if _planner is not None and _PLANNER != "numpy":
-        packed, sizes, stats, max_item_tokens = _planner.plan_edges(
-            *edges, page_size, group, kv_heads, num_sms,
+        result = _planner.plan_tree(
+            *tree, group, kv_heads, num_sms,
             _TARGET_ROWS_PER_ITEM, _TOKENS_PER_PARTIAL_ROW, _MIN_CHUNK_TOKENS, _PROGRAMS_PER_SM,
         )
-        stats.update(unique_tokens=_unique_tokens(indices, used, page_size), naive_tokens=int(used.sum()))
-        arrays = (packed, sizes, stats, max_item_tokens, int(indices.max()) if indices.size else -1)
     else:
-        arrays = _items_from_edges(*edges, indices, used, page_size, group, kv_heads, num_sms)
-    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device)
+        result = _plan_tree_numpy(*tree, group, kv_heads, num_sms)
+    arrays, table = result[:5], [torch.from_numpy(a) for a in result[5:]]
+    return _assemble(arrays, *table, page_size, device)
+
+
+def _plan_tree_numpy(parent, start, end, pages, query_owner, query_end, page_size, group, kv_heads, num_sms):
+    """Tree -> plan arrays + table in numpy (csrc/planner.cpp's plan_tree mirrors the walk line for line):
+    ``(packed int32, piece sizes, stats, max_item_tokens, max_page_id, kv_indptr, kv_indices, kv_last_page_len)``.
+    The stats count tokens on the table (as :func:`plan` does), an independent check of the C++ count."""
+    s = page_size
+    parent, start, end, owner, q_end = (np.asarray(a, dtype=np.int64).reshape(-1) for a in
+                                        (parent, start, end, query_owner, query_end))
+    pages = [np.asarray(p, dtype=np.int32).reshape(-1) for p in pages]
+    _check_tree(parent, start, end, pages, owner, q_end, s)
+    num_nodes, num_queries = parent.shape[0], owner.shape[0]
+    kids: list[list[int]] = [[] for _ in range(num_nodes)]
+    roots: list[int] = []
+    for m, p in enumerate(parent.tolist()):
+        (kids[p] if p >= 0 else roots).append(m)
+    own: list[list[tuple[int, int]]] = [[] for _ in range(num_nodes)]  # node -> [(end, query)]
+    for q, (m, e) in enumerate(zip(owner.tolist(), q_end.tolist())):
+        if m >= 0:
+            own[m].append((e, q))
+
+    # Depth-first order of the queries: a node's subtree is contiguous, its descendants' queries first,
+    # then its own by decreasing end. Each node yields trie segments (page-depth range, query range);
+    # segments with the same query range chain along one path and merge into one edge.
+    order: list[int] = []
+    edges: dict[tuple[int, int], list[int]] = {}  # (lo, hi) -> [depth_begin, depth_end, tail]
+
+    def add_segment(lo, hi, d0, d1, tail):
+        cur = edges.get((lo, hi))
+        if cur is None:
+            edges[(lo, hi)] = [d0, d1, tail]
+        else:
+            if d0 < cur[0]:
+                cur[0] = d0
+            if d1 > cur[1]:
+                cur[1], cur[2] = d1, tail
+
+    stack = [(r, -1) for r in reversed(roots)]
+    entered = 0
+    while stack:
+        m, lo = stack.pop()
+        if lo < 0:
+            entered += 1
+            if kids[m]:
+                stack.append((m, len(order)))
+                stack.extend((c, -1) for c in reversed(kids[m]))
+                continue
+            lo = len(order)
+        desc_end = len(order)
+        a, b = int(start[m]) // s, int(end[m]) // s
+        mine = own[m]
+        if desc_end == lo and len(mine) == 1:  # a leaf of one query (the usual case)
+            e, q = mine[0]
+            order.append(q)
+            f, rest = divmod(e, s)
+            if rest:
+                add_segment(lo, lo + 1, a, f + 1, s - rest)
+            elif a < f:
+                add_segment(lo, lo + 1, a, f, 0)
+            continue
+        if not mine:  # a shared ancestor: all its full pages go to every descendant
+            if a < b:
+                add_segment(lo, desc_end, a, b, 0)
+            continue
+        mine.sort(key=lambda t: (-t[0], t[1]))
+        order.extend([q for _, q in mine])
+        # Full pages [a, b): every descendant reads them all, an own query of end e reads [a, e // s).
+        fulls_asc = [e // s for e, _ in reversed(mine)]
+        if fulls_asc[0] >= b:  # every own query reads them all (the usual leaf)
+            if a < b:
+                add_segment(lo, desc_end + len(mine), a, b, 0)
+        else:
+            cuts = sorted({a, b, *(f for f in fulls_asc if a < f < b)})
+            for u, v in zip(cuts, cuts[1:]):
+                hi = desc_end + len(fulls_asc) - bisect.bisect_right(fulls_asc, u)
+                if hi > lo:
+                    add_segment(lo, hi, u, v, 0)
+        # Partial last pages of own queries: one edge per run of equal ends.
+        i = 0
+        while i < len(mine):
+            e = mine[i][0]
+            j = i + 1
+            while j < len(mine) and mine[j][0] == e:
+                j += 1
+            if e % s:
+                add_segment(desc_end + i, desc_end + j, e // s, e // s + 1, s - e % s)
+            i = j
+    if entered != num_nodes:  # nodes on a parent cycle lead to no root
+        raise ValueError("parent: expected a forest (every node leads to a root), got a cycle")
+    for m, p in enumerate(pages):
+        if p.size and p.min() < 0:
+            raise ValueError(f"pages: expected page ids >= 0, got {int(p.min())} in node {m}")
+    order.extend(np.nonzero(owner < 0)[0].tolist())
+
+    # The table: a node's path is its parent's cut where its own pages begin, then its pages (a node without
+    # tokens keeps its parent's), built from the roots down.
+    paths: list[np.ndarray] = [np.zeros(0, np.int32)] * num_nodes
+    todo = [(r, np.zeros(0, np.int32)) for r in roots]
+    while todo:
+        m, base = todo.pop()
+        paths[m] = np.concatenate([base[: start[m] // s], pages[m]]) if pages[m].size else base
+        todo.extend((c, paths[m]) for c in kids[m])
+    q_pages = -(-q_end // s)
+    indptr = np.zeros(num_queries + 1, dtype=np.int64)
+    np.cumsum(q_pages, out=indptr[1:])
+    rows = [paths[m][:n] for m, n in zip(owner.tolist(), q_pages.tolist()) if m >= 0]
+    indices = np.concatenate(rows) if rows else np.zeros(0, np.int32)
+    has_pages = q_pages > 0
+    last_len = np.where(has_pages, q_end - (q_pages - 1) * s, 0)
+    used = np.full(indices.shape[0], s, dtype=np.int64)
+    used[indptr[1:][has_pages] - 1] = last_len[has_pages]
+
+    order_arr = np.asarray(order, dtype=np.int64)
+    lo_hi = np.asarray(list(edges.keys()), dtype=np.int64).reshape(-1, 2)
+    spans = np.asarray(list(edges.values()), dtype=np.int64).reshape(-1, 3)
+    e_lo, e_hi, e_d0, e_d1 = lo_hi[:, 0], lo_hi[:, 1], spans[:, 0], spans[:, 1]
+    arrays = _items_from_edges(
+        order_arr, e_lo, e_hi, e_d0, e_d1 - e_d0, indptr[order_arr[e_lo]] + e_d0, spans[:, 2], indices, used, s,
+        group, kv_heads, num_sms,
+    )
+    return (*arrays, indptr.astype(np.int32), indices.astype(np.int32), last_len.astype(np.int32))
+
+
+def _check_tree(parent, start, end, pages, owner, q_end, page_size):
+    """plan_from_tree's contract but the forest shape (the walk checks it) and page ids (checked after it), with
+    the C++ planner's messages."""
+    num_nodes = parent.shape[0]
+    if not (start.shape[0] == end.shape[0] == len(pages) == num_nodes):
+        raise ValueError(
+            f"tree: expected parent, start, end and pages of one length (one entry per node), got {num_nodes}, "
+            f"{start.shape[0]}, {end.shape[0]}, {len(pages)}"
+        )
+    if q_end.shape[0] != owner.shape[0]:
+        raise ValueError(f"query_end: expected one entry per query ({owner.shape[0]}), got {q_end.shape[0]}")
+    if page_size < 1:
+        raise ValueError(f"page_size: expected a positive int, got {page_size}")
+    for m in range(num_nodes):
+        p = int(parent[m])
+        if not -1 <= p < num_nodes or p == m:
+            raise ValueError(f"parent: expected -1 or another node's index < {num_nodes} for node {m}, got {p}")
+        begin = 0 if p < 0 else int(end[p])
+        if start[m] != begin:
+            raise ValueError(
+                f"start: expected {begin} for node {m} (a root starts at 0, a child where its parent ends), got {int(start[m])}"
+            )
+        if end[m] < start[m]:
+            raise ValueError(f"end: expected >= start={int(start[m])} for node {m}, got {int(end[m])}")
+        want = -(-int(end[m]) // page_size) - int(start[m]) // page_size if end[m] > start[m] else 0
+        if pages[m].shape[0] != want:
+            raise ValueError(
+                f"pages: expected {want} page ids for node {m} (path positions [{int(start[m])}, {int(end[m])}) at "
+                f"page_size {page_size}), got {pages[m].shape[0]}"
+            )
+    for q, (m, e) in enumerate(zip(owner.tolist(), q_end.tolist())):
+        if not -1 <= m < num_nodes:
+            raise ValueError(f"query_owner: expected -1 or a node index < {num_nodes} for query {q}, got {m}")
+        if m < 0 and e != 0:
+            raise ValueError(f"query_end: expected 0 (no owner) for query {q}, got {e}")
+        if m >= 0 and not start[m] < e <= end[m]:
+            raise ValueError(
+                f"query_end: expected start < query_end <= end of node {m} ({int(start[m])}, {int(end[m])}] for "
+                f"query {q}, got {e}"
+            )
 
 
 def _items_from_edges(

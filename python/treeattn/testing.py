@@ -16,6 +16,7 @@ __all__ = [
     "WORKLOADS",
     "workload_table",
     "relative_error",
+    "assert_same_plan",
 ]
 
 
@@ -153,6 +154,19 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in fp32 (DESIGN §5); NaN anywhere gives NaN."""
     out, ref = out.float(), ref.float()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_same_plan(a, b) -> None:
+    """Two TreePlans are the same plan: every device tensor (dtype and values), the stats and the sizes and
+    bounds the kernels specialise on."""
+    from .plan import PLAN_TENSOR_FIELDS
+
+    for name in PLAN_TENSOR_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert a.stats == b.stats
+    for name in ("num_items", "num_partial_rows", "max_queries_per_item", "max_item_tokens", "max_page_id"):
+        assert getattr(a, name) == getattr(b, name), name
 
 
 # DESIGN §4 workloads: name -> (level_tokens, fanout). GQA rows use 32 q / 8 kv heads, head_dim 128, page 16.
