@@ -2,10 +2,12 @@
 which knows the tree, must be at least as cheap as re-detecting the sharing from the page table).
 
 Each DESIGN §4 workload is built in a TreeKVCache (``add(prompt)``, then ``fork`` + ``append`` per level; one
-query per leaf). ``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after
-every leaf grew by one token (a decode loop's step: the paths the cache keeps change); ``table_plan_us`` is
-``treeattn.plan`` on the CSR table of the leaves' paths. Host time is real on any machine, so this runs on CPU
-as well as on the GPU machine.
+query per leaf). ``table_plan_us`` is ``treeattn.plan`` on the CSR table of the leaves' paths;
+``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after every leaf grew by
+one token (a decode loop's step); ``cache_plan_new_nodes_us`` plans a different node list every call (the
+leaves in turn forwards and backwards, as when branches change every step), so the cache cannot reuse the
+subtree it found for the last call. Host time is real on any machine, so this runs on CPU as well as on the
+GPU machine.
 
     python bench/bench_cache_plan.py --out bench/results/latest
 """
@@ -13,9 +15,8 @@ as well as on the GPU machine.
 from __future__ import annotations
 
 import argparse
-import statistics
+import itertools
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -46,18 +47,6 @@ def build_tree(name: str, appends: int) -> tuple[treeattn.TreeKVCache, list[int]
     return cache, frontier
 
 
-def median_us(fn, repeats: int, before=None) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/latest")
@@ -72,15 +61,17 @@ def main(argv=None):
             "workload": name,
             "queries": len(leaves),
             "nnz_pages": int(table.kv_indices.numel()),
-            "table_plan_us": median_us(lambda: treeattn.plan(*csr, page_size=PAGE_SIZE, device="cpu"), args.repeats),
-            "cache_plan_us": median_us(lambda: cache.plan(leaves), args.repeats),
-            "cache_plan_after_append_us": median_us(lambda: cache.plan(leaves), args.repeats,
+            "table_plan_us": common.host_us(lambda: treeattn.plan(*csr, page_size=PAGE_SIZE, device="cpu"), args.repeats),
+            "cache_plan_us": common.host_us(lambda: cache.plan(leaves), args.repeats),
+            "cache_plan_after_append_us": common.host_us(lambda: cache.plan(leaves), args.repeats,
                                                     before=lambda: cache.append(leaves)),
         }
+        orders, calls = [leaves, leaves[::-1]], itertools.count()
+        row["cache_plan_new_nodes_us"] = common.host_us(lambda: cache.plan(orders[next(calls) % 2]), args.repeats)
         row["cache_vs_table"] = row["cache_plan_us"] / row["table_plan_us"]
         rows.append(row)
-    common.print_table(rows, ["workload", "queries", "nnz_pages", "table_plan_us", "cache_plan_us",
-                              "cache_plan_after_append_us", "cache_vs_table"])
+    common.print_table(rows, ["workload", "queries", "nnz_pages", "table_plan_us", "cache_plan_us", "cache_vs_table",
+                              "cache_plan_after_append_us", "cache_plan_new_nodes_us"])
     print(f"wrote {common.write_results(args.out, 'cache_plan', {'env': common.environment(), 'rows': rows})}")
 
 

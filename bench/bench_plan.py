@@ -8,9 +8,7 @@ Host time is real on any machine, so this runs (and reports) on CPU as well as o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,13 +29,7 @@ CASES = {
 
 def median_plan_us(table, repeats: int) -> float:
     args = (table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    treeattn.plan(*args, page_size=table.page_size)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        treeattn.plan(*args, page_size=table.page_size, device="cpu")
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    return common.host_us(lambda: treeattn.plan(*args, page_size=table.page_size, device="cpu"), repeats)
 
 
 def main(argv=None):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -61,6 +63,20 @@ def time_us(fn, *, graph: bool = True) -> float:
     else:
         run = fn
     return 1e3 * triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+
+
+def host_us(fn, repeats: int, before=None) -> float:
+    """Median µs of host-side ``fn()`` (wall clock) over ``repeats`` calls after one warm-up call; ``before()``,
+    when given, runs untimed before each timed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
 
 
 def time_methods(row: dict, methods: dict, optional: dict | None = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SUITE = ("bench_plan", "bench_tree_decode", "bench_mla")
+SUITE = ("bench_plan", "bench_cache_plan", "bench_tree_decode", "bench_mla")
 
 
 def main(argv=None) -> int:
