@@ -109,3 +109,48 @@ def test_cuda_graph_replays_changing_trees():
         torch.cuda.synchronize()
         o_ref, _ = _reference(q, k, v, table)
         assert relative_error(out, o_ref) < TOLERANCE[torch.bfloat16]
+
+
+def _cache_step_reference(cache, leaves, q, layer=0):
+    """Reference attention of each leaf's query over its whole path, from the cache's pool."""
+    k_cache, v_cache = cache.layer(layer)
+    outs = []
+    for i, leaf in enumerate(leaves):
+        slots = cache.path_slots(leaf)
+        indptr = torch.tensor([0, slots.numel()], dtype=torch.int32)
+        o, _ = treeattn.reference.tree_decode(
+            q[i : i + 1], k_cache.reshape(-1, 1, *k_cache.shape[2:]), v_cache.reshape(-1, 1, *v_cache.shape[2:]),
+            indptr, slots.to(torch.int32).cpu(), torch.ones(1, dtype=torch.int32))
+        outs.append(o)
+    return torch.cat(outs)
+
+
+def test_cache_plan_into_refills_a_capacity_plan(device):
+    """A decode loop over a TreeKVCache whose tree changes every step, re-planned into one plan's buffers."""
+    cache = treeattn.TreeKVCache(1, 2, 64, page_size=16, num_pages=64, dtype=torch.float32, device=device)
+    root = cache.add(40)
+    cache.write(0, cache.slots(root), torch.randn(40, 2, 64, device=device), torch.randn(40, 2, 64, device=device))
+    leaves = cache.fork(root, 4)
+    cap = treeattn.PlanCapacity(items=64, rows=128, partial_rows=128, merge_queries=4, nnz=64)
+    plan = None
+    for step in range(6):
+        slots = cache.append(leaves)
+        cache.write(0, slots, torch.randn(4, 2, 64, device=device), torch.randn(4, 2, 64, device=device))
+        if step == 3:  # the tree changes shape: one branch forks in two, another dies
+            kids = cache.fork(leaves[0], 2)
+            cache.release(leaves[3])
+            leaves = kids + leaves[1:3]
+            slots = cache.append(leaves)
+            cache.write(0, slots, torch.randn(4, 2, 64, device=device), torch.randn(4, 2, 64, device=device))
+        if plan is None:
+            plan = cache.plan(leaves, num_qo_heads=8, capacity=cap)
+            buffers = [t.data_ptr() for t in plan.tensor_args()]
+        else:
+            assert cache.plan(leaves, num_qo_heads=8, into=plan) is plan
+            assert [t.data_ptr() for t in plan.tensor_args()] == buffers
+        q = torch.randn(4, 8, 64, device=device)
+        k_cache, v_cache = cache.layer(0)
+        o = treeattn.tree_decode(q, k_cache, v_cache, plan)
+        assert relative_error(o, _cache_step_reference(cache, leaves, q)) < 1e-5
+    with pytest.raises(ValueError, match=r"plan: expected a plan made by treeattn.plan\(\.\.\.\) for update_"):
+        plan.update_(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)

@@ -35,7 +35,7 @@ import torch
 
 from . import _dispatch, _impl_cuda, _impl_reference, _impl_triton  # noqa: F401  (backends register)
 from ._validate import check_float_tensor
-from .plan import TreePlan, plan_from_tree
+from .plan import PlanCapacity, TreePlan, plan_from_tree
 
 __all__ = ["TreeKVCache", "OutOfPages"]
 
@@ -504,7 +504,8 @@ class TreeKVCache:
 
     # ---- planning ----
 
-    def plan(self, nodes, num_tokens: int = 1, *, num_qo_heads: int | None = None, num_sms: int = 132) -> TreePlan:
+    def plan(self, nodes, num_tokens: int = 1, *, num_qo_heads: int | None = None, num_sms: int = 132,
+             capacity: PlanCapacity | None = None, into: TreePlan | None = None) -> TreePlan:
         """The decode step's :class:`TreePlan`, built from the tree the cache already knows (no re-detection).
 
         Query ``i * num_tokens + j`` (node-major, as :meth:`append` lays out slots) attends node ``nodes[i]``'s
@@ -512,6 +513,9 @@ class TreeKVCache:
         ``plan(leaves, num_tokens=k)`` verifies ``k`` tokens appended to each leaf. Any live nodes work, internal
         ones too: a speculative draft tree of 1-token nodes is ``plan(draft_nodes)``. ``num_qo_heads`` sizes
         query blocks (``num_kv_heads`` is the cache's; 1 for MLA); any plan is exact for any head count.
+        ``capacity`` makes a fixed-capacity plan (see :class:`treeattn.PlanCapacity`); ``into=`` such a plan
+        refills its buffers in place instead of making a new plan, so a CUDA graph captured over
+        ``tree_decode(..., plan)`` replays every later step of a changing tree.
         """
         node_list = self._nodes_arg(nodes, "plan")
         k = _check_int("num_tokens", num_tokens, 1)
@@ -529,6 +533,7 @@ class TreeKVCache:
             parent=reach.parent, start=reach.start, end=[m.end for m in reach.marked], pages=reach.pages,
             query_owner=reach.owner, query_end=q_end, page_size=self.page_size,
             num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, device=self.device, num_sms=num_sms,
+            capacity=capacity, into=into,
         )
 
     # ---- accounting ----

@@ -164,13 +164,22 @@ class TreePlan:
         check_index_tensor("kv_indptr", kv_indptr)
         check_index_tensor("kv_indices", kv_indices)
         check_index_tensor("kv_last_page_len", kv_last_page_len)
+        if not self._replan:
+            raise ValueError("plan: expected a plan made by treeattn.plan(...) for update_; refill a "
+                             "TreeKVCache plan with cache.plan(nodes, into=plan)")
+        arrays = _run_planner(kv_indptr, kv_indices, kv_last_page_len, **self._replan)
+        return self._fill_(arrays, kv_indptr, kv_indices, kv_last_page_len)
+
+    def _fill_(self, arrays, kv_indptr, kv_indices, kv_last_page_len) -> "TreePlan":
+        """Writes a new step's plan arrays and table into this fixed-capacity plan's buffers (no host sync).
+        Raises, leaving the plan unchanged, when the step does not fit."""
+        if self.capacity is None:
+            raise ValueError("plan: expected a plan built with capacity=PlanCapacity(...) to refill, got capacity=None")
         if kv_last_page_len.shape[0] != self.num_queries:
             raise ValueError(
                 f"kv_last_page_len: expected {self.num_queries} queries (the captured plan's), got {kv_last_page_len.shape[0]}"
             )
-        packed, sizes, stats, max_item_tokens, max_page_id = _run_planner(
-            kv_indptr, kv_indices, kv_last_page_len, **self._replan
-        )
+        packed, sizes, stats, max_item_tokens, max_page_id = arrays
         stats = _with_sizes(stats, sizes, kv_indices)
         padded = _pad_to_capacity((packed, sizes, stats, None, None), self.capacity)
         nnz = kv_indices.shape[0]
@@ -244,7 +253,8 @@ def plan(
     replan = dict(page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, num_pages=num_pages,
                   num_sms=num_sms, share_prefixes=share_prefixes)
     arrays = _run_planner(kv_indptr, kv_indices, kv_last_page_len, **replan)
-    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device, capacity, replan)
+    group = _sizing(num_qo_heads, num_kv_heads)[0]
+    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device, capacity, group, replan)
 
 
 def _run_planner(kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads, num_kv_heads, num_pages,
@@ -281,6 +291,8 @@ def plan_from_tree(
     num_kv_heads: int | None,
     device: torch.device,
     num_sms: int = 132,
+    capacity: PlanCapacity | None = None,
+    into: TreePlan | None = None,
 ) -> TreePlan:
     """Plan a step over a tree whose sharing is known (``TreeKVCache.plan``): the prefix-trie edges come from
     the tree instead of from comparing page lists, and the paged table is written from the nodes' page lists.
@@ -308,7 +320,9 @@ def plan_from_tree(
     else:
         result = _plan_tree_numpy(*tree, group, kv_heads, num_sms)
     arrays, table = result[:5], [torch.from_numpy(a) for a in result[5:]]
-    return _assemble(arrays, *table, page_size, device)
+    if into is not None:  # refill a fixed-capacity plan (CUDA-graph replay over changing trees)
+        return into._fill_(arrays, *table)
+    return _assemble(arrays, *table, page_size, device, capacity, group)
 
 
 def _staged(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -334,18 +348,16 @@ def _pad_to_capacity(arrays, capacity: PlanCapacity) -> np.ndarray:
 
 
 def _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size: int, device: torch.device,
-              capacity: PlanCapacity | None = None, replan: dict | None = None) -> TreePlan:
+              capacity: PlanCapacity | None = None, group: int = 4, replan: dict | None = None) -> TreePlan:
     """Plan arrays -> TreePlan: one host-to-device copy of the packed buffer, then views. With a capacity the
     pieces are padded to fixed sizes and the plan owns copies of the table (so update_ can refill them)."""
     packed, sizes, stats, max_item_tokens, max_page_id = arrays
     stats = _with_sizes(stats, sizes, kv_indices)
     block_queries = stats["max_queries_per_item"]
     if capacity is not None:
-        if not replan:
-            raise ValueError("capacity: only plans made by treeattn.plan(...) can take a capacity")
         packed, sizes = _pad_to_capacity((packed, sizes, stats, None, None), capacity), capacity.piece_sizes()
         # Under a capacity the kernels' query block is fixed at the largest any step can need.
-        block_queries = max(1, _TARGET_ROWS_PER_ITEM // _next_pow2(_sizing(replan["num_qo_heads"], replan["num_kv_heads"])[0]))
+        block_queries = max(1, _TARGET_ROWS_PER_ITEM // _next_pow2(group))
         indices = torch.zeros(capacity.nnz, dtype=torch.int32, device=device)
         indices[: kv_indices.shape[0]].copy_(kv_indices)
         kv_indptr, kv_indices, kv_last_page_len = kv_indptr.to(device, copy=True), indices, kv_last_page_len.to(device, copy=True)
