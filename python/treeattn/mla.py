@@ -12,7 +12,8 @@ import numbers
 import torch
 
 from . import _dispatch, _impl_reference, _impl_triton, _impl_cuda  # noqa: F401  (backends register)
-from ._validate import check_float_tensor, check_out, check_plan_matches, check_same
+from ._validate import check_float_tensor, check_plan_matches, check_same
+from .ops import decode_buffers
 from .plan import PlanArgs, TreePlan
 
 __all__ = ["mla_tree_decode"]
@@ -111,14 +112,7 @@ def mla_tree_decode(
     if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= head_dim:
         raise ValueError(f"v_head_dim: expected an int in 1..{head_dim} (q.shape[2]), got {v_head_dim!r}")
     check_plan_matches(plan, q, kv_cache, "kv_cache")
-    check_out("out", out, (num_queries, num_heads, v_head_dim), q.dtype, q.device)
-    check_out("lse_out", lse_out, (num_queries, num_heads), torch.float32, q.device)
-
-    if out is None:
-        out = q.new_empty(num_queries, num_heads, v_head_dim)
-    if lse_out is None:
-        lse_out = q.new_empty(num_queries, num_heads, dtype=torch.float32)
-    partial_o, partial_lse = plan.workspace(num_heads, v_head_dim)
+    out, lse_out, partial_o, partial_lse = decode_buffers(q, plan, out, lse_out, v_head_dim)
     torch.ops.treeattn.mla_tree_decode_run(
         q, kv_cache, plan.tensor_args(), out, lse_out, partial_o, partial_lse,
         float(sm_scale), plan.page_size, plan.max_queries_per_item,

@@ -37,6 +37,19 @@ def _(q, k_cache, v_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_sc
     return None
 
 
+def decode_buffers(q: torch.Tensor, plan: TreePlan, out, lse_out, v_head_dim: int):
+    """Checks (or allocates) a decode op's outputs ``out [n, H, v_head_dim]`` (q's dtype) and ``lse_out [n, H]``
+    (fp32), and returns them with the plan's fp32 partial-state workspace (allocated once per step)."""
+    num_queries, num_heads = q.shape[0], q.shape[1]
+    check_out("out", out, (num_queries, num_heads, v_head_dim), q.dtype, q.device)
+    check_out("lse_out", lse_out, (num_queries, num_heads), torch.float32, q.device)
+    if out is None:
+        out = q.new_empty(num_queries, num_heads, v_head_dim)
+    if lse_out is None:
+        lse_out = q.new_empty(num_queries, num_heads, dtype=torch.float32)
+    return (out, lse_out, *plan.workspace(num_heads, v_head_dim))
+
+
 def tree_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -87,16 +100,8 @@ def tree_decode(
             f"q: expected num_qo_heads to be a multiple of num_kv_heads={num_kv_heads}, got {num_qo_heads}"
         )
     check_plan_matches(plan, q, k_cache, "k_cache")
-    v_head_dim = v_cache.shape[3]
-    check_out("out", out, (num_queries, num_qo_heads, v_head_dim), q.dtype, q.device)
-    check_out("lse_out", lse_out, (num_queries, num_qo_heads), torch.float32, q.device)
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-
-    if out is None:
-        out = q.new_empty(num_queries, num_qo_heads, v_head_dim)
-    if lse_out is None:
-        lse_out = q.new_empty(num_queries, num_qo_heads, dtype=torch.float32)
-    partial_o, partial_lse = plan.workspace(num_qo_heads, v_head_dim)
+    out, lse_out, partial_o, partial_lse = decode_buffers(q, plan, out, lse_out, v_cache.shape[3])
     torch.ops.treeattn.tree_decode_run(
         q, k_cache, v_cache, plan.tensor_args(), out, lse_out, partial_o, partial_lse,
         scale, plan.page_size, plan.max_queries_per_item,
