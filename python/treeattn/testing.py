@@ -16,8 +16,13 @@ __all__ = [
     "WORKLOADS",
     "workload_table",
     "relative_error",
+    "TOLERANCE",
+    "assert_close",
     "assert_same_plan",
 ]
+
+# ‖out − ref‖ / ‖ref‖ bound against the fp32 reference, by the dtype the result is stored in.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @dataclass
@@ -151,9 +156,27 @@ def poisoned_cache(
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in fp32 (DESIGN §5); NaN anywhere gives NaN."""
+    """‖out − ref‖ / ‖ref‖ in fp32; NaN anywhere gives NaN."""
     out, ref = out.float(), ref.float()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float | torch.dtype | None = None, what: str = "out") -> None:
+    """The one accuracy check of the tests: ``relative_error(out, ref) < tol``.
+
+    ``tol`` is a number, a dtype (its :data:`TOLERANCE`), or None for ``out``'s dtype. Shapes must match;
+    an all-zero reference needs an all-zero ``out`` (a relative error means nothing there); NaN fails.
+    """
+    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {list(out.shape)} != reference {list(ref.shape)}"
+    if tol is None:
+        tol = out.dtype
+    if isinstance(tol, torch.dtype):
+        tol = TOLERANCE[tol]
+    if ref.numel() and not bool(ref.float().abs().max() > 0):
+        assert bool((out.float() == 0).all()), f"{what}: expected zeros like the reference, got max |out| {out.float().abs().max().item():.3e}"
+        return
+    err = relative_error(out, ref)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
 
 
 def assert_same_plan(a, b) -> None:
