@@ -1,4 +1,5 @@
-"""The benchmark suite (main job): every bench module in one run, results as JSON in one folder.
+"""The benchmark suite (main job): every bench module in one run, results as JSON in one folder, then one
+summary (``summary.md`` + PNG plots, see ``summary.py``) printed at the end.
 
 On a GPU it times kernels; on CPU it reports plans, host planning time and the bytes each method would read.
 
@@ -10,10 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import traceback
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
+import summary  # noqa: E402
 
 SUITE = ("bench_plan", "bench_cache_plan", "bench_tree_decode", "bench_mla")
 
@@ -22,16 +27,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/latest")
     args = parser.parse_args(argv)
-    failed = []
-    for name in SUITE:
-        if not (Path(__file__).parent / f"{name}.py").exists():
-            continue
-        print(f"\n== {name}")
+    env = {"cuda_available": torch.cuda.is_available()}
+    if env["cuda_available"]:
+        env["gpu"] = torch.cuda.get_device_name(0)
+    print(summary.gpu_line(env), flush=True)
+    suite = [name for name in SUITE if (Path(__file__).parent / f"{name}.py").exists()]
+    failed, start = [], time.perf_counter()
+    for i, name in enumerate(suite, 1):
+        print(f"\n== [{i}/{len(suite)}] {name} ({time.perf_counter() - start:.0f} s into the suite)", flush=True)
         try:
             importlib.import_module(name).main(["--out", args.out])
         except Exception:
             traceback.print_exc()
             failed.append(name)
+    text, pngs = summary.write_summary(args.out)
+    print(f"\n{text}")
+    for path in pngs:
+        print(f"wrote {path}")
+    print(f"wrote {Path(args.out) / 'summary.md'} ({time.perf_counter() - start:.0f} s)")
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -1,0 +1,190 @@
+"""One summary of a benchmark results folder: ``summary.md`` (one table across the suite) and PNG plots.
+
+``run_all.py`` calls it at the end of a run; it also re-renders a committed folder:
+
+    python bench/summary.py bench/results/2026-12-01_cpu_vm
+
+Every ratio reads the same way: "× fewer bytes than per-branch decode" (higher is better) and "× the unique
+bytes" (1.0 is the floor, higher is worse), "× the floor" for times (1.0 is the floor). A benchmark that is not
+one of the known attention/planner rows can add its own lines to the table with a ``summary`` list in its
+JSON payload: ``[{"case": ..., "measure": ..., "value": ..., "vs": ...}, ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MB = 1e6
+
+
+def gpu_line(env: dict) -> str:
+    """The summary's first line: whether a GPU was used and, if not, that kernel timings were skipped."""
+    if env.get("cuda_available"):
+        return (f"GPU: {env.get('gpu', 'CUDA device')} ({env.get('sm_count', '?')} SMs, CUDA {env.get('cuda', '?')}) — "
+                "kernel rows are GPU timings (CUDA-graph replay, median).")
+    return ("No GPU: torch.cuda.is_available() is False on this machine, so kernel timings were skipped; "
+            "attention rows are CPU byte models (what each method reads per layer) and planner rows are host times.")
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        text = f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+    else:
+        text = str(v)
+    return f"{text} {unit}".strip()
+
+
+def _attention_lines(bench: str, payload: dict) -> list[dict]:
+    lines = []
+    for row in payload.get("rows", []):
+        if "unique_bytes" not in row:
+            continue
+        case = row["workload"] + (f", {row['heads']} heads" if "heads" in row else "")
+        if bench != "tree_decode" and "dtype" in row:
+            case += f", {row['dtype']}"
+        tre, uniq, naive = row["treeattn_bytes"], row["unique_bytes"], row["per_branch_bytes"]
+        vs_branch = (f"{naive / tre:.2f}× fewer than per-branch decode" if naive >= tre
+                     else f"{tre / naive:.2f}× MORE than per-branch decode")
+        lines.append({"benchmark": bench, "case": case, "measure": "bytes per layer (model)",
+                      "value": _fmt(tre / MB, "MB"), "vs": f"{vs_branch}; {tre / uniq:.2f}× the unique bytes"})
+        us = row.get("treeattn_us")
+        if us:
+            vs = [f"{us / row['floor_us']:.2f}× the floor ({row['floor_us']:.1f} µs, {row.get('bound', '?')}-bound)"]
+            for peer in sorted(k[: -len("_us")] for k in row if k.endswith("_us") and k not in
+                               ("treeattn_us", "floor_us", "floor_memory_us", "floor_compute_us", "plan_host_us")):
+                if row.get(f"{peer}_us"):
+                    vs.append(f"{row[f'{peer}_us'] / us:.2f}× faster than {peer}")
+            lines.append({"benchmark": bench, "case": case, "measure": "kernel time (GPU)", "value": _fmt(us, "µs"),
+                          "vs": "; ".join(vs)})
+    return lines
+
+
+def _planner_lines(bench: str, payload: dict) -> list[dict]:
+    lines = []
+    for row in payload.get("rows", []):
+        case = row.get("case") or row.get("workload")
+        for key, label in (("plan_host_us", "treeattn.plan host time"), ("cache_plan_us", "TreeKVCache.plan host time")):
+            if key in row and "unique_bytes" not in row:
+                lines.append({"benchmark": bench, "case": case, "measure": label, "value": _fmt(row[key], "µs"),
+                              "vs": f"{row.get('queries', '?')} queries, {row.get('nnz_pages', '?')} pages"})
+    return lines
+
+
+def collect(results: Path) -> tuple[dict, list[dict]]:
+    """(environment of the run, summary lines) from every ``*.json`` in ``results``."""
+    env, lines = {}, []
+    for path in sorted(results.glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(payload, dict):
+            continue
+        env = env or payload.get("env", {})
+        bench = path.stem
+        lines += _attention_lines(bench, payload) + _planner_lines(bench, payload)
+        for line in payload.get("summary", []):
+            lines.append({"benchmark": bench, **{k: _fmt(v) if k == "value" else v for k, v in line.items()}})
+    return env, lines
+
+
+def markdown(env: dict, lines: list[dict]) -> str:
+    head = [f"# Benchmark summary", "", gpu_line(env), ""]
+    where = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "triton") if env.get(k))
+    commit = env.get("commit")
+    head += [f"Machine: {env.get('gpu') or env.get('cpu', '?')}; {where}; commit {commit[:10] if commit else '?'}"
+             f"{' (with uncommitted changes)' if env.get('dirty') else ''}.", ""]
+    cols = ("benchmark", "case", "measure", "value", "vs")
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    table += ["| " + " | ".join(str(line.get(c, "")) for c in cols) + " |" for line in lines]
+    return "\n".join(head + table) + "\n"
+
+
+def plots(results: Path) -> list[Path]:
+    """PNG plots next to the JSON: bytes per method (every attention row) and, on a GPU, µs against the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(payload, dict):
+            rows += [(path.stem, r) for r in payload.get("rows", []) if "unique_bytes" in r]
+    written = []
+    if not rows:
+        return written
+    labels = [f"{b}: {r['workload']}" + (f", {r['heads']} heads" if "heads" in r else "") for b, r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.6 * len(rows)))
+    width = 0.27
+    for i, (key, name) in enumerate((("unique_bytes", "unique KV (floor)"), ("treeattn_bytes", "treeattn"),
+                                     ("per_branch_bytes", "per-branch decode"))):
+        ax.barh([y + (i - 1) * width for y in range(len(rows))], [r[key] / MB for _, r in rows], width, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("MB read per layer (model)")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    ax.set_title("Bytes each method reads per decode step and layer")
+    fig.tight_layout()
+    written.append(results / "bytes.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    timed = [(label, r) for label, (_, r) in zip(labels, rows) if r.get("treeattn_us")]
+    if timed:
+        fig, ax = plt.subplots(figsize=(9, 1.5 + 0.3 * len(timed) * len(methods) / 2 + 0.5 * len(timed)))
+        methods = sorted({k[:-3] for _, r in timed for k in r if k.endswith("_us") and k not in
+                          ("floor_memory_us", "floor_compute_us", "plan_host_us")})
+        width = 0.8 / len(methods)
+        for i, m in enumerate(methods):
+            ax.barh([y + (i - len(methods) / 2) * width for y in range(len(timed))],
+                    [r.get(f"{m}_us") or 0 for _, r in timed], width, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("µs (median, CUDA-graph replay)")
+        ax.set_yticks(range(len(timed)), [label for label, _ in timed], fontsize=8)
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+        ax.set_title("Kernel time per decode step and layer (floor = unique bytes / copy bandwidth or FLOPs / matmul rate)")
+        fig.tight_layout()
+        written.append(results / "kernel_us.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def write_summary(results: str | Path) -> tuple[str, list[Path]]:
+    """Writes ``summary.md`` and the plots into ``results``; returns the markdown and the plot paths."""
+    results = Path(results)
+    env, lines = collect(results)
+    text = markdown(env, lines)
+    (results / "summary.md").write_text(text)
+    try:
+        pngs = plots(results)
+    except ImportError as exc:  # matplotlib missing: the table still stands
+        text += f"\n(no plots: {exc}; pip install matplotlib)\n"
+        pngs = []
+    return text, pngs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", help="a results folder (JSON files from bench/run_all.py)")
+    args = parser.parse_args(argv)
+    text, pngs = write_summary(args.results)
+    print(text)
+    for p in pngs:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
