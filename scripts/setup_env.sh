@@ -12,6 +12,19 @@ VENV=${TREEATTN_CI_VENV:-$ROOT/.venv}
 TORCH_SPEC=${TREEATTN_CI_TORCH:-torch==2.14.1}
 
 step() { printf '\n=== %s (%ds)\n' "$*" "$SECONDS"; }
+# Runs a long, quiet command with a line every 20 s so that a fresh set-up is never minutes of silence.
+with_progress() {
+  local what=$1 start=$SECONDS pid; shift
+  "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if (( (SECONDS - start) % 20 == 19 )) && kill -0 "$pid" 2>/dev/null; then
+      echo "    ... $what ($((SECONDS - start + 1)) s)"
+    fi
+  done
+  wait "$pid"
+}
 
 if [ "${TREEATTN_FRESH_VENV:-0}" = 1 ] || [ ! -x "$VENV/bin/python" ]; then
   step "fresh venv at $VENV"
@@ -23,8 +36,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 python --version
 
 step "install $TORCH_SPEC, triton, numpy, build and test dependencies"
-python -m pip install -q "$TORCH_SPEC" triton numpy
-python -m pip install -q "setuptools>=64" wheel ninja pybind11 -r requirements-test.txt
+with_progress "installing torch (a CUDA build: several GB)" python -m pip install -q "$TORCH_SPEC" triton numpy
+with_progress "installing the build and test tools" python -m pip install -q "setuptools>=64" wheel ninja pybind11 -r requirements-test.txt
 python -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__)'
 
 # The CUDA toolkit root. The nvcc on PATH may be a wrapper script (/usr/local/bin/nvcc that
@@ -63,6 +76,6 @@ fi
 
 step "build and install treeattn (TREEATTN_BUILD_CUDA=$TREEATTN_BUILD_CUDA, CUDA_HOME=${CUDA_HOME:-none})"
 build_start=$SECONDS
-MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q --no-build-isolation "$ROOT"
+MAX_JOBS=${MAX_JOBS:-2} with_progress "compiling treeattn" python -m pip install -q --no-build-isolation "$ROOT"
 echo "build + install took $((SECONDS - build_start)) s"
 
