@@ -1,4 +1,4 @@
-"""MLA tree-decode benchmark (DESIGN §4 MLA rows, issue 4 item 8): DeepSeek-V3 absorbed shapes (q 576, V 512,
+"""MLA tree-decode benchmark: DeepSeek-V3 absorbed shapes (q 576, V 512,
 latent cache [pages, 64, 576], bf16), 16 and 128 heads.
 
 Rows: bestofN_P4k_N64_S256 (prompt 4096 shared by 64 branches of 256) and plain MLA decode without sharing
@@ -104,12 +104,8 @@ def _stage1_config_fn(q, kv_cache, plan, out, lse, config):
     part_o, part_lse = plan.workspace(q.shape[1], KV_LORA)
 
     def run():
-        tk.mla_tree_decode_stage1(
-            q, kv_cache, plan.kv_indices, plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr,
-            plan.row_query, plan.row_dest, out, lse, part_o, part_lse, SM_SCALE, plan.max_queries_per_item,
-            block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages,
-        )
-        tk.merge_partials(part_o, part_lse, plan.merge_query, plan.merge_ptr, out, lse)
+        tk.mla_tree_decode(q, kv_cache, plan, out, lse, part_o, part_lse, SM_SCALE,
+                           block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
 
     return run
 

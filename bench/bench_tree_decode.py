@@ -1,4 +1,4 @@
-"""GQA tree-decode benchmark over the DESIGN §4 workloads (32 q / 8 kv heads, head_dim 128, page 16, bf16).
+"""GQA tree-decode benchmark over the target workloads (32 q / 8 kv heads, head_dim 128, page 16, bf16).
 
 GPU: kernel µs (CUDA-graph replay, median), GB/s on unique KV bytes, % of the copy bandwidth measured in the
 same run, and speedups over per-branch decode (treeattn with sharing off) and torch SDPA on a per-branch
@@ -97,12 +97,8 @@ def _stage1_config_fn(q, k_cache, v_cache, plan, out, config):
     lse = torch.empty(q.shape[0], NUM_QO_HEADS, device=q.device)
 
     def run():
-        tk.tree_decode_stage1(
-            q, k_cache, v_cache, plan.kv_indices, plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr,
-            plan.row_query, plan.row_dest, out, lse, part_o, part_lse, HEAD_DIM ** -0.5, plan.max_queries_per_item,
-            block_n=block_n, num_warps=warps, num_stages=stages,
-        )
-        tk.merge_partials(part_o, part_lse, plan.merge_query, plan.merge_ptr, out, lse)
+        tk.tree_decode(q, k_cache, v_cache, plan, out, lse, part_o, part_lse, HEAD_DIM ** -0.5,
+                       block_n=block_n, num_warps=warps, num_stages=stages)
 
     return run
 

@@ -1,5 +1,5 @@
 """Real client: HF transformers' DeepseekV3Attention (small random-init config, real latent dims, no download,
-fp32 on CPU) decoding a tree of branches through treeattn.mla_tree_decode (issue 4 item 7).
+fp32 on CPU) decoding a tree of branches through treeattn.mla_tree_decode.
 
 For every branch, the oracle is the model's own attention output for the branch's last token when the model
 runs on the branch's full sequence (causal). The treeattn path builds the latent cache the way an MLA

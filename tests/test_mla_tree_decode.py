@@ -1,4 +1,4 @@
-"""treeattn.mla_tree_decode (absorbed MLA over shared-prefix trees) against the fp32 reference (issue 4).
+"""treeattn.mla_tree_decode (absorbed MLA over shared-prefix trees) against the fp32 reference.
 
 CPU: the Triton kernel under TRITON_INTERPRET=1 (fp32/fp16; conftest sets it); GPU (``gpu`` marker): bf16,
 DeepSeek shapes, CUDA-graph replay. Every cache has NaN in the slots no query attends, so a stray read shows

@@ -385,11 +385,11 @@ def test_copy_pages_matches_reference():
 
 
 def test_append_copies_on_write_in_one_launch(monkeypatch):
-    from treeattn import _impl_triton
+    from treeattn import triton_kernels
 
     calls = []
-    real = _impl_triton._tk.copy_pages
-    monkeypatch.setattr(_impl_triton._tk, "copy_pages", lambda *a: (calls.append(a[1].numel()), real(*a)))
+    real = triton_kernels.copy_pages
+    monkeypatch.setattr(triton_kernels, "copy_pages", lambda *a: (calls.append(a[1].numel()), real(*a)))
     cache, model = _cache(page_size=4, num_pages=32), Model()
     root = cache.add(6)
     ids = model.new_tokens(6)

@@ -1,4 +1,5 @@
-"""Triton stage-1 kernel of MLA tree decode (DESIGN §3.4): absorbed multi-head latent attention.
+"""Triton MLA tree decode (absorbed multi-head latent attention): stage 1 and the launcher that runs it
+with the stage-2 merge it shares with GQA.
 
 All heads share one latent KV row per token: ``kv = c_kv ‖ k_pe`` (``[head_dim]``, 512 + 64 for DeepSeek-V3),
 with K = ``kv[:head_dim]`` and V = ``kv[:v_head_dim]``. One program per (work item, query block, head block)
@@ -8,7 +9,8 @@ tile's V part (``kv[:, :v_head_dim]``) is loaded **once** and used as both K (``
 (``p · c_kv``); the rest of K (``k_pe``) is a second, narrow load. So every KV byte of a shared chunk is read
 once for all the queries and heads of the item. Online softmax in the exp2 domain; the result goes straight
 to the output when the query has no other item, else to an fp32 partial state that stage 2
-(``merge.merge_partials``, shared with GQA) merges.
+(:func:`.gqa_decode.merge_partials`: the merge depends only on the partial states, not on how stage 1
+computed them) merges.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import triton
 import triton.language as tl
 
 from ._utils import LOG2E, dot_precision, next_pow2
+from .gqa_decode import merge_partials
 
-__all__ = ["mla_tree_decode_stage1", "mla_tile_config"]
+__all__ = ["mla_tree_decode", "mla_tree_decode_stage1", "mla_tile_config"]
 
 
 @triton.jit
@@ -187,3 +190,27 @@ def mla_tree_decode_stage1(
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+def mla_tree_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    plan,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    sm_scale: float,
+    **stage1_options,
+) -> None:
+    """Run an MLA decode step: stage 1 over the plan's work items, then the shared stage-2 merge.
+
+    ``plan``: a ``treeattn.TreePlan`` (or anything with its device tensors and ``max_queries_per_item``).
+    Shapes as in :func:`mla_tree_decode_stage1`; ``stage1_options`` are its tuning knobs.
+    """
+    mla_tree_decode_stage1(
+        q, kv_cache, plan.kv_indices,
+        plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
+        out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item, **stage1_options,
+    )
+    merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)

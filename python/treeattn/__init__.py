@@ -8,8 +8,8 @@
 
 from . import reference
 from .cache import OutOfPages, TreeKVCache
-from .mla import mla_tree_decode
-from .ops import merge_state, tree_decode
+from .decode import mla_tree_decode, tree_decode
+from .merge import merge_state
 from .plan import PlanCapacity, TreePlan, plan
 
 __all__ = ["PlanCapacity", "TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference", "TreeKVCache", "OutOfPages"]

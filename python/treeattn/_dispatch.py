@@ -1,7 +1,8 @@
 """The one place that picks a backend per op and device: CUDA extension, then Triton, then the fp32 reference.
 
-Backends register implementations with :func:`register`; public ops call :func:`run`. On CPU, Triton runs
-only under ``TRITON_INTERPRET=1`` (set before triton is imported); otherwise the reference serves.
+Each op module registers its backend implementations next to the op with :func:`register`; the op calls
+:func:`run`. On CPU, Triton runs only under ``TRITON_INTERPRET=1`` (set before triton is imported);
+otherwise the reference serves.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ import torch
 BACKEND_ORDER = ("cuda", "triton", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _forced: str | None = os.environ.get("TREEATTN_BACKEND") or None
+
+try:
+    from treeattn import triton_kernels
+except ImportError:  # triton missing or broken: the reference serves instead
+    triton_kernels = None
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
@@ -35,9 +41,7 @@ def _available(backend: str, device: torch.device) -> bool:
 
         return device.type == "cuda" and _ext.HAS_CUDA_EXT
     if backend == "triton":
-        from . import _impl_triton
-
-        if not _impl_triton.HAS_TRITON:
+        if triton_kernels is None:
             return False
         return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     return False

@@ -33,7 +33,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import _dispatch, _impl_cuda, _impl_reference, _impl_triton  # noqa: F401  (backends register)
+from . import _dispatch
+from ._dispatch import register
 from ._validate import check_float_tensor
 from .plan import PlanCapacity, TreePlan, plan_from_tree
 
@@ -58,6 +59,40 @@ class OutOfPages(RuntimeError):
 
 
 # ---- registered ops: one launch each, dispatched like the attention ops -------------------------------
+
+
+@register("kv_write", "cuda")
+def _kv_write_cuda(slots, k, v, pool, layer):
+    torch.ops.treeattn.kv_write_cuda(slots, k, v, pool, layer)
+
+
+@register("kv_write", "triton")
+def _kv_write_triton(slots, k, v, pool, layer):
+    # pool: the stacked [C, num_layers, num_pages, page_size, ...] (C = 2 for K/V, 1 for MLA).
+    _dispatch.triton_kernels.kv_write(slots, k, pool[0, layer], v, None if v is None else pool[1, layer])
+
+
+@register("kv_write", "reference")
+def _kv_write_reference(slots, k, v, pool, layer):
+    keep = slots >= 0
+    dst = slots[keep]
+    pool[0, layer].flatten(0, 1)[dst] = k[keep]
+    if v is not None:
+        pool[1, layer].flatten(0, 1)[dst] = v[keep]
+
+
+@register("copy_pages", "triton")
+def _copy_pages_triton(pool, src, dst, num_slots):
+    _dispatch.triton_kernels.copy_pages(pool.flatten(0, 1), src, dst, num_slots)
+
+
+@register("copy_pages", "reference")
+def _copy_pages_reference(pool, src, dst, num_slots):
+    planes = pool.flatten(0, 1).flatten(1, 2)  # [C * num_layers, num_pages * page_size, ...]
+    page_size = pool.shape[3]
+    slot = torch.arange(page_size, device=pool.device)
+    used = slot[None, :] < num_slots[:, None]
+    planes[:, (dst[:, None] * page_size + slot)[used]] = planes[:, (src[:, None] * page_size + slot)[used]]
 
 
 @torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))

@@ -1,4 +1,4 @@
-"""fp32 ground truth for every treeattn op (DESIGN §1). Slow, simple, obviously right.
+"""fp32 ground truth for every treeattn op. Slow, simple, obviously right.
 
 Every function here computes in fp32 on the inputs' device and returns fp32 outputs; the LSE is in
 natural log. A query whose page list is empty has empty KV: its output is 0 and its LSE is -inf.
@@ -99,7 +99,7 @@ def mla_tree_decode(
     sm_scale: float,
     v_head_dim: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact absorbed-MLA decode attention in fp32 (DESIGN §1).
+    """Exact absorbed-MLA decode attention in fp32.
 
     Args:
         q: ``[num_queries, num_heads, head_dim]`` (``q_nope·W_UK ‖ q_pe``, 576 for DeepSeek-V3).

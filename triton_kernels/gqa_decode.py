@@ -1,9 +1,11 @@
-"""Triton stage-1 kernel of tree decode (DESIGN §3.2): one program per (work item, KV head).
+"""Triton GQA tree decode: stage 1 (one program per work item and KV head), the stage-2 merge of partial
+states, and the launcher :func:`tree_decode` that runs both for a plan.
 
-The item's queries x GQA group heads are stacked into the M dimension of one tensor-core tile, so every
-K/V tile of the item's page chunk is loaded once for all of them. Online softmax in the exp2 domain;
-the result goes straight to the output when the query has no other item, else to an fp32 partial state
-that stage 2 (``merge.py``) merges.
+Stage 1 stacks the item's queries x GQA group heads into the M dimension of one tensor-core tile, so every
+K/V tile of the item's page chunk is loaded once for all of them. Online softmax in the exp2 domain; the
+result goes straight to the output when the query has no other item, else to an fp32 partial state.
+Stage 2 (:func:`merge_partials`, also used by the MLA launcher) folds each such query's partial states in
+the plan's root→leaf order: deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import triton.language as tl
 
 from ._utils import LOG2E, dot_precision, next_pow2
 
-__all__ = ["tree_decode_stage1"]
+__all__ = ["merge_partials", "tree_decode", "tree_decode_stage1"]
 
 
 @triton.jit
@@ -164,3 +166,94 @@ def tree_decode_stage1(
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
+
+
+@triton.jit
+def _merge_partials_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, merge_query_ptr, merge_ptr,
+    stride_part_n, stride_part_h, stride_part_lse_n,
+    stride_out_n, stride_out_h, stride_lse_n,
+    num_heads,
+    HEAD_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+):
+    """One program per (merge query, head block): fold the query's partial rows in plan (root→leaf) order."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
+    h_valid = h < num_heads
+    d = tl.arange(0, HEAD_DIM_PAD)
+    mask = h_valid[:, None] & (d < HEAD_DIM)[None, :]
+    query = tl.load(merge_query_ptr + pid).to(tl.int64)
+    if query < 0:  # padding entry of a fixed-capacity plan
+        return
+    begin = tl.load(merge_ptr + pid)
+    end = tl.load(merge_ptr + pid + 1)
+    m_run = tl.full([HEAD_BLOCK], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([HEAD_BLOCK], dtype=tl.float32)
+    acc = tl.zeros([HEAD_BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+    for i in range(0, end - begin):
+        r64 = begin.to(tl.int64) + i
+        lse_r = tl.load(part_lse_ptr + r64 * stride_part_lse_n + h, mask=h_valid, other=float("-inf"))
+        o_r = tl.load(part_o_ptr + r64 * stride_part_n + h[:, None] * stride_part_h + d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_run, lse_r)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_run - m_safe)
+        w = tl.exp(lse_r - m_safe)
+        acc = acc * alpha[:, None] + o_r * w[:, None]
+        l_run = l_run * alpha + w
+        m_run = m_new
+    has_kv = l_run > 0
+    o = tl.where(has_kv[:, None], acc / tl.where(has_kv, l_run, 1.0)[:, None], 0.0)
+    lse = tl.where(has_kv, m_run + tl.log(tl.where(has_kv, l_run, 1.0)), float("-inf"))
+    tl.store(out_ptr + query * stride_out_n + h[:, None] * stride_out_h + d[None, :], o.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + query * stride_lse_n + h, lse, mask=h_valid)
+
+
+def merge_partials(
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    merge_query: torch.Tensor,
+    merge_ptr: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+) -> None:
+    """Stage 2: ``out[merge_query[i]]`` = merge of partial rows ``merge_ptr[i]:merge_ptr[i+1]``.
+
+    partial_o: fp32 ``[P, H, D]``; partial_lse: fp32 ``[P, H]``; out: ``[n, H, D]``; lse: fp32 ``[n, H]``.
+    """
+    num_merge = merge_query.shape[0]
+    if num_merge == 0:
+        return
+    num_heads, head_dim = out.shape[1], out.shape[2]
+    head_block = min(next_pow2(num_heads), 4)
+    _merge_partials_kernel[(num_merge, triton.cdiv(num_heads, head_block))](
+        partial_o, partial_lse, out, lse, merge_query, merge_ptr,
+        partial_o.stride(0), partial_o.stride(1), partial_lse.stride(0),
+        out.stride(0), out.stride(1), lse.stride(0),
+        num_heads,
+        HEAD_BLOCK=head_block, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
+    )
+
+
+def tree_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    sm_scale: float,
+    **stage1_options,
+) -> None:
+    """Run a decode step: stage 1 over the plan's work items, then stage 2 over its merge queries.
+
+    ``plan``: a ``treeattn.TreePlan`` (or anything with its device tensors and ``max_queries_per_item``).
+    Shapes as in :func:`tree_decode_stage1`; ``stage1_options`` are its tuning knobs.
+    """
+    tree_decode_stage1(
+        q, k_cache, v_cache, plan.kv_indices,
+        plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
+        out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item, **stage1_options,
+    )
+    merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)

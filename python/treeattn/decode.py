@@ -1,0 +1,255 @@
+"""Decode ops: GQA :func:`tree_decode` and absorbed-MLA :func:`mla_tree_decode`.
+
+Each public op validates its arguments (O(1) metadata reads, no device sync), allocates what the caller did
+not pass, and calls one registered ``torch.library`` op; the dispatcher runs the implementation of the
+backend that serves the device: the Triton launchers of ``treeattn.triton_kernels.gqa_decode`` /
+``mla_decode`` (stage 1, then the stage-2 merge), or the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _dispatch, reference
+from ._dispatch import register
+from ._validate import check_float_tensor, check_out, check_plan_matches, check_same
+from .plan import PlanArgs, TreePlan
+
+__all__ = ["tree_decode", "mla_tree_decode"]
+
+_SM_SCALE_HINT = (
+    "sm_scale: required for MLA (the absorbed head dim 576 is not the attention's true head dim); "
+    "DeepSeek-V3 uses 1/sqrt(192)·mscale² (1/sqrt(qk_nope_head_dim + qk_rope_head_dim) times the YaRN "
+    "mscale squared; HF: DeepseekV3Attention.scaling)"
+)
+
+
+# ---- backend implementations: (inputs, plan, outputs, workspace) -> None, writing out and lse --------------
+
+
+@register("tree_decode", "triton")
+def _tree_decode_triton(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale):
+    _dispatch.triton_kernels.gqa_decode.tree_decode(q, k_cache, v_cache, plan, out, lse, *workspace, sm_scale)
+
+
+@register("tree_decode", "reference")
+def _tree_decode_reference(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale):
+    o_ref, lse_ref = reference.tree_decode(
+        q, k_cache, v_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, sm_scale=sm_scale
+    )
+    out.copy_(o_ref)
+    lse.copy_(lse_ref)
+
+
+@register("mla_tree_decode", "triton")
+def _mla_tree_decode_triton(q, kv_cache, plan, out, lse, workspace, sm_scale):
+    _dispatch.triton_kernels.mla_decode.mla_tree_decode(q, kv_cache, plan, out, lse, *workspace, sm_scale)
+
+
+@register("mla_tree_decode", "reference")
+def _mla_tree_decode_reference(q, kv_cache, plan, out, lse, workspace, sm_scale):
+    o_ref, lse_ref = reference.mla_tree_decode(
+        q, kv_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
+        sm_scale=sm_scale, v_head_dim=out.shape[2],
+    )
+    out.copy_(o_ref)
+    lse.copy_(lse_ref)
+
+
+# ---- registered ops -------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("treeattn::tree_decode_run", mutates_args=("out", "lse", "partial_o", "partial_lse"))
+def _tree_decode_run(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan_tensors: list[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    sm_scale: float,
+    page_size: int,
+    max_queries_per_item: int,
+) -> None:
+    plan = PlanArgs(plan_tensors, page_size, max_queries_per_item)
+    _dispatch.run("tree_decode", q.device, q, k_cache, v_cache, plan, out, lse, (partial_o, partial_lse), sm_scale)
+
+
+@_tree_decode_run.register_fake
+def _(q, k_cache, v_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item):
+    return None
+
+
+@torch.library.custom_op(
+    "treeattn::mla_tree_decode_run", mutates_args=("out", "lse", "partial_o", "partial_lse")
+)
+def _mla_tree_decode_run(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    plan_tensors: list[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partial_o: torch.Tensor,
+    partial_lse: torch.Tensor,
+    sm_scale: float,
+    page_size: int,
+    max_queries_per_item: int,
+) -> None:
+    plan = PlanArgs(plan_tensors, page_size, max_queries_per_item)
+    _dispatch.run("mla_tree_decode", q.device, q, kv_cache, plan, out, lse, (partial_o, partial_lse), sm_scale)
+
+
+@_mla_tree_decode_run.register_fake
+def _(q, kv_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item):
+    return None
+
+
+# ---- public ops -----------------------------------------------------------------------------------------
+
+
+def decode_buffers(q: torch.Tensor, plan: TreePlan, out, lse_out, v_head_dim: int):
+    """Checks (or allocates) a decode op's outputs ``out [n, H, v_head_dim]`` (q's dtype) and ``lse_out [n, H]``
+    (fp32), and returns them with the plan's fp32 partial-state workspace (allocated once per step)."""
+    num_queries, num_heads = q.shape[0], q.shape[1]
+    check_out("out", out, (num_queries, num_heads, v_head_dim), q.dtype, q.device)
+    check_out("lse_out", lse_out, (num_queries, num_heads), torch.float32, q.device)
+    if out is None:
+        out = q.new_empty(num_queries, num_heads, v_head_dim)
+    if lse_out is None:
+        lse_out = q.new_empty(num_queries, num_heads, dtype=torch.float32)
+    return (out, lse_out, *plan.workspace(num_heads, v_head_dim))
+
+
+def tree_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: TreePlan,
+    *,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse_out: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Decode attention of every query over its paged KV path, reading shared KV once per step.
+
+    Args:
+        q: ``[num_queries, num_qo_heads, head_dim]``, fp16/bf16 (fp32 too; CPU: fp32/fp16 under the interpreter).
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD), q's dtype and device.
+        plan: from :func:`treeattn.plan` for this step's table (reuse it in every layer).
+        sm_scale: softmax scale, default ``1/sqrt(head_dim)``.
+        out: optional ``[num_queries, num_qo_heads, head_dim]`` in q's dtype, written in place.
+        lse_out: optional fp32 ``[num_queries, num_qo_heads]`` for the LSE, written in place.
+        return_lse: also return ``lse`` (fp32, natural log; -inf for a query with empty KV).
+
+    Returns:
+        ``o`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``. Query head ``h`` reads KV head
+        ``h // (num_qo_heads // num_kv_heads)``. No host synchronisation: a step can be CUDA-graph captured.
+
+    Example:
+        >>> plan = treeattn.plan(kv_indptr, kv_indices, kv_last_page_len, page_size=16)
+        >>> o = treeattn.tree_decode(q, k_cache, v_cache, plan)
+    """
+    check_float_tensor("q", q, 3)
+    check_float_tensor("k_cache", k_cache, 4)
+    check_float_tensor("v_cache", v_cache, 4)
+    check_same("k_cache", k_cache, "q", q)
+    check_same("v_cache", v_cache, "q", q)
+    if not isinstance(plan, TreePlan):
+        raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
+    num_queries, num_qo_heads, head_dim = q.shape
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"k_cache: expected head_dim {head_dim} (q.shape[2]) in dim 3, got shape {list(k_cache.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"v_cache: expected shape [{', '.join(map(str, k_cache.shape[:3]))}, head_dim] like k_cache, got {list(v_cache.shape)}"
+        )
+    num_kv_heads = k_cache.shape[2]
+    if num_qo_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"q: expected num_qo_heads to be a multiple of num_kv_heads={num_kv_heads}, got {num_qo_heads}"
+        )
+    check_plan_matches(plan, q, k_cache, "k_cache")
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    out, lse_out, partial_o, partial_lse = decode_buffers(q, plan, out, lse_out, v_cache.shape[3])
+    torch.ops.treeattn.tree_decode_run(
+        q, k_cache, v_cache, plan.tensor_args(), out, lse_out, partial_o, partial_lse,
+        scale, plan.page_size, plan.max_queries_per_item,
+    )
+    return (out, lse_out) if return_lse else out
+
+
+def mla_tree_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    plan: TreePlan,
+    *,
+    sm_scale: float | None = None,
+    v_head_dim: int = 512,
+    out: torch.Tensor | None = None,
+    lse_out: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
+    """Absorbed-MLA decode attention of every query over its paged latent KV path, shared KV read once.
+
+    All heads of a query attend the same latent tokens: K = ``kv_cache[..., :head_dim]`` (``c_kv ‖ k_pe``)
+    and V = ``kv_cache[..., :v_head_dim]`` (``c_kv``), read from the same bytes.
+
+    Args:
+        q: ``[num_queries, num_heads, head_dim]`` = ``q_nope·W_UK ‖ q_pe`` (576 = 512 + 64 for DeepSeek-V3;
+            other splits such as 288 = 256 + 32 work too), fp16/bf16/fp32 (CPU: fp32/fp16 under the Triton
+            interpreter). Any head count (1..128 and more).
+        kv_cache: ``[num_pages, page_size, head_dim]`` latent cache (``c_kv ‖ k_pe``), q's dtype and device.
+        plan: from :func:`treeattn.plan` for this step's table (``num_qo_heads=num_heads, num_kv_heads=1``
+            sizes its query blocks for MLA; any plan is exact). Reuse it in every layer.
+        sm_scale: **required** softmax scale. DeepSeek-V3 uses ``1/sqrt(192)·mscale²`` (qk_nope 128 +
+            qk_rope 64), not ``1/sqrt(576)``.
+        v_head_dim: width of V and of the output, ``1..head_dim`` (512 = kv_lora_rank for DeepSeek-V3).
+        out: optional ``[num_queries, num_heads, v_head_dim]`` in q's dtype, written in place.
+        lse_out: optional fp32 ``[num_queries, num_heads]`` for the LSE, written in place.
+        return_lse: also return ``lse``.
+
+    Returns:
+        ``o`` ``[num_queries, num_heads, v_head_dim]`` in q's dtype (the latent output: apply ``W_UV`` and
+        ``o_proj`` after), or ``(o, lse)`` with ``return_lse=True``; ``lse`` is fp32 ``[num_queries, num_heads]``,
+        natural log, -inf (and ``o`` 0) for a query with empty KV. No host synchronisation and, with ``out``
+        and ``lse_out`` given, no allocation after the plan's first layer: a step can be CUDA-graph captured.
+
+    Raises:
+        TypeError: ``sm_scale`` missing. ValueError: a bad argument (the message names it, with the expected
+        and the actual value).
+
+    Example:
+        >>> plan = treeattn.plan(kv_indptr, kv_indices, kv_last_page_len, page_size=64,
+        ...                      num_qo_heads=16, num_kv_heads=1)
+        >>> scale = 192 ** -0.5 * mscale**2
+        >>> o = treeattn.mla_tree_decode(q, kv_cache, plan, sm_scale=scale)  # q [n, 16, 576] -> o [n, 16, 512]
+    """
+    if sm_scale is None:
+        raise TypeError(_SM_SCALE_HINT)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not math.isfinite(sm_scale) or sm_scale <= 0:
+        raise ValueError(f"sm_scale: expected a finite positive float, got {sm_scale!r}")
+    check_float_tensor("q", q, 3)
+    check_float_tensor("kv_cache", kv_cache, 3)
+    check_same("kv_cache", kv_cache, "q", q)
+    if not isinstance(plan, TreePlan):
+        raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
+    num_queries, num_heads, head_dim = q.shape
+    if kv_cache.shape[2] != head_dim:
+        raise ValueError(
+            f"kv_cache: expected head_dim {head_dim} (q.shape[2]) in dim 2, got shape {list(kv_cache.shape)}"
+        )
+    if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= head_dim:
+        raise ValueError(f"v_head_dim: expected an int in 1..{head_dim} (q.shape[2]), got {v_head_dim!r}")
+    check_plan_matches(plan, q, kv_cache, "kv_cache")
+    out, lse_out, partial_o, partial_lse = decode_buffers(q, plan, out, lse_out, v_head_dim)
+    torch.ops.treeattn.mla_tree_decode_run(
+        q, kv_cache, plan.tensor_args(), out, lse_out, partial_o, partial_lse,
+        float(sm_scale), plan.page_size, plan.max_queries_per_item,
+    )
+    return (out, lse_out) if return_lse else out
