@@ -3,7 +3,9 @@
 //
 //   pool[0, layer].flatten(0, 1)[slots[i]] = k[i]      (and pool[1, layer]... = v[i] when v is given)
 //
-// slots: int64 [n] flat slots (page * page_size + offset); a negative slot is skipped (padding).
+// slots: int64 [n] flat slots (page * page_size + offset); a slot outside [0, num_pages * page_size) is
+// skipped: a negative slot is padding, and no slot writes outside the layer (TreeKVCache.write range-checks
+// slots on the host where it can; this bound holds where it cannot, e.g. inside a captured CUDA graph).
 // k, v: [n, H, D] (GQA) or [n, D] (MLA, v absent), the pool's dtype, contiguous in the last dim; the
 // other dims may have any strides. pool: [C, num_layers, num_pages, page_size, H, D] or
 // [C, num_layers, num_pages, page_size, D], contiguous in the last dim (C = 2 for K/V, 1 for MLA).
@@ -43,7 +45,7 @@ struct Args {
   const void* v;  // null for MLA
   void* k_pool;   // pool[0, layer]
   void* v_pool;   // pool[1, layer], null for MLA
-  int64_t n, page_size;
+  int64_t n, page_size, num_slots;  // num_slots = num_pages * page_size of one plane
   int planes, H, D;
   Strides sk, sv;
 };
@@ -58,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) kv_write_kernel(Args a) {
   const int64_t i = row / a.planes;
   const bool is_v = row - i * a.planes == 1;
   const int64_t slot = a.slots[i];
-  if (slot < 0) return;
+  if (slot < 0 || slot >= a.num_slots) return;
   const Strides& s = is_v ? a.sv : a.sk;
   const T* src = static_cast<const T*>(is_v ? a.v : a.k) + i * s.src_n;
   const int64_t page = slot / a.page_size, off = slot - page * a.page_size;
@@ -162,8 +164,8 @@ void kv_write_cuda(const at::TensorBase& slots, const at::TensorBase& k, const a
   const int64_t H = gqa ? pool.size(4) : 1, D = pool.size(-1);
   TORCH_CHECK(H * D <= 0x3fffffff, "kv_write_cuda: rows too wide (", H, " x ", D, ")");
   Args a{slots.const_data_ptr<int64_t>(), k.const_data_ptr(), v ? v->const_data_ptr() : nullptr, plane(0),
-         v ? plane(1) : nullptr, slots.size(0), pool.size(3), planes, static_cast<int>(H), static_cast<int>(D),
-         strides(k), v ? strides(*v) : strides(k)};
+         v ? plane(1) : nullptr, slots.size(0), pool.size(3), pool.size(2) * pool.size(3), planes,
+         static_cast<int>(H), static_cast<int>(D), strides(k), v ? strides(*v) : strides(k)};
 
   const c10::cuda::CUDAGuard guard(pool.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(pool.device().index()).stream();

@@ -102,9 +102,9 @@ def test_tree_entry_point_identical(page_size, ops, picks, num_tokens, seed):
     rng = np.random.default_rng(seed)
     nodes = [cache.add(int(rng.integers(0, 40)))]
     for op, pick, n in ops:  # fork, append, release or add, on a live node
-        live = [x for x in nodes if x in cache._live]
+        live = [x for x in nodes if x in cache.tree.live_ids()]
         node = live[pick % len(live)]
-        if op == 0 or (op == 1 and cache._nodes[node].children):
+        if op == 0 or (op == 1 and cache.tree.node(node).children):
             nodes += cache.fork(node, 1 + n % 3)
         elif op == 1:
             cache.append([node], n)
@@ -112,12 +112,11 @@ def test_tree_entry_point_identical(page_size, ops, picks, num_tokens, seed):
             cache.release(node)
         else:
             nodes.append(cache.add(n))
-    live = [x for x in nodes if x in cache._live]
+    live = [x for x in nodes if x in cache.tree.live_ids()]
     chosen = live if picks == "all" else [live[p % len(live)] for p in picks]  # all: parents with children
     if num_tokens > 1:
         chosen = [x for x in chosen if cache.length(x) >= num_tokens] or [cache.add(num_tokens)]
     cpp = cache.plan(chosen, num_tokens, num_qo_heads=8)
-    cache._last_reach = None  # the numpy run gathers the tree afresh too
     with _planner("numpy"):
         assert_same_plan(cpp, cache.plan(chosen, num_tokens, num_qo_heads=8))
     table = plan_module.plan(cpp.kv_indptr, cpp.kv_indices, cpp.kv_last_page_len, page_size=page_size,

@@ -1,8 +1,6 @@
-"""TreeKVCache: a hypothesis state machine against a plain model (one token list per node), plus the write
-and page-copy kernels against the reference, planning, MLA, and every misuse error.
-
-The pools are tiny (2 layers, 2 KV heads, head_dim 16: the smallest GPU-legal tl.dot width) and poisoned with
-NaN, so a stray read of a slot no path holds shows up; token values are fresh random rows per token.
+"""TreeKVCache through its public methods: a hypothesis state machine against a plain model (one token list
+per node, see cache_model.py), the write and page-copy kernels against the reference, planning, MLA, and every
+misuse error. The pools are tiny and poisoned with NaN, so a stray read of a slot no path holds shows up.
 """
 
 import math
@@ -12,21 +10,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import treeattn
 from treeattn import OutOfPages, TreeKVCache
 from treeattn._dispatch import force
-from treeattn.testing import assert_same_plan, relative_error
+from treeattn.testing import TOLERANCE, assert_same_plan, relative_error
 
-LAYERS, HKV, HQ, DIM = 2, 2, 4, 16
-DTYPE = torch.float32
-TOL = 1e-5
+from cache_model import (
+    DIM, DTYPE, HKV, HQ, LAYERS, Model, assert_unchanged, check_books, check_pool, make_cache, poison, snapshot, write,
+)
 
-
-def _cache(page_size=4, num_pages=32, **kw):
-    cache = TreeKVCache(LAYERS, HKV, DIM, page_size=page_size, num_pages=num_pages, dtype=DTYPE, device="cpu", **kw)
-    cache._pool.fill_(float("nan"))
-    return cache
+TOL = TOLERANCE[DTYPE]
 
 
 def _attend(q, k, v, scale):
@@ -37,114 +32,6 @@ def _attend(q, k, v, scale):
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     p = torch.softmax(torch.einsum("hd,lhd->hl", q, k) * scale, dim=-1)
     return torch.einsum("hl,lhd->hd", p, v)
-
-
-class Model:
-    """The plain model: each node's whole token sequence (ids), the tree, and every token's K/V rows."""
-
-    def __init__(self):
-        self.seq: dict[int, list[int]] = {}
-        self.parent: dict[int, int | None] = {}
-        self.children: dict[int, set[int]] = {}
-        self.live: set[int] = set()
-        self.released: set[int] = set()
-        self.k: list[torch.Tensor] = []  # token id -> [LAYERS, HKV, DIM]
-        self.v: list[torch.Tensor] = []
-
-    def new_tokens(self, n):
-        first = len(self.k)
-        for _ in range(n):
-            self.k.append(torch.randn(LAYERS, HKV, DIM))
-            self.v.append(torch.randn(LAYERS, HKV, DIM))
-        return list(range(first, first + n))
-
-    def add_node(self, node, parent, seq):
-        self.seq[node], self.parent[node], self.children[node] = seq, parent, set()
-        self.live.add(node)
-        if parent is not None:
-            self.children[parent].add(node)
-
-    def leaves(self):
-        return sorted(n for n in self.live if not self.children[n])
-
-    def release(self, node):
-        self.live.discard(node)
-        self.released.add(node)
-        while node is not None and node not in self.live and not self.children[node]:
-            parent = self.parent.pop(node)
-            del self.seq[node], self.children[node]
-            if parent is not None:
-                self.children[parent].discard(node)
-            node = parent
-
-    def own_range(self, node):
-        parent = self.parent[node]
-        return (0 if parent is None else len(self.seq[parent])), len(self.seq[node])
-
-    def rows(self, ids, layer):
-        if not ids:
-            return torch.zeros(0, HKV, DIM), torch.zeros(0, HKV, DIM)
-        return torch.stack([self.k[t][layer] for t in ids]), torch.stack([self.v[t][layer] for t in ids])
-
-
-def _write(cache, model, slots, ids):
-    for layer in range(LAYERS):
-        k, v = model.rows(ids, layer)
-        cache.write(layer, slots, k, v)
-
-
-def _snapshot(cache):
-    return (
-        cache.stats(), cache._refcount.copy(), cache._fill.copy(), list(cache._free),
-        {n: (x.start, x.end, list(x.pages), x.released, sorted(x.children)) for n, x in cache._nodes.items()},
-        cache._pool.clone(),
-    )
-
-
-def _assert_unchanged(cache, snap):
-    now = _snapshot(cache)
-    assert now[0] == snap[0]
-    assert np.array_equal(now[1], snap[1]) and np.array_equal(now[2], snap[2])
-    assert now[3] == snap[3] and now[4] == snap[4]
-    torch.testing.assert_close(now[5], snap[5], rtol=0, atol=0, equal_nan=True)
-
-
-def _check_books(cache, model):
-    """Refcounts, fills and the free list agree with the nodes' page lists; stats agree with the model."""
-    refs = np.zeros(cache.num_pages, dtype=np.int64)
-    for node in cache._nodes.values():
-        for p in node.pages:
-            refs[p] += 1
-    assert np.array_equal(refs, cache._refcount)
-    free = cache._free
-    assert len(set(free)) == len(free), "a page is on the free list twice"
-    assert set(free) == set(np.nonzero(refs == 0)[0].tolist())
-    assert (cache._fill[refs == 0] == 0).all() and (cache._fill <= cache.page_size).all()
-    assert set(cache._nodes) == set(model.seq), "the cache's tree (live + released internal nodes) is the model's"
-    stats = cache.stats()
-    leaves = model.leaves()
-    assert stats["pages_used"] + stats["pages_free"] == cache.num_pages == stats["num_pages"]
-    assert stats["pages_used"] == int((refs > 0).sum())
-    assert stats["live_nodes"] == len(model.live)
-    assert stats["leaves"] == len(leaves)
-    assert stats["tokens_if_unshared"] == sum(len(model.seq[n]) for n in leaves)
-    assert stats["tokens_stored"] == sum(b - a for a, b in map(model.own_range, model.seq))
-
-
-def _check_pool(cache, model):
-    """Every live node's path, gathered from the pool, is its model sequence (every layer, K and V)."""
-    for node in sorted(model.live):
-        slots = cache.path_slots(node)
-        ids = model.seq[node]
-        assert slots.dtype == torch.int64 and slots.tolist() == cache.path_slots(node).tolist()
-        assert cache.length(node) == len(ids) == slots.shape[0]
-        begin, end = model.own_range(node)
-        assert cache.slots(node).tolist() == slots[begin:end].tolist()
-        for layer in range(LAYERS):
-            k_cache, v_cache = cache.layer(layer)
-            k, v = model.rows(ids, layer)
-            assert torch.equal(k_cache.reshape(-1, HKV, DIM)[slots], k)
-            assert torch.equal(v_cache.reshape(-1, HKV, DIM)[slots], v)
 
 
 def _check_decode(cache, model, nodes, num_tokens, layer, seed):
@@ -180,7 +67,7 @@ class TreeCacheMachine(RuleBasedStateMachine):
 
     @initialize(page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(6, 20))
     def setup(self, page_size, num_pages):
-        self.cache = _cache(page_size, num_pages)
+        self.cache = make_cache(page_size, num_pages)
         self.model = Model()
         self.decodes = 0
 
@@ -192,16 +79,16 @@ class TreeCacheMachine(RuleBasedStateMachine):
         need = -(-n // self.cache.page_size)
         free = self.cache.stats()["pages_free"]
         if need > free:
-            snap = _snapshot(self.cache)
+            snap = snapshot(self.cache)
             with pytest.raises(OutOfPages) as info:
                 self.cache.add(n)
             assert (info.value.pages_needed, info.value.pages_free) == (need, free)
-            _assert_unchanged(self.cache, snap)
+            assert_unchanged(self.cache, snap)
             return
         root = self.cache.add(n)
         ids = self.model.new_tokens(n)
         self.model.add_node(root, None, ids)
-        _write(self.cache, self.model, self.cache.slots(root), ids)
+        write(self.cache, self.model, self.cache.slots(root), ids)
 
     @precondition(lambda self: self.model.live)
     @rule(data=st.data(), n=st.integers(1, 3))
@@ -219,7 +106,7 @@ class TreeCacheMachine(RuleBasedStateMachine):
         fresh = sum(-(-(e + k) // s) - -(-e // s) for e in ends)
         copies = sum(1 for e in ends if e % s)
         free = self.cache.stats()["pages_free"]
-        snap = _snapshot(self.cache)
+        snap = snapshot(self.cache)
         copied = self.cache.stats()["pages_copied"]
         try:
             slots = self.cache.append(leaves, k)
@@ -227,14 +114,14 @@ class TreeCacheMachine(RuleBasedStateMachine):
             event("append: OutOfPages")
             assert free < fresh + copies, "OutOfPages although the worst case fits"
             assert err.pages_free == free and fresh <= err.pages_needed <= fresh + copies and err.pages_needed > free
-            _assert_unchanged(self.cache, snap)
+            assert_unchanged(self.cache, snap)
             return
         assert free >= fresh, "append succeeded without the pages it needs"
         if self.cache.stats()["pages_copied"] > copied:
             event("append: copy on write")
         assert slots.shape == (len(leaves) * k,) and slots.dtype == torch.int64
         ids = self.model.new_tokens(len(leaves) * k)
-        _write(self.cache, self.model, slots, ids)
+        write(self.cache, self.model, slots, ids)
         for i, node in enumerate(leaves):
             self.model.seq[node] = self.model.seq[node] + ids[i * k : (i + 1) * k]
 
@@ -245,7 +132,7 @@ class TreeCacheMachine(RuleBasedStateMachine):
         leaf = self._pick(data, [n for n in self.model.leaves() if len(set(self.model.own_range(n))) == 2], "leaf")
         begin, end = self.model.own_range(leaf)
         ids = self.model.new_tokens(end - begin)
-        _write(self.cache, self.model, self.cache.slots(leaf), ids)
+        write(self.cache, self.model, self.cache.slots(leaf), ids)
         self.model.seq[leaf] = self.model.seq[leaf][:begin] + ids
 
     @precondition(lambda self: self.model.live)
@@ -274,7 +161,7 @@ class TreeCacheMachine(RuleBasedStateMachine):
         """Every misuse raises a clear error and changes nothing."""
         cache, model = self.cache, self.model
         node = self._pick(data, model.live, "node")
-        snap = _snapshot(cache)
+        snap = snapshot(cache)
         slots = torch.zeros(2, dtype=torch.int64)
         rows = torch.zeros(2, HKV, DIM)
         if case == 0 and model.released:
@@ -319,17 +206,17 @@ class TreeCacheMachine(RuleBasedStateMachine):
         elif case == 8:
             with pytest.raises(ValueError, match="fewer than num_tokens"):
                 cache.plan([node], max(2, len(model.seq[node]) + 1))
-        _assert_unchanged(cache, snap)
+        assert_unchanged(cache, snap)
 
     @invariant()
     def books_balance(self):
         if hasattr(self, "cache"):
-            _check_books(self.cache, self.model)
+            check_books(self.cache, self.model)
 
     @invariant()
     def paths_read_back(self):
         if hasattr(self, "cache"):
-            _check_pool(self.cache, self.model)
+            check_pool(self.cache, self.model)
 
     def teardown(self):
         if not hasattr(self, "cache"):
@@ -337,10 +224,10 @@ class TreeCacheMachine(RuleBasedStateMachine):
         for node in sorted(self.model.live):
             self.cache.release(node)
             self.model.release(node)
-        _check_books(self.cache, self.model)
+        check_books(self.cache, self.model)
         stats = self.cache.stats()
         assert stats["pages_free"] == self.cache.num_pages and stats["nodes"] == 0
-        assert sorted(self.cache._free) == list(range(self.cache.num_pages))
+        assert sorted(self.cache.allocator.free_pages()) == list(range(self.cache.num_pages))
 
 
 TreeCacheMachine.TestCase.settings = settings(
@@ -384,34 +271,43 @@ def test_copy_pages_matches_reference():
     assert torch.equal(got[:, :, 5, :3], pool[:, :, 0, :3]) and torch.equal(got[:, :, 5, 3], pool[:, :, 5, 3])
 
 
-def test_append_copies_on_write_in_one_launch(monkeypatch):
-    from treeattn import triton_kernels
+class _RecordCopies(TorchDispatchMode):
+    """Records the number of copies of every copy_pages launch made while active."""
 
-    calls = []
-    real = triton_kernels.copy_pages
-    monkeypatch.setattr(triton_kernels, "copy_pages", lambda *a: (calls.append(a[1].numel()), real(*a)))
-    cache, model = _cache(page_size=4, num_pages=32), Model()
+    def __init__(self):
+        super().__init__()
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.treeattn.copy_pages_run.default:
+            self.copies.append(args[1].numel())
+        return func(*args, **(kwargs or {}))
+
+
+def test_append_copies_on_write_in_one_launch():
+    cache, model = make_cache(page_size=4, num_pages=32), Model()
     root = cache.add(6)
     ids = model.new_tokens(6)
     model.add_node(root, None, ids)
-    _write(cache, model, cache.slots(root), ids)
+    write(cache, model, cache.slots(root), ids)
     kids = cache.fork(root, 4)
     for kid in kids:
         model.add_node(kid, root, list(ids))
-    slots = cache.append(kids, 3)
+    with _RecordCopies() as record:
+        slots = cache.append(kids, 3)
     # The first child continues the shared half-full page in place; the other three copy it, in one launch.
-    assert calls == [3]
+    assert record.copies == [3]
     assert cache.stats()["pages_copied"] == 3
     new = model.new_tokens(12)
-    _write(cache, model, slots, new)
+    write(cache, model, slots, new)
     for i, kid in enumerate(kids):
         model.seq[kid] = ids + new[3 * i : 3 * i + 3]
-    _check_pool(cache, model)
-    _check_books(cache, model)
+    check_pool(cache, model)
+    check_books(cache, model)
 
 
 def test_release_reopens_a_page_continued_in_place():
-    cache = _cache(page_size=4, num_pages=8)
+    cache = make_cache(page_size=4, num_pages=8)
     root = cache.add(2)
     a, b = cache.fork(root, 2)
     cache.append([a])  # continues root's page in place
@@ -421,7 +317,7 @@ def test_release_reopens_a_page_continued_in_place():
 
 
 def test_released_parent_lives_while_children_need_it():
-    cache = _cache(page_size=4, num_pages=8)
+    cache = make_cache(page_size=4, num_pages=8)
     root = cache.add(5)
     (kid,) = cache.fork(root, 1)
     cache.append([kid], 4)
@@ -438,17 +334,17 @@ def test_released_parent_lives_while_children_need_it():
 def _grow(cache, model, node, n):
     slots = cache.append([node], n)
     ids = model.new_tokens(n)
-    _write(cache, model, slots, ids)
+    write(cache, model, slots, ids)
     model.seq[node] = model.seq[node] + ids
 
 
 def _tree(page_size, prompt, fanout, tokens):
     """A prompt, then levels of forks; every new node gets ``tokens[l]`` tokens."""
-    cache, model = _cache(page_size=page_size, num_pages=256), Model()
+    cache, model = make_cache(page_size=page_size, num_pages=256), Model()
     root = cache.add(prompt)
     ids = model.new_tokens(prompt)
     model.add_node(root, None, ids)
-    _write(cache, model, cache.slots(root), ids)
+    write(cache, model, cache.slots(root), ids)
     frontier = [root]
     for ways, n in zip(fanout, tokens):
         nxt = []
@@ -510,7 +406,7 @@ def test_plan_of_forked_children_before_append():
 
 def test_mla_cache():
     cache = TreeKVCache.mla(2, kv_lora_rank=32, rope_dim=16, page_size=4, num_pages=16, dtype=DTYPE, device="cpu")
-    cache._pool.fill_(float("nan"))
+    poison(cache)
     assert cache.layer(1).shape == (16, 4, 48)
     g = torch.Generator().manual_seed(10)
     root = cache.add(6)
@@ -543,7 +439,7 @@ def test_constructor_and_arguments_are_checked():
         TreeKVCache(1, 1, 16, num_pages=0, device="cpu")
     with pytest.raises(ValueError, match="dtype"):
         TreeKVCache(1, 1, 16, num_pages=4, dtype=torch.int32, device="cpu")
-    cache = _cache()
+    cache = make_cache()
     with pytest.raises(ValueError, match="num_tokens"):
         cache.add(-1)
     with pytest.raises(ValueError, match="expected a node"):
@@ -563,7 +459,7 @@ def test_plan_equals_treeattn_plan_on_random_forests(ops, page_size):
     nodes = [cache.add(5)]
     for pick, n in ops:
         node = nodes[pick % len(nodes)]
-        if cache._nodes[node].children:
+        if cache.tree.node(node).children:
             nodes += cache.fork(node, 1)
         else:
             cache.append([node], n)
@@ -579,43 +475,46 @@ def test_plan_equals_treeattn_plan_on_random_forests(ops, page_size):
         assert slots.tolist() == cache.path_slots(node).tolist()
 
 
-def test_plan_keeps_the_reached_subtree_only_while_it_holds():
-    """A decode loop plans the same nodes every step, so cache.plan keeps the subtree they reach between calls.
-    Each plan equals one gathered afresh, through growth across page ends, forks, releases, queries on
-    internal nodes, several tokens per node and nodes that start empty (their queries change owner)."""
-    cache = _cache(page_size=4, num_pages=256)
+def test_plan_walk_is_reused_only_while_it_holds():
+    """A decode loop plans the same nodes every step, so the tree keeps the subtree they reach between calls.
+    Each walk equals one gathered afresh, through growth across page ends, forks, releases, queries on internal
+    nodes, several tokens per node and nodes that start empty (their queries change owner)."""
+    cache = make_cache(page_size=4, num_pages=256)
+    tree = cache.tree
     root = cache.add(6)
     leaves = cache.fork(root, 3)
 
-    def check(nodes, num_tokens=1):
-        plan = cache.plan(nodes, num_tokens, num_qo_heads=HQ)
-        kept = cache._last_reach
-        cache._last_reach = None
-        assert_same_plan(plan, cache.plan(nodes, num_tokens, num_qo_heads=HQ))
-        cache._last_reach = kept
-        return kept
+    def reused(nodes, num_tokens=1):
+        """Plans ``nodes``; whether the walk was the previous call's."""
+        node_list = tree.nodes(nodes, "plan")
+        walk = tree.plan_walk(node_list, num_tokens)
+        fresh = tree.plan_walk(node_list, num_tokens, reuse=False)
+        assert walk[:6] == fresh[:6] and not fresh.reused
+        cache.plan(nodes, num_tokens, num_qo_heads=HQ)
+        return walk.reused
 
-    assert check(leaves) is None  # empty leaves: their queries belong to the root until they grow
+    assert not reused(leaves) and not reused(leaves)  # empty leaves: their queries belong to the root until they grow
     cache.append(leaves, 2)
-    kept = check(leaves)
+    assert not reused(leaves)
     for step in range(7):
         cache.append(leaves)
-        assert check(leaves) is kept  # reused across steps, also past page ends
-    check(leaves, 3)
-    kept = check(leaves)
+        assert reused(leaves)  # across steps, also past page ends
+    assert not reused(leaves, 3)
+    assert not reused(leaves)
     kids = cache.fork(leaves[0], 2)
-    assert check(leaves) is kept  # forking a planned node keeps the walk up from it valid
+    assert reused(leaves)  # forking a planned node keeps the walk up from it valid
     cache.append(kids[:1], 5)
-    check([root, leaves[0], kids[0], kids[1]])  # internal nodes and an empty one
+    assert not reused([root, leaves[0], kids[0], kids[1]])  # internal nodes and an empty one
+    assert not reused([root, leaves[0], kids[0], kids[1]])  # (the empty one's query is its parent's)
     cache.release(leaves[2])
     with pytest.raises(ValueError, match="was released"):
         cache.plan(leaves)
-    check(leaves[:2] + kids)
+    assert not reused(leaves[:2] + kids)
 
 
 def test_write_and_decode_under_torch_compile():
     """A layer's step (cache.write + tree_decode) traces in one graph: the write op has a fake impl."""
-    cache = _cache(page_size=4, num_pages=16)
+    cache = make_cache(page_size=4, num_pages=16)
     root = cache.add(6)
     cache.write(0, cache.slots(root), torch.randn(6, HKV, DIM), torch.randn(6, HKV, DIM))
     kids = cache.fork(root, 3)

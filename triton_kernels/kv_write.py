@@ -25,17 +25,18 @@ _TILE = 2048
 @triton.jit
 def _kv_write_kernel(
     slots_ptr, k_ptr, v_ptr, k_pool_ptr, v_pool_ptr,
-    num_tokens,
+    num_tokens, num_slots,
     stride_k_n, stride_k_h, stride_v_n, stride_v_h,
     stride_kp_slot, stride_kp_h, stride_vp_slot, stride_vp_h,
     ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr, HAS_V: tl.constexpr,
 ):
-    """One program per (block of new tokens, block of the ``heads x head_dim`` row); a negative slot is skipped."""
+    """One program per (block of new tokens, block of the ``heads x head_dim`` row); a slot outside
+    ``[0, num_slots)`` is skipped."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     t_valid = t < num_tokens
     slot = tl.load(slots_ptr + t, mask=t_valid, other=-1)
-    mask = (t_valid & (slot >= 0))[:, None] & (e < ROW)[None, :]
+    mask = (t_valid & (slot >= 0) & (slot < num_slots))[:, None] & (e < ROW)[None, :]
     h = e // HEAD_DIM
     d = e % HEAD_DIM
     slot = tl.maximum(slot, 0)
@@ -58,9 +59,10 @@ def kv_write(
     v: torch.Tensor | None = None,
     v_pool: torch.Tensor | None = None,
 ) -> None:
-    """``k_pool.view(-1, *row)[slots[i]] = k[i]`` (and the same for ``v``) for every ``i`` with ``slots[i] >= 0``.
+    """``k_pool.view(-1, *row)[slots[i]] = k[i]`` (and the same for ``v``) for every ``i`` with
+    ``0 <= slots[i] < num_pages * page_size``: a negative slot is padding, and no slot writes outside the pool.
 
-    slots: int64 ``[n]`` flat slots; k, v: ``[n, H, D]`` (GQA) or ``[n, D]`` (MLA, ``v`` None), last dim
+    slots: int64 ``[n]`` flat slots, contiguous; k, v: ``[n, H, D]`` (GQA) or ``[n, D]`` (MLA, ``v`` None), last dim
     contiguous; k_pool, v_pool: ``[num_pages, page_size, H, D]`` or ``[num_pages, page_size, D]`` whose
     page and slot dims flatten (any view of one layer of a stacked pool does). One launch for K and V.
     """
@@ -83,7 +85,7 @@ def kv_write(
     block_t = max(1, _TILE // block)  # a fixed tile per row width: no recompile per token count
     _kv_write_kernel[(triton.cdiv(n, block_t), triton.cdiv(row, block))](
         slots, k3, v3, kp, vp,
-        n,
+        n, kp.shape[0],
         k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         ROW=row, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK=block, HAS_V=has_v,

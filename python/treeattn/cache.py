@@ -1,33 +1,34 @@
-"""TreeKVCache: the shared-prefix paged KV cache a tree decode loop drives (DESIGN §2).
+"""TreeKVCache: the shared-prefix paged KV cache a tree decode loop drives.
 
 Branches fork from a prompt, grow and die; their KV lives in one paged pool where a token shared by several
-branches is stored once. The cache is a tree of **nodes**: a node holds a run of consecutive tokens that
-continues its parent's path; a branch is the root→node path. Host-side bookkeeping (numpy, Python) tracks
-pages; the pool itself lives on the device:
+branches is stored once. This module is the front: it owns the device pool, checks every argument, and
+composes two host-side parts, each usable and testable alone:
 
-- GQA: one tensor ``[2, num_layers, num_pages, page_size, num_kv_heads, head_dim]`` (K and V stacked), so
-  ``layer(i)`` returns the ``(k_cache, v_cache)`` views ``tree_decode`` takes;
+- :class:`treeattn.tree.NodeTree`: the nodes (a node continues its parent's path by a run of tokens), their
+  paths and flat slots, and the arrays the planner walks;
+- :class:`treeattn.pages.PageAllocator`: reference counts, fills, the free list, and when a branch leaving a
+  shared, partially filled page copies it (copy on write) or continues it in place.
+
+The pool lives on the device, all layers in one tensor:
+
+- GQA: ``[2, num_layers, num_pages, page_size, num_kv_heads, head_dim]`` (K and V stacked), so ``layer(i)``
+  returns the ``(k_cache, v_cache)`` views ``tree_decode`` takes;
 - MLA: ``[1, num_layers, num_pages, page_size, kv_lora_rank + rope_dim]``, ``layer(i)`` the ``kv_cache``.
 
-Pages and sharing. Node ``X`` covers path positions ``[X.start, X.end)`` (``X.start`` = its parent's end);
-its page list covers page indices ``start // page_size .. ceil(end / page_size) - 1``. A path's page at index
-``j`` is the page of the deepest node on the path that covers ``j``. A node that starts mid-page begins in
-the page its path already ends in: it writes there **in place** if no other node has claimed the next
-slots of that page (the page's ``fill``), else it **copies the page on write** (the slots before its
-start) into a fresh page. All copies one ``append`` needs happen in one launch (for every layer, K and V).
-A page's reference count is the number of nodes whose page list holds it; it is free at zero.
+All copies one ``append`` needs happen in one launch (every layer, K and V); ``write`` is one launch per
+layer. Writes must follow the order a decode loop has anyway: write a node's KV (``add``/``append`` slots,
+every layer) before a child appends past a shared partially filled page, since the copy on write copies what
+the page holds at that moment.
 
-A released node is gone for the caller at once; its pages stay while a live descendant's path needs them
-(the node stays in the tree as an internal node until its last descendant is released).
-
-Writes must follow the order a decode loop has anyway: write a node's KV (``add``/``append`` slots, every
-layer) before a child appends past a shared partially filled page, since the copy on write copies what the
-page holds at that moment.
+Every public method either does what it says or raises (``ValueError``, ``TypeError`` or
+:class:`OutOfPages`, naming the argument) leaving the cache exactly as it was.
 """
 
 from __future__ import annotations
 
-from array import array
+import operator
+import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -36,26 +37,13 @@ import torch
 from . import _dispatch
 from ._dispatch import register
 from ._validate import check_float_tensor
+from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
+from .tree import NodeTree
 
 __all__ = ["TreeKVCache", "OutOfPages"]
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-
-
-class OutOfPages(RuntimeError):
-    """The pool has fewer free pages than a call needs; the cache is unchanged.
-
-    Attributes: ``pages_needed`` (what the call needed), ``pages_free`` (what was free).
-    """
-
-    def __init__(self, pages_needed: int, pages_free: int, what: str = ""):
-        self.pages_needed = int(pages_needed)
-        self.pages_free = int(pages_free)
-        super().__init__(
-            f"TreeKVCache{'.' + what if what else ''}: out of pages: needs {self.pages_needed} pages, "
-            f"{self.pages_free} free (release nodes or create the cache with more num_pages); the cache is unchanged"
-        )
 
 
 # ---- registered ops: one launch each, dispatched like the attention ops -------------------------------
@@ -74,7 +62,7 @@ def _kv_write_triton(slots, k, v, pool, layer):
 
 @register("kv_write", "reference")
 def _kv_write_reference(slots, k, v, pool, layer):
-    keep = slots >= 0
+    keep = (slots >= 0) & (slots < pool.shape[2] * pool.shape[3])  # out-of-range slots are skipped, as in the kernels
     dst = slots[keep]
     pool[0, layer].flatten(0, 1)[dst] = k[keep]
     if v is not None:
@@ -97,7 +85,8 @@ def _copy_pages_reference(pool, src, dst, num_slots):
 
 @torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))
 def _kv_write_run(slots: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], pool: torch.Tensor, layer: int) -> None:
-    """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA)."""
+    """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA). Slots outside
+    ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer."""
     _dispatch.run("kv_write", slots.device, slots, k, v, pool, layer)
 
 
@@ -118,77 +107,79 @@ def _(pool, src, dst, num_slots):
     return None
 
 
-# ---- the cache --------------------------------------------------------------------------------------
+# ---- argument checks ----------------------------------------------------------------------------------
 
 
-class _Node:
-    __slots__ = ("id", "parent", "children", "start", "end", "pages", "released", "path", "path_end")
-
-    def __init__(self, node_id: int, parent: "_Node | None", start: int, end: int, pages: array):
-        self.id = node_id
-        self.parent = parent
-        self.children: dict[int, _Node] = {}
-        self.start = start
-        self.end = end
-        self.pages = pages  # int32 page ids (array('i'): the planner reads them in place, no conversion)
-        self.released = False
-        self.path: np.ndarray | None = None  # cached page ids of the root→node path (valid while path_end == end)
-        self.path_end = -1
-
-
-class _Reach:
-    """The part of the tree a plan's queries reach, as :func:`plan_from_tree` takes it (ends aside).
-
-    Query ``q`` (node ``nodes[q // k]``, end ``q_end[q]``) attends path positions ``[0, end)``; its owner is the
-    deepest node on the path holding position ``end - 1``. The marked subtree is the owners and their
-    ancestors, numbered in the order the walks up from the owners first reach them, so siblings are planned
-    in the order the queries reach them.
-
-    Reuse across decode steps (TreeKVCache.plan keeps the last one): parent links and starts never change and
-    a live node's ancestors are never removed, so for the same nodes and ``k`` only the owners could differ,
-    and a query owned by its own node stays so as the node grows (ends only grow). ``reusable`` says every
-    query is owned by its own node; the caller reads the ends afresh each step.
-    """
-
-    __slots__ = ("nodes", "k", "marked", "parent", "owner", "start", "pages", "reusable")
-
-    def __init__(self, nodes: list[_Node], k: int, q_end: list[int]):
-        self.nodes, self.k = nodes, k
-        index: dict[_Node, int] = {}  # node -> number
-        marked: list[_Node] = []
-        parent: list[int] = []
-        owner: list[int] = []
-        reusable = True
-        for n, e in zip(nodes if k == 1 else [n for n in nodes for _ in range(k)], q_end):
-            if not e:
-                owner.append(-1)
-                reusable = False
-                continue
-            m = n
-            while m.start >= e:
-                m = m.parent
-                reusable = False
-            i = index.get(m)
-            if i is None:  # number m, then its ancestors up to the first one already numbered
-                i = len(marked)
-                while True:
-                    index[m] = len(marked)
-                    marked.append(m)
-                    m = m.parent
-                    up = -1 if m is None else index.get(m, len(marked))  # len(marked): m is next
-                    parent.append(up)
-                    if up != len(marked):
-                        break
-            owner.append(i)
-        self.marked, self.parent, self.owner, self.reusable = marked, parent, owner, reusable
-        self.start = [m.start for m in marked]
-        self.pages = [m.pages for m in marked]  # array('i') objects: appends grow them in place
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """An int or numpy integer (never a bool) in ``[low, high]``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected an int {bound}, got {value}")
+    return value
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-    return int(value)
+def _resolve_device(device) -> torch.device:
+    """``None``: the current CUDA device when CUDA is available, else the CPU. CUDA devices get their index."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    expected = "a CPU or CUDA torch.device or device string ('cpu', 'cuda', 'cuda:1'), or None for the default"
+    if isinstance(device, bool):
+        raise TypeError(f"device: expected {expected}, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected {expected}, got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected {expected}, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device: expected an available device, got {device!r} but CUDA is not available "
+            "(torch.cuda.is_available() is False); pass device='cpu', or leave device out for the default"
+        )
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device: expected a CUDA index < {torch.cuda.device_count()} (devices present), got {device!r}")
+    return torch.device("cuda", index)
+
+
+class _KnownSlots:
+    """The last slot tensors the cache made or already range-checked, so :meth:`TreeKVCache.write` does not
+    check them again. A tensor counts as known while it is the same object at the same version (an in-place
+    change of it, or of a view of it, bumps the version). Inference-mode tensors keep no version counter;
+    they count as known by identity alone."""
+
+    def __init__(self, size: int = 32):
+        self._size = size
+        self._entries: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()
+
+    @staticmethod
+    def _version(t: torch.Tensor) -> int:
+        try:
+            return t._version
+        except RuntimeError:  # an inference tensor
+            return -1
+
+    def add(self, t: torch.Tensor) -> torch.Tensor:
+        self._entries[id(t)] = (weakref.ref(t), self._version(t))
+        self._entries.move_to_end(id(t))
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return t
+
+    def __contains__(self, t: torch.Tensor) -> bool:
+        entry = self._entries.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == self._version(t)
+
+
+# ---- the cache ----------------------------------------------------------------------------------------
 
 
 class TreeKVCache:
@@ -198,11 +189,12 @@ class TreeKVCache:
         num_layers, num_kv_heads, head_dim: the model's KV shape.
         page_size: tokens per page.
         num_pages: pool size (every layer has this many pages; a page id names the same page in all layers).
-        dtype, device: of the pool.
+        dtype: of the pool (a floating dtype).
+        device: of the pool; default: the current CUDA device when CUDA is available, else the CPU.
 
     Nodes are ints. Typical decode loop::
 
-        cache = treeattn.TreeKVCache(L, Hkv, D, num_pages=4096, device="cuda")
+        cache = treeattn.TreeKVCache(L, Hkv, D, num_pages=4096)
         root = cache.add(len(prompt)); slots = cache.slots(root)      # prefill: write every layer
         leaves = cache.fork(root, n)
         while ...:
@@ -212,6 +204,9 @@ class TreeKVCache:
                 cache.write(i, slots, k_i, v_i)
                 o = treeattn.tree_decode(q_i, *cache.layer(i), plan)
             ...; cache.release(dead_leaf); kids = cache.fork(leaf, 2)
+
+    ``tree`` (:class:`treeattn.tree.NodeTree`) and ``allocator`` (:class:`treeattn.pages.PageAllocator`) are
+    the cache's bookkeeping, there to read (inspection, tests); change the cache through its methods only.
     """
 
     def __init__(
@@ -223,7 +218,7 @@ class TreeKVCache:
         page_size: int = 16,
         num_pages: int,
         dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cuda",
+        device: torch.device | str | None = None,
     ):
         num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
         head_dim = _check_int("head_dim", head_dim, 1)
@@ -242,7 +237,7 @@ class TreeKVCache:
         page_size: int = 64,
         num_pages: int,
         dtype: torch.dtype = torch.bfloat16,
-        device: torch.device | str = "cuda",
+        device: torch.device | str | None = None,
     ) -> "TreeKVCache":
         """MLA cache (absorbed form): one latent row ``c_kv (kv_lora_rank) ‖ k_pe (rope_dim)`` per token.
         ``layer(i)`` returns the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
@@ -260,81 +255,26 @@ class TreeKVCache:
 
     def _setup(self, num_layers, row_shape, planes, page_size, num_pages, dtype, device):
         self.num_layers = _check_int("num_layers", num_layers, 1)
-        self.page_size = _check_int("page_size", page_size, 1)
-        self.num_pages = _check_int("num_pages", num_pages, 1)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
-        self.dtype = dtype
-        self.device = torch.device(device)
+        # Flat slots and page ids travel as int32 in plans: a page id must fit, and so must a slot.
+        self.page_size = _check_int("page_size", page_size, 1, 2**31 - 1)
+        self.num_pages = _check_int("num_pages", num_pages, 1, (2**31 - 1) // self.page_size)
+        self.dtype = self._check_dtype(dtype)
+        device = _resolve_device(device)
         self._row_shape = tuple(row_shape)
         self._pool = torch.empty(
-            (planes, self.num_layers, self.num_pages, self.page_size, *row_shape), dtype=dtype, device=self.device
+            (planes, self.num_layers, self.num_pages, self.page_size, *row_shape), dtype=self.dtype, device=device
         )
-        self._refcount = np.zeros(self.num_pages, dtype=np.int64)
-        self._fill = np.zeros(self.num_pages, dtype=np.int64)  # slots of each page some node has claimed
-        self._free: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() hands out low ids first
-        self._nodes: dict[int, _Node] = {}
-        self._next_id = 0
-        self._live: dict[int, _Node] = {}  # the nodes callers may still use (not released)
-        self._pages_copied = 0
-        self._last_reach: _Reach | None = None  # the last plan's marked subtree, reused while it stays valid
+        self.device = self._pool.device
+        self.tree = NodeTree(self.page_size)
+        self.allocator = PageAllocator(self.num_pages, self.page_size)
+        self._known_slots = _KnownSlots()
 
-    # ---- helpers ----
-
-    def _node(self, node, action: str) -> _Node:
-        if isinstance(node, bool) or not isinstance(node, (int, np.integer)):
-            raise ValueError(f"{action}: expected a node (an int from add/fork), got {node!r}")
-        n = self._nodes.get(int(node))
-        if n is None or n.released:
-            if 0 <= int(node) < self._next_id:
-                raise ValueError(f"{action}: node {int(node)} was released")
-            raise ValueError(f"{action}: unknown node {int(node)} (not made by this cache's add/fork)")
-        return n
-
-    def _nodes_arg(self, nodes, action: str) -> list[_Node]:
-        if isinstance(nodes, (int, np.integer)) and not isinstance(nodes, bool):
-            nodes = [nodes]
-        if isinstance(nodes, torch.Tensor):
-            nodes = nodes.tolist()
-        # C-level passes (this runs every decode step); a bool would hash as node 0 or 1.
-        found = list(map(self._live.get, nodes))
-        if None in found or bool in map(type, nodes):
-            return [self._node(n, action) for n in nodes]  # raises the precise error
-        return found
-
-    def _new_node(self, parent, start, end, pages) -> _Node:
-        n = _Node(self._next_id, parent, start, end, pages)
-        self._next_id += 1
-        self._nodes[n.id] = self._live[n.id] = n
-        if parent is not None:
-            parent.children[n.id] = n
-        return n
-
-    def _alloc(self, fill: int) -> int:
-        page = self._free.pop()
-        self._refcount[page] = 1
-        self._fill[page] = fill
-        return page
-
-    def _tail_page(self, n: _Node) -> int:
-        """Page holding the path's last, partially filled page (the path must end mid-page)."""
-        while not n.pages or n.end == n.start:
-            n = n.parent
-        return n.pages[-1]
-
-    def _path_pages(self, n: _Node) -> np.ndarray:
-        """int64 page ids of the root→n path (indices ``0 .. ceil(n.end / page_size) - 1``), cached per node."""
-        chain = []
-        m = n
-        while m is not None and m.path_end != m.end:
-            chain.append(m)
-            m = m.parent
-        base = m.path if m is not None else _EMPTY
-        for m in reversed(chain):
-            if m.pages:
-                base = np.concatenate([base[: m.start // self.page_size], np.asarray(m.pages, dtype=np.int64)])
-            m.path, m.path_end = base, m.end
-        return n.path
+    @staticmethod
+    def _check_dtype(dtype) -> torch.dtype:
+        """The pool's storage dtype (the one place that says which dtypes a cache can hold)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        return dtype
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
@@ -342,31 +282,23 @@ class TreeKVCache:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _node_slots(self, n: _Node, begin: int, end: int) -> np.ndarray:
-        """Flat slots of path positions [begin, end), all inside node n's range."""
-        s = self.page_size
-        pos = np.arange(begin, end, dtype=np.int64)
-        first = n.start // s
-        pages = np.asarray(n.pages[begin // s - first : (end + s - 1) // s - first], dtype=np.int64)
-        return pages[pos // s - begin // s] * s + pos % s
+    def _slots_out(self, slots: np.ndarray) -> torch.Tensor:
+        """Slots handed to the caller: on the device, and known valid to :meth:`write`."""
+        return self._known_slots.add(self._to_device(slots))
 
     # ---- tree ----
 
     def add(self, num_tokens: int) -> int:
         """A new root node holding ``num_tokens`` fresh slots (e.g. a prompt; write them with ``slots(root)``)."""
         num_tokens = _check_int("num_tokens", num_tokens, 0)
-        s = self.page_size
-        need = -(-num_tokens // s)
-        if need > len(self._free):
-            raise OutOfPages(need, len(self._free), "add")
-        pages = array("i", [self._alloc(min(s, num_tokens - i * s)) for i in range(need)])
-        return self._new_node(None, 0, num_tokens, pages).id
+        pages = self.allocator.allocate(num_tokens, "add")
+        return self.tree.add_root(num_tokens, pages).id
 
     def fork(self, node: int, n: int) -> list[int]:
         """``n`` new children of ``node``, each sharing every token of ``node``'s path (no pages used yet)."""
-        parent = self._node(node, "fork")
+        parent = self.tree.node(node, "fork")
         n = _check_int("n", n, 0)
-        return [self._new_node(parent, parent.end, parent.end, array("i")).id for _ in range(n)]
+        return [kid.id for kid in self.tree.fork(parent, n)]
 
     def append(self, leaves, num_tokens: int = 1) -> torch.Tensor:
         """Grow each leaf by ``num_tokens`` slots; returns their int64 flat slots (``page * page_size + offset``),
@@ -376,126 +308,49 @@ class TreeKVCache:
         slots, else in a copy of it (copy on write; all copies of the call in one launch). Raises
         :class:`OutOfPages` (cache unchanged) when the free pages do not suffice.
         """
-        nodes = self._nodes_arg(leaves, "append")
+        nodes = self.tree.nodes(leaves, "append", "leaves")
         k = _check_int("num_tokens", num_tokens, 1)
-        seen = set()
-        for n in nodes:
-            if n.children:
-                raise ValueError(
-                    f"append: node {n.id} has children (its tokens are shared); append to a leaf, e.g. fork({n.id}, 1)"
-                )
-            if n.id in seen:
-                raise ValueError(f"append: node {n.id} appears twice in leaves")
-            seen.add(n.id)
-
+        self.tree.check_growable(nodes, "append")
         s = self.page_size
-        # Plan every leaf's pages first (nothing changes before the page count is known to fit).
-        claimed: dict[int, int] = {}
-        steps = []
-        need = 0
-        for n in nodes:
-            e = n.end
-            off = e % s
-            src = -1
-            if off:
-                tail = self._tail_page(n)
-                if claimed.get(tail, int(self._fill[tail])) == off:
-                    claimed[tail] = min(s, off + k)  # continue in place
-                    src = -2 - tail  # marker: share `tail`
-                else:
-                    src = tail  # copy on write
-                    need += 1
-            fresh = -(-(e + k) // s) - -(-e // s)
-            need += fresh
-            steps.append((n, off, src, fresh))
-        if need > len(self._free):
-            raise OutOfPages(need, len(self._free), "append")
-
-        copy_src, copy_dst, copy_len = [], [], []
+        branches = [(n.end, self.tree.tail_page(n) if n.end % s else -1, n.end > n.start) for n in nodes]
+        growth = self.allocator.extend(branches, k, "append")  # raises before anything changed
         slots = []
-        for n, off, src, fresh in steps:
-            e = n.end
-            if src <= -2:  # in place in the path's tail page
-                tail = -2 - src
-                if not n.pages or n.end == n.start:
-                    n.pages.append(tail)
-                    self._refcount[tail] += 1
-                self._fill[tail] = min(s, off + k)
-            elif src >= 0:
-                page = self._alloc(min(s, off + k))
-                n.pages.append(page)
-                copy_src.append(src)
-                copy_dst.append(page)
-                copy_len.append(off)
-            first_fresh = k - (min(s - off, k) if off else 0)
-            for i in range(fresh):
-                n.pages.append(self._alloc(min(s, first_fresh - i * s)))
-            n.end = e + k
-            slots.append(self._node_slots(n, e, e + k))
-        if copy_src:
-            self._pages_copied += len(copy_src)
+        for n, pages in zip(nodes, growth.new_pages):
+            self.tree.grow(n, pages, k)
+            slots.append(self.tree.slots(n, n.end - k, n.end))
+        if growth.copy_src:
             torch.ops.treeattn.copy_pages_run(
-                self._pool,
-                self._to_device(np.asarray(copy_src)),
-                self._to_device(np.asarray(copy_dst)),
-                self._to_device(np.asarray(copy_len)),
+                self._pool, *(self._to_device(np.asarray(x)) for x in (growth.copy_src, growth.copy_dst, growth.copy_slots))
             )
-        return self._to_device(np.concatenate(slots) if slots else _EMPTY)
+        return self._slots_out(np.concatenate(slots) if slots else _EMPTY)
 
     def release(self, node: int) -> None:
         """Release ``node``: it can no longer be used; every page nothing else references is freed. The tokens
         of a node with live descendants stay (their paths need them) until the last of those is released."""
-        n = self._node(node, "release")
-        n.released = True
-        del self._live[n.id]
-        while n is not None and n.released and not n.children:
-            parent = n.parent
-            self._remove(n)
-            n = parent
-
-    def _remove(self, n: _Node) -> None:
-        s = self.page_size
-        for i, page in enumerate(n.pages):
-            self._refcount[page] -= 1
-            if self._refcount[page] == 0:
-                self._fill[page] = 0
-                self._free.append(page)
-            elif i == 0 and n.start % s:
-                # n continued an ancestor's page in place: its slots from n.start on are unclaimed again.
-                self._fill[page] = n.start % s
-        if n.parent is not None:
-            del n.parent.children[n.id]
-        del self._nodes[n.id]
-        n.pages, n.path = array("i"), None
+        for pages, start in self.tree.release(self.tree.node(node, "release")):
+            self.allocator.release(pages, start)
 
     # ---- slots and pools ----
 
     def slots(self, node: int) -> torch.Tensor:
         """int64 flat slots of the node's own tokens (path positions ``[start, end)``), on the cache's device."""
-        n = self._node(node, "slots")
-        return self._to_device(self._node_slots(n, n.start, n.end))
+        return self._slots_out(self.tree.slots(self.tree.node(node, "slots")))
 
     def path_slots(self, node: int) -> torch.Tensor:
         """int64 flat slots of every token on the root→node path, in order, on the cache's device."""
-        n = self._node(node, "path_slots")
-        s = self.page_size
-        pages = self._path_pages(n)
-        pos = np.arange(n.end, dtype=np.int64)
-        return self._to_device(pages[pos // s] * s + pos % s)
+        return self._slots_out(self.tree.path_slots(self.tree.node(node, "path_slots")))
 
     def length(self, node: int) -> int:
         """Tokens on the root→node path."""
-        return self._node(node, "length").end
+        return self.tree.node(node, "length").end
 
     def parent(self, node: int) -> int | None:
         """The node's parent (None for a root). A released parent still answers here while it has children."""
-        p = self._node(node, "parent").parent
+        p = self.tree.node(node, "parent").parent
         return None if p is None else p.id
 
     def _check_layer(self, layer) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
-        return int(layer)
+        return _check_int("layer", layer, 0, self.num_layers - 1)
 
     def layer(self, i: int):
         """Layer ``i``'s pool views: ``(k_cache, v_cache)`` ``[num_pages, page_size, num_kv_heads, head_dim]``
@@ -508,13 +363,16 @@ class TreeKVCache:
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
         """One launch scattering ``k, v [len(slots), num_kv_heads, head_dim]`` into layer ``layer`` at ``slots``
         (MLA: ``write(layer, slots, kv)`` with ``kv [len(slots), kv_lora_rank + rope_dim]``). A negative slot
-        is skipped (padding). No host synchronisation; slots are not range-checked on the device."""
+        is skipped (padding); a slot ``>= num_pages * page_size`` is an error.
+
+        Slots this cache returned (``append``/``slots``/``path_slots``) are known to be in range and are not
+        checked again, nor is a tensor already checked (until it changes in place). Other slots are checked
+        on the host: on a GPU that costs one synchronisation the first time a tensor is seen. Under CUDA-graph
+        capture and ``torch.compile`` there is no host check; the kernels skip out-of-range slots, so nothing
+        is written outside the layer.
+        """
         layer = self._check_layer(layer)
-        if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
-            got = f"dtype {slots.dtype}, shape {list(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
-            raise ValueError(f"slots: expected a 1-D torch.int64 tensor (from append/slots), got {got}")
-        if slots.device != self.device:
-            raise ValueError(f"slots: expected device {self.device} (the cache's), got {slots.device}")
+        self._check_slots(slots)
         n = slots.shape[0]
         if self.is_mla:
             if v is not None:
@@ -526,6 +384,27 @@ class TreeKVCache:
             self._check_rows("k", k, n)
             self._check_rows("v", v, n)
         torch.ops.treeattn.kv_write_run(slots, k, v, self._pool, layer)
+
+    def _check_slots(self, slots) -> None:
+        if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
+            got = f"dtype {slots.dtype}, shape {list(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
+            raise ValueError(f"slots: expected a 1-D torch.int64 tensor (from append/slots), got {got}")
+        if slots.device != self.device:
+            raise ValueError(f"slots: expected device {self.device} (the cache's), got {slots.device}")
+        if slots.shape[0] > 1 and slots.stride(0) != 1:
+            raise ValueError(f"slots: expected a contiguous tensor, got stride {slots.stride(0)}")
+        if torch.compiler.is_compiling() or slots in self._known_slots:
+            return
+        if slots.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # no host check can see the values a replay will use; the kernels bound them
+        if slots.shape[0]:
+            top = int(slots.max())
+            if top >= self.num_pages * self.page_size:
+                raise ValueError(
+                    f"slots: expected values < {self.num_pages * self.page_size} (num_pages * page_size; a negative "
+                    f"slot is skipped), got {top}"
+                )
+        self._known_slots.add(slots)
 
     def _check_rows(self, name: str, t, n: int) -> None:
         shape = (n, *self._row_shape)
@@ -549,24 +428,26 @@ class TreeKVCache:
         ones too: a speculative draft tree of 1-token nodes is ``plan(draft_nodes)``. ``num_qo_heads`` sizes
         query blocks (``num_kv_heads`` is the cache's; 1 for MLA); any plan is exact for any head count.
         ``capacity`` makes a fixed-capacity plan (see :class:`treeattn.PlanCapacity`); ``into=`` such a plan
-        refills its buffers in place instead of making a new plan, so a CUDA graph captured over
-        ``tree_decode(..., plan)`` replays every later step of a changing tree.
+        (made by this cache, or one with its page size) refills its buffers in place instead of making a new
+        plan, so a CUDA graph captured over ``tree_decode(..., plan)`` replays every later step of a changing tree.
         """
-        node_list = self._nodes_arg(nodes, "plan")
+        node_list = self.tree.nodes(nodes, "plan")
         k = _check_int("num_tokens", num_tokens, 1)
+        if capacity is not None and not isinstance(capacity, PlanCapacity):
+            raise TypeError(f"capacity: expected a treeattn.PlanCapacity or None, got {type(capacity).__name__}")
+        if into is not None:
+            if not isinstance(into, TreePlan):
+                raise TypeError(f"into: expected a treeattn.TreePlan (made with capacity=) or None, got {type(into).__name__}")
+            if into.page_size != self.page_size:
+                raise ValueError(f"into: expected a plan with page_size {self.page_size} (the cache's), got {into.page_size}")
         if k > 1:  # (one query over an empty path is fine: empty KV, output 0)
             for n in node_list:
                 if n.end < k:
                     raise ValueError(f"plan: node {n.id} has {n.end} tokens on its path, fewer than num_tokens={k}")
-        # Query i * k + j attends node i's path up to end = length - k + 1 + j (causal over its last k tokens).
-        q_end = [n.end for n in node_list] if k == 1 else [e for n in node_list for e in range(n.end - k + 1, n.end + 1)]
-        reach = self._last_reach
-        if reach is None or reach.k != k or reach.nodes != node_list:  # (!= compares nodes by identity)
-            reach = _Reach(node_list, k, q_end)
-            self._last_reach = reach if reach.reusable else None
+        walk = self.tree.plan_walk(node_list, k)
         return plan_from_tree(
-            parent=reach.parent, start=reach.start, end=[m.end for m in reach.marked], pages=reach.pages,
-            query_owner=reach.owner, query_end=q_end, page_size=self.page_size,
+            parent=walk.parent, start=walk.start, end=walk.end, pages=walk.pages,
+            query_owner=walk.query_owner, query_end=walk.query_end, page_size=self.page_size,
             num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, device=self.device, num_sms=num_sms,
             capacity=capacity, into=into,
         )
@@ -582,27 +463,24 @@ class TreeKVCache:
         ``memory_saved`` (``1 - pages_used / pages_if_unshared``); ``nodes`` (in the tree, released internal
         ones included), ``live_nodes``, ``leaves``; ``pages_copied`` (copies on write so far).
         """
-        s = self.page_size
-        leaves = [n for n in self._nodes.values() if not n.children]
-        tokens_if_unshared = sum(n.end for n in leaves)
-        pages_if_unshared = sum(-(-n.end // s) for n in leaves)
-        pages_used = self.num_pages - len(self._free)
+        tree = self.tree.counts()
+        pages_used, pages_if_unshared = self.allocator.num_used, tree["pages_if_unshared"]
         bytes_per_page = self._pool[:, :, 0].numel() * self._pool.element_size()
         return {
             "num_pages": self.num_pages,
             "pages_used": pages_used,
-            "pages_free": len(self._free),
-            "tokens_stored": sum(n.end - n.start for n in self._nodes.values()),
-            "tokens_if_unshared": tokens_if_unshared,
+            "pages_free": self.allocator.num_free,
+            "tokens_stored": tree["tokens_stored"],
+            "tokens_if_unshared": tree["tokens_if_unshared"],
             "pages_if_unshared": pages_if_unshared,
             "bytes_per_page": bytes_per_page,
             "bytes_used": pages_used * bytes_per_page,
             "bytes_if_unshared": pages_if_unshared * bytes_per_page,
             "memory_saved": 1.0 - pages_used / pages_if_unshared if pages_if_unshared else 0.0,
-            "nodes": len(self._nodes),
-            "live_nodes": len(self._live),
-            "leaves": len(leaves),
-            "pages_copied": self._pages_copied,
+            "nodes": tree["nodes"],
+            "live_nodes": tree["live_nodes"],
+            "leaves": tree["leaves"],
+            "pages_copied": self.allocator.pages_copied,
         }
 
     def __repr__(self) -> str:
@@ -612,5 +490,5 @@ class TreeKVCache:
         )
         return (
             f"TreeKVCache(num_layers={self.num_layers}, {kind}, page_size={self.page_size}, "
-            f"num_pages={self.num_pages}, pages_free={len(self._free)}, dtype={self.dtype}, device={self.device})"
+            f"num_pages={self.num_pages}, pages_free={self.allocator.num_free}, dtype={self.dtype}, device={self.device})"
         )
