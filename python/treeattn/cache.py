@@ -433,6 +433,9 @@ class TreeKVCache:
         """
         node_list = self.tree.nodes(nodes, "plan")
         k = _check_int("num_tokens", num_tokens, 1)
+        if num_qo_heads is not None:
+            num_qo_heads = _check_int("num_qo_heads", num_qo_heads, 1)
+        num_sms = _check_int("num_sms", num_sms, 1)
         if capacity is not None and not isinstance(capacity, PlanCapacity):
             raise TypeError(f"capacity: expected a treeattn.PlanCapacity or None, got {type(capacity).__name__}")
         if into is not None:
