@@ -1,7 +1,7 @@
-"""Host cost of ``TreeKVCache.plan`` against ``treeattn.plan`` on the same trees (issue 3: the cache's plan,
-which knows the tree, must be at least as cheap as re-detecting the sharing from the page table).
+"""Host cost of ``TreeKVCache.plan`` against ``treeattn.plan`` on the same trees (the cache's plan, which knows
+the tree, must be at least as cheap as re-detecting the sharing from the page table).
 
-Each DESIGN §4 workload is built in a TreeKVCache (``add(prompt)``, then ``fork`` + ``append`` per level; one
+Each benchmark workload (``treeattn.testing.WORKLOADS``) is built in a TreeKVCache (``add(prompt)``, then ``fork`` + ``append`` per level; one
 query per leaf). ``table_plan_us`` is ``treeattn.plan`` on the CSR table of the leaves' paths;
 ``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after every leaf grew by
 one token (a decode loop's step); ``cache_plan_new_nodes_us`` plans a different node list every call (the
