@@ -66,7 +66,8 @@ def test_node_lookup_errors(tree):
     assert tree.node(np.int64(2)).id == 2
     assert [n.id for n in tree.nodes(torch.tensor([3, 0]), "plan")] == [3, 0]
     assert [n.id for n in tree.nodes(np.array([1, 2]), "plan")] == [1, 2]
-    for bad in ([1.0], [True], [[1]], torch.tensor([1.0]), torch.tensor([[1]]), None, "01", 2.5):
+    for bad in ([1.0], [True], [[1]], torch.tensor([1.0]), torch.tensor([True]), np.array([1.5]), torch.tensor([[1]]),
+                None, "01", 2.5):
         with pytest.raises(ValueError, match="plan: expected a node|nodes: expected"):
             tree.nodes(bad, "plan")
     with pytest.raises(ValueError, match="append: node 1 has children"):

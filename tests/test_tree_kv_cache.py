@@ -555,6 +555,7 @@ def test_kv_write_gpu(backend, dtype, row):
     n = 37
     slots = torch.randperm(7 * 16, device="cuda", generator=g)[:n]
     slots[5] = -1
+    slots[6], slots[7] = 7 * 16, 2**40  # outside the layer: skipped (7 * 16 would be the next layer's page 0)
     k = torch.randn(n, *row[:-1], row[-1] + 8, device="cuda", generator=g).to(dtype)[..., : row[-1]]  # strided rows
     v = torch.randn(n, *row, device="cuda", generator=g).to(dtype) if planes == 2 else None
     want, got = pool.clone(), pool.clone()

@@ -143,9 +143,11 @@ class NodeTree:
         """Live nodes for one node id or a sequence (or 1-D tensor) of them."""
         if isinstance(node_ids, (int, np.integer)) and not isinstance(node_ids, bool):
             return [self.node(node_ids, action)]
-        if isinstance(node_ids, torch.Tensor):
-            if node_ids.dtype.is_floating_point or node_ids.dtype.is_complex or node_ids.dim() > 1:
-                raise ValueError(f"{arg}: expected a 1-D integer tensor of nodes, got {node_ids.dtype} of shape "
+        if isinstance(node_ids, (torch.Tensor, np.ndarray)):
+            integral = node_ids.dtype.kind in "iu" if isinstance(node_ids, np.ndarray) else not (
+                node_ids.dtype.is_floating_point or node_ids.dtype.is_complex or node_ids.dtype == torch.bool)
+            if not integral or node_ids.ndim > 1:
+                raise ValueError(f"{arg}: expected a 1-D integer array of nodes, got {node_ids.dtype} of shape "
                                  f"{list(node_ids.shape)}")
             node_ids = node_ids.reshape(-1).tolist()
         elif isinstance(node_ids, (str, bytes)) or not hasattr(node_ids, "__iter__"):
