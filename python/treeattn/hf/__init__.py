@@ -1,0 +1,27 @@
+"""treeattn behind HF transformers: ``generate`` over shared prefixes, and step-level tree search.
+
+    import treeattn.hf
+    out = treeattn.hf.generate(model, input_ids, do_sample=True, num_return_sequences=64, max_new_tokens=256)
+
+``generate`` takes what ``model.generate`` takes and returns what it returns; HF's own loop makes every
+decision (sampling, logits processors, beam scores, stopping) while the KV lives in a :class:`TreeCache`:
+each distinct prompt is prefilled and stored once, samples and beams that share a prefix share its pages,
+and every decode step reads shared KV once (``treeattn.tree_decode``; DeepSeek-V3 through
+``treeattn.mla_tree_decode`` in the absorbed form). The attention runs as the ``"treeattn"`` entry of
+transformers' ``AttentionInterface``.
+
+This subpackage needs HF transformers (``pip install transformers``); the rest of treeattn does not.
+"""
+
+try:
+    import transformers  # noqa: F401
+except ImportError as err:  # pragma: no cover  (the test suite has transformers)
+    raise ImportError(
+        "treeattn.hf needs HF transformers, an optional dependency of treeattn: pip install transformers"
+    ) from err
+
+from .adapter import UnsupportedModel
+from .cache import TreeCache
+from .generate import generate
+
+__all__ = ["TreeCache", "generate", "UnsupportedModel"]

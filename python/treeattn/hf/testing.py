@@ -1,0 +1,46 @@
+"""Tiny random-init HF models (no download) for tests, examples and benchmarks of treeattn.hf."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+FAMILIES = ("llama", "qwen2", "deepseek_v3")
+
+
+def tiny_config(family: str = "llama", *, layers: int = 2, vocab: int = 128, **overrides):
+    """A small config of ``family`` (``"llama"``, ``"qwen2"`` or ``"deepseek_v3"``): hidden 64, 4 query heads
+    (2 KV heads for the GQA families; DeepSeek-V3: latent rank 32 + rope 16, YaRN rope so mscale² != 1)."""
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, max_position_embeddings=512, initializer_range=0.2,
+                  tie_word_embeddings=False)
+    if family == "llama":
+        config = transformers.LlamaConfig(**common, num_key_value_heads=2, head_dim=16)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(**common, num_key_value_heads=2)
+    elif family == "deepseek_v3":
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32,
+                "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
+        config = transformers.DeepseekV3Config(
+            **common, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+            qk_nope_head_dim=16, v_head_dim=16, rope_parameters=rope, moe_intermediate_size=32,
+            n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+            first_k_dense_replace=1,
+        )
+    else:
+        raise ValueError(f"family: expected one of {FAMILIES}, got {family!r}")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(family: str = "llama", *, seed: int = 0, dtype=torch.float32, device="cpu", **config_overrides):
+    """A random-init causal LM from :func:`tiny_config`, in eval mode."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **config_overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # non-trivial norms, so a wrong scale or a missing norm shows up
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.normal_(1.0, 0.2)
+    return model.to(device=device, dtype=dtype).eval()
