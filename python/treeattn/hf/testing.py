@@ -44,3 +44,27 @@ def tiny_model(family: str = "llama", *, seed: int = 0, dtype=torch.float32, dev
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.normal_(1.0, 0.2)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def cache_bytes(cache) -> int:
+    """KV bytes a cache holds: a transformers cache's key and value tensors (every row, padding included), or a
+    :class:`~treeattn.hf.TreeCache`'s pages in use."""
+    stats = getattr(cache, "stats", None)
+    if stats is not None:
+        return stats()["bytes_used"]
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def memory_report(tree_cache, default_cache=None) -> str:
+    """One line: what the TreeCache stores against one cache per sequence (and against ``default_cache``,
+    e.g. the cache ``model.generate`` returned)."""
+    s = tree_cache.stats()
+    line = (
+        f"KV: {s['tokens_stored']} tokens stored for {s['leaves']} sequences of {s['tokens_if_unshared']} tokens "
+        f"in all; {s['pages_used']} pages ({s['bytes_used'] / 1024:.1f} KiB) vs {s['pages_if_unshared']} pages one "
+        f"cache per sequence: {100 * s['memory_saved']:.0f}% saved"
+    )
+    if default_cache is not None:
+        default = cache_bytes(default_cache)
+        line += f"; model.generate's cache: {default / 1024:.1f} KiB ({default / max(s['bytes_used'], 1):.1f}x)"
+    return line
