@@ -1,0 +1,128 @@
+"""End to end: ``treeattn.hf.generate`` against ``model.generate`` (default cache, SDPA) for best-of-64 sampling
+and beam-8 search on a small random-init Llama.
+
+For each row: KV bytes the TreeCache holds at the end (pages in use) and at its peak, against the bytes of the
+cache ``model.generate`` returns (one row per sequence, padding included); tokens stored against one cache per
+sequence; whether the sequences are identical. On a GPU also tokens per second of both (new tokens of every
+sequence / wall time, after a warm-up run). On CPU nothing is timed (the Triton kernels run in the interpreter).
+
+    python bench/bench_hf.py --out bench/results/latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+import treeattn.hf  # noqa: E402
+from treeattn.hf.testing import cache_bytes, tiny_model  # noqa: E402
+
+PAGE_SIZE = 16
+ROWS = {
+    "best_of_64": dict(do_sample=True, num_return_sequences=64),
+    "beam_8": dict(num_beams=8, num_return_sequences=8),
+}
+
+
+def _timed(fn, on_gpu: bool):
+    if on_gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _peak_pages(model):
+    """Tracks the TreeCache's pages in use at every forward (after the step's append): returns (peaks, handle)."""
+    peaks = [0]
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache")
+        if isinstance(cache, treeattn.hf.TreeCache):
+            peaks[0] = max(peaks[0], cache.stats()["pages_used"])
+
+    return peaks, model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run_row(model, name: str, prompt_length: int, new_tokens: int, seed: int = 0) -> dict:
+    on_gpu = torch.cuda.is_available()
+    device = next(model.parameters()).device
+    prompt = torch.randint(3, model.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(seed),
+                           ).to(device)
+    kwargs = dict(ROWS[name], max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                  return_dict_in_generate=True)
+    if on_gpu:  # warm-up (Triton compiles, cuBLAS picks kernels)
+        treeattn.hf.generate(model, prompt, page_size=PAGE_SIZE, **kwargs)
+        model.generate(prompt, **kwargs)
+    peaks, handle = _peak_pages(model)
+    try:
+        torch.manual_seed(seed)
+        out, tree_s = _timed(lambda: treeattn.hf.generate(model, prompt, page_size=PAGE_SIZE, **kwargs), on_gpu)
+    finally:
+        handle.remove()
+    torch.manual_seed(seed)
+    ref, ref_s = _timed(lambda: model.generate(prompt, **kwargs), on_gpu)
+    stats = out.cache.stats()
+    default_bytes = cache_bytes(ref.cache)
+    sequences = out.sequences.shape[0]
+    row = {
+        "row": name,
+        "prompt": prompt_length,
+        "new_tokens": new_tokens,
+        "sequences": sequences,
+        "identical_sequences": bool(torch.equal(out.sequences, ref.sequences)),
+        "tokens_stored": stats["tokens_stored"],
+        "tokens_if_unshared": stats["tokens_if_unshared"],
+        "tree_kv_bytes": stats["bytes_used"],
+        "tree_kv_peak_bytes": peaks[0] * stats["bytes_per_page"],
+        "tree_pool_bytes": stats["num_pages"] * stats["bytes_per_page"],
+        "default_cache_kv_bytes": default_bytes,
+        "kv_saved": 1.0 - stats["bytes_used"] / default_bytes,
+        "kv_saved_at_peak": 1.0 - peaks[0] * stats["bytes_per_page"] / default_bytes,
+    }
+    if on_gpu:
+        row["tree_tokens_per_s"] = sequences * new_tokens / tree_s
+        row["default_tokens_per_s"] = sequences * new_tokens / ref_s
+        row["speedup"] = ref_s / tree_s
+    out.cache.release()
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/latest")
+    on_gpu = torch.cuda.is_available()
+    parser.add_argument("--prompt", type=int, default=1024 if on_gpu else 256)
+    parser.add_argument("--new-tokens", type=int, default=256 if on_gpu else 8)
+    args = parser.parse_args(argv)
+    device = "cuda" if on_gpu else "cpu"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    model = tiny_model("llama", layers=4, hidden=256, heads=8, vocab=1024, dtype=dtype, device=device)
+    rows = [run_row(model, name, args.prompt, args.new_tokens) for name in ROWS]
+    columns = ["row", "prompt", "new_tokens", "sequences", "identical_sequences", "tokens_stored", "tokens_if_unshared",
+               "tree_kv_bytes", "tree_kv_peak_bytes", "default_cache_kv_bytes", "kv_saved", "kv_saved_at_peak"]
+    if on_gpu:
+        columns += ["tree_tokens_per_s", "default_tokens_per_s", "speedup"]
+    common.print_table(rows, columns)
+    config = model.config
+    model_info = {"family": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                  "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
+                  "head_dim": config.head_dim, "vocab": config.vocab_size, "dtype": str(dtype), "page_size": PAGE_SIZE}
+    print(f"wrote {common.write_results(args.out, 'hf', {'env': common.environment(), 'model': model_info, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
