@@ -8,21 +8,23 @@ import transformers
 FAMILIES = ("llama", "qwen2", "deepseek_v3")
 
 
-def tiny_config(family: str = "llama", *, layers: int = 2, vocab: int = 128, **overrides):
-    """A small config of ``family`` (``"llama"``, ``"qwen2"`` or ``"deepseek_v3"``): hidden 64, 4 query heads
-    (2 KV heads for the GQA families; DeepSeek-V3: latent rank 32 + rope 16, YaRN rope so mscale² != 1)."""
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, max_position_embeddings=512, initializer_range=0.2,
+def tiny_config(family: str = "llama", *, layers: int = 2, vocab: int = 128, hidden: int = 64, heads: int = 4,
+                **overrides):
+    """A small config of ``family`` (``"llama"``, ``"qwen2"`` or ``"deepseek_v3"``): ``heads`` query heads of
+    ``hidden // heads`` (``heads // 2`` KV heads for the GQA families; DeepSeek-V3: latent rank 32 + rope 16,
+    YaRN rope so the softmax scale carries mscale²)."""
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, max_position_embeddings=4096, initializer_range=0.2,
                   tie_word_embeddings=False)
     if family == "llama":
-        config = transformers.LlamaConfig(**common, num_key_value_heads=2, head_dim=16)
+        config = transformers.LlamaConfig(**common, num_key_value_heads=max(1, heads // 2), head_dim=hidden // heads)
     elif family == "qwen2":
-        config = transformers.Qwen2Config(**common, num_key_value_heads=2)
+        config = transformers.Qwen2Config(**common, num_key_value_heads=max(1, heads // 2))
     elif family == "deepseek_v3":
         rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32,
                 "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
         config = transformers.DeepseekV3Config(
-            **common, num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+            **common, num_key_value_heads=heads, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
             qk_nope_head_dim=16, v_head_dim=16, rope_parameters=rope, moe_intermediate_size=32,
             n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
             first_k_dense_replace=1,
