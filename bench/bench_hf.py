@@ -121,7 +121,24 @@ def main(argv=None):
     model_info = {"family": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
                   "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
                   "head_dim": config.head_dim, "vocab": config.vocab_size, "dtype": str(dtype), "page_size": PAGE_SIZE}
-    print(f"wrote {common.write_results(args.out, 'hf', {'env': common.environment(), 'model': model_info, 'rows': rows})}")
+    payload = {"env": common.environment(), "model": model_info, "rows": rows, "summary": summary_lines(rows)}
+    print(f"wrote {common.write_results(args.out, 'hf', payload)}")
+
+
+def summary_lines(rows: list[dict]) -> list[dict]:
+    """The suite summary's lines for this benchmark (see summary.py)."""
+    lines = []
+    for r in rows:
+        case = f"{r['row']} (prompt {r['prompt']}, {r['new_tokens']} new tokens)"
+        same = "identical sequences" if r["identical_sequences"] else "SEQUENCES DIFFER"
+        lines.append({"case": case, "measure": "KV bytes at the end (peak)",
+                      "value": f"{r['tree_kv_bytes'] / 1e6:.2f} MB ({r['tree_kv_peak_bytes'] / 1e6:.2f} MB)",
+                      "vs": f"{r['default_cache_kv_bytes'] / r['tree_kv_bytes']:.1f}x fewer than model.generate's cache "
+                            f"({r['default_cache_kv_bytes'] / 1e6:.2f} MB); {same}"})
+        if "speedup" in r:
+            lines.append({"case": case, "measure": "tokens/s (GPU)", "value": f"{r['tree_tokens_per_s']:.0f}",
+                          "vs": f"{r['speedup']:.2f}x model.generate ({r['default_tokens_per_s']:.0f} tokens/s)"})
+    return lines
 
 
 if __name__ == "__main__":
