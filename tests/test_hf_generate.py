@@ -60,7 +60,7 @@ def _expected_tokens(lengths, rows_per_prompt, new_tokens):
 MODES = {
     "greedy": dict(do_sample=False, output_logits=True),
     "sample": dict(do_sample=True, num_return_sequences=3, temperature=1.3, top_k=40, top_p=0.95),
-    "beam": dict(num_beams=3, num_return_sequences=2),
+    "beam": dict(num_beams=3, num_return_sequences=2, output_scores=True),
 }
 
 
