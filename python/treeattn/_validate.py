@@ -3,6 +3,9 @@ value. Checks here are O(1) metadata reads: they never synchronise with the devi
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -17,11 +20,14 @@ def check_index_tensor(name: str, t) -> None:
         raise ValueError(f"{name}: expected a 1-D tensor, got shape {list(t.shape)}")
 
 
-def check_float_tensor(name: str, t, ndim: int) -> None:
+def check_float_tensor(name: str, t, ndim: int, *, fp8: bool = False) -> None:
+    """A floating tensor with ``ndim`` dims and a contiguous last dim; ``fp8`` also admits the FP8 formats
+    (KV caches)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected dtype float16, bfloat16 or float32, got {t.dtype}")
+    if t.dtype not in _FLOAT_DTYPES and not (fp8 and is_fp8(t.dtype)):
+        expected = "float16, bfloat16, float32, float8_e4m3fn or float8_e5m2" if fp8 else "float16, bfloat16 or float32"
+        raise ValueError(f"{name}: expected dtype {expected}, got {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"{name}: expected {ndim} dims, got shape {list(t.shape)}")
     if t.stride(-1) != 1:
@@ -60,3 +66,54 @@ def check_out(name: str, out, shape, dtype, device) -> None:
         )
     if not out.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor, got strides {list(out.stride())}")
+
+
+# FP8 KV caches (stored values times a per-tensor or per-KV-head fp32 scale give the true K/V).
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def check_cache_dtype(name: str, cache: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """A KV cache is in ``ref``'s dtype (16/32-bit) or in an FP8 format, on ``ref``'s device."""
+    if not is_fp8(cache.dtype):
+        check_same(name, cache, ref_name, ref)
+    elif cache.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (same as {ref_name}), got {cache.device}")
+
+
+def check_kv_scale(name: str, scale, cache: torch.Tensor, cache_name: str, num_heads: int | None) -> None:
+    """Validate the dequantization scale of ``cache``: true values are ``cache.to(float32) * scale``.
+
+    An FP8 cache needs a scale; a 16/32-bit cache takes none. A scale is a finite positive Python float or
+    an fp32 tensor on the cache's device with one element or, when ``num_heads`` is given (GQA),
+    ``[num_heads]`` (one per KV head). Values are checked where that costs no device sync (Python floats,
+    CPU tensors); the kernels turn a bad scale on the GPU into NaN output, never a plausible answer.
+    """
+    if not is_fp8(cache.dtype):
+        if scale is not None:
+            raise ValueError(
+                f"{name}: expected None for a {cache.dtype} {cache_name} (scales apply to float8 caches), "
+                f"got {type(scale).__name__}"
+            )
+        return
+    shapes = "a float or an fp32 tensor of shape [] or [1]" + (f" or [{num_heads}]" if num_heads is not None else "")
+    if scale is None:
+        raise ValueError(f"{name}: expected {shapes} for the {cache.dtype} {cache_name}, got None")
+    if isinstance(scale, torch.Tensor):
+        if scale.dtype != torch.float32:
+            raise ValueError(f"{name}: expected dtype torch.float32, got {scale.dtype}")
+        if scale.device != cache.device:
+            raise ValueError(f"{name}: expected device {cache.device} (same as {cache_name}), got {scale.device}")
+        allowed = [(), (1,)] + ([(num_heads,)] if num_heads is not None else [])
+        if tuple(scale.shape) not in allowed:
+            raise ValueError(f"{name}: expected {shapes}, got shape {list(scale.shape)}")
+        if scale.device.type == "cpu" and not bool(torch.isfinite(scale).all() & (scale > 0).all()):
+            raise ValueError(f"{name}: expected finite positive values, got {scale.tolist()}")
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"{name}: expected {shapes}, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name}: expected a finite positive scale, got {scale!r}")

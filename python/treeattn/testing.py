@@ -13,6 +13,8 @@ __all__ = [
     "tree_table",
     "random_table",
     "poisoned_cache",
+    "FP8_NAN_BYTE",
+    "fp8_cache",
     "WORKLOADS",
     "workload_table",
     "relative_error",
@@ -153,6 +155,46 @@ def poisoned_cache(
         used[table.token_slots(i).cpu()] = True
     cache.view(table.num_pages * table.page_size, -1)[~used] = float("nan")
     return cache.to(dtype=dtype, device=device)
+
+
+# 0x7F is NaN in both FP8 formats (e4m3fn: S.1111.111; e5m2: S.11111.11 with a nonzero mantissa).
+FP8_NAN_BYTE = 0x7F
+
+
+def fp8_cache(
+    table: PagedTable,
+    shape_tail: tuple[int, ...],
+    dtype: torch.dtype,
+    device,
+    *,
+    per_head: bool = False,
+    generator=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random FP8 cache ``[num_pages, page_size, *shape_tail]`` and its fp32 scale, with the NaN byte
+    :data:`FP8_NAN_BYTE` in every slot no query attends.
+
+    The values behind the cache are normal with a different magnitude per head (dim -2 when
+    ``shape_tail`` has two dims), so a per-head scale matters; ``per_head`` gives a scale ``[shape_tail[0]]``
+    (one per KV head), else a scalar tensor ``[]``. Each scale maps its largest value onto the format's
+    largest finite value. True values are ``reference.dequantize(cache, scale)``.
+    """
+    from .reference import quantize
+
+    g = generator
+    values = poisoned_cache(table, shape_tail, torch.float32, "cpu", generator=g)
+    if len(shape_tail) == 2:
+        values *= 2.0 ** torch.randint(-3, 4, (shape_tail[0], 1), generator=g).float()
+    finite = torch.nan_to_num(values, nan=0.0).abs()
+    if per_head:
+        if len(shape_tail) != 2:
+            raise ValueError(f"shape_tail: expected (num_kv_heads, head_dim) for per_head scales, got {shape_tail}")
+        amax = finite.amax(dim=(0, 1, 3))
+    else:
+        amax = finite.amax()
+    scale = (amax.clamp_min(1e-6) / torch.finfo(dtype).max).float()
+    cache = quantize(values, scale, dtype)
+    cache.view(torch.uint8)[values.isnan()] = FP8_NAN_BYTE
+    return cache.to(device), scale.to(device)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
