@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._utils import LOG2E, dot_precision, next_pow2
+from .fp8 import load_scale, scale_operand
 
 __all__ = ["merge_partials", "tree_decode", "tree_decode_stage1"]
 
@@ -24,7 +25,7 @@ def _tree_decode_stage1_kernel(
     q_ptr, k_ptr, v_ptr,
     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     kv_indices_ptr, item_page_ptr, item_num_tokens_ptr, item_row_ptr, row_query_ptr, row_dest_ptr,
-    sm_scale_log2,
+    sm_scale_log2, k_scale_ptr, stride_k_scale, v_scale_ptr, stride_v_scale, out_scale,
     stride_q_n, stride_q_h,
     stride_k_page, stride_k_slot, stride_k_head,
     stride_v_page, stride_v_slot, stride_v_head,
@@ -35,6 +36,7 @@ def _tree_decode_stage1_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr,
 ):
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -59,6 +61,13 @@ def _tree_decode_stage1_kernel(
         q_ptr + query[:, None].to(tl.int64) * stride_q_n + head[:, None] * stride_q_h + d[None, :],
         mask=row_valid[:, None] & d_valid[None, :], other=0.0,
     )
+    # FP8 caches: K's scale folds into the softmax scale, V's into the output (one KV head per program, so a
+    # per-head scale is one value here); tiles are converted to q's dtype in registers right after the load.
+    qk_scale = sm_scale_log2
+    if HAS_K_SCALE:
+        qk_scale = qk_scale * load_scale(k_scale_ptr, kv_head * stride_k_scale)
+    if HAS_V_SCALE:
+        out_scale = out_scale * load_scale(v_scale_ptr, kv_head * stride_v_scale)
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
@@ -73,8 +82,8 @@ def _tree_decode_stage1_kernel(
         k = tl.load(
             k_ptr + (page * stride_k_page + slot * stride_k_slot + kv_head * stride_k_head)[:, None] + d[None, :],
             mask=kv_mask, other=0.0,
-        )
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        ).to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(t_valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -83,11 +92,11 @@ def _tree_decode_stage1_kernel(
         v = tl.load(
             v_ptr + (page * stride_v_page + slot * stride_v_slot + kv_head * stride_v_head)[:, None] + d[None, :],
             mask=kv_mask, other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        ).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    o = acc / l_i[:, None]
+    o = acc / l_i[:, None] * out_scale
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
     dest = tl.load(row_dest_ptr + row_begin + local_query, mask=local_query < num_rows, other=-1)
     direct = row_valid & (dest < 0)
@@ -123,6 +132,8 @@ def tree_decode_stage1(
     sm_scale: float,
     max_queries_per_item: int,
     *,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
@@ -131,7 +142,8 @@ def tree_decode_stage1(
 
     q: ``[n, Hq, D]``; k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; out: ``[n, Hq, D]``;
     lse: fp32 ``[n, Hq]``; partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]``.
-    ``block_n`` (KV tokens per tile, a power of two >= 16), ``num_warps`` and ``num_stages`` are tuning knobs
+    The caches may be FP8 (``float8_e4m3fn`` / ``float8_e5m2``) with ``k_scale`` / ``v_scale``: true K is
+    ``k_cache * k_scale`` (a float, or an fp32 tensor ``[]`` / ``[1]`` / ``[Hkv]``). ``block_n`` (KV tokens per tile, a power of two >= 16), ``num_warps`` and ``num_stages`` are tuning knobs
     (defaults: 64 tokens for head dims up to 128, 4 warps up to 64 rows).
     """
     num_items = item_page_ptr.shape[0]
@@ -149,11 +161,13 @@ def tree_decode_stage1(
         block_n = 64 if head_dim_pad <= 128 else 32
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
+    k_scale_ptr, stride_k_scale, k_factor, has_k_scale = scale_operand(k_scale, lse)
+    v_scale_ptr, stride_v_scale, v_factor, has_v_scale = scale_operand(v_scale, lse)
     _tree_decode_stage1_kernel[(num_items, num_kv_heads)](
         q, k_cache, v_cache,
         out, lse, partial_o, partial_lse,
         kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
-        sm_scale * LOG2E,
+        sm_scale * LOG2E * k_factor, k_scale_ptr, stride_k_scale, v_scale_ptr, stride_v_scale, v_factor,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -164,6 +178,7 @@ def tree_decode_stage1(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_K_SCALE=has_k_scale, HAS_V_SCALE=has_v_scale,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -244,6 +259,8 @@ def tree_decode(
     partial_o: torch.Tensor,
     partial_lse: torch.Tensor,
     sm_scale: float,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
     **stage1_options,
 ) -> None:
     """Run a decode step: stage 1 over the plan's work items, then stage 2 over its merge queries.
@@ -254,6 +271,7 @@ def tree_decode(
     tree_decode_stage1(
         q, k_cache, v_cache, plan.kv_indices,
         plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
-        out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item, **stage1_options,
+        out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item,
+        k_scale=k_scale, v_scale=v_scale, **stage1_options,
     )
     merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)

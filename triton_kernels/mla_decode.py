@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._utils import LOG2E, dot_precision, next_pow2
+from .fp8 import load_scale, scale_operand
 from .gqa_decode import merge_partials
 
 __all__ = ["mla_tree_decode", "mla_tree_decode_stage1", "mla_tile_config"]
@@ -30,7 +31,7 @@ def _mla_tree_decode_stage1_kernel(
     q_ptr, kv_ptr,
     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
     kv_indices_ptr, item_page_ptr, item_num_tokens_ptr, item_row_ptr, row_query_ptr, row_dest_ptr,
-    sm_scale_log2,
+    sm_scale_log2, kv_scale_ptr, out_scale,
     num_heads, num_head_blocks, num_sub_blocks,
     stride_q_n, stride_q_h,
     stride_kv_page, stride_kv_slot,
@@ -42,6 +43,7 @@ def _mla_tree_decode_stage1_kernel(
     V_DIM: tl.constexpr, V_DIM_PAD: tl.constexpr,
     PE_DIM: tl.constexpr, PE_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_KV_SCALE: tl.constexpr,
 ):
     # Flat grid, item-major: the programs that read one item's chunk run next to each other (L2 reuse).
     pid = tl.program_id(0)
@@ -74,6 +76,13 @@ def _mla_tree_decode_stage1_kernel(
         dp_valid = dp < PE_DIM
         q_pe = tl.load(q_rows + V_DIM + dp[None, :], mask=row_valid[:, None] & dp_valid[None, :], other=0.0)
 
+    # FP8 cache: the scale folds into the softmax scale (K) and the output (V); tiles are converted to q's
+    # dtype in registers right after the load.
+    qk_scale = sm_scale_log2
+    if HAS_KV_SCALE:
+        kv_scale = load_scale(kv_scale_ptr, 0)
+        qk_scale = qk_scale * kv_scale
+        out_scale = out_scale * kv_scale
     m_i = tl.full([BLOCK_Q * HEAD_BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * HEAD_BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * HEAD_BLOCK, V_DIM_PAD], dtype=tl.float32)
@@ -85,24 +94,26 @@ def _mla_tree_decode_stage1_kernel(
         page = tl.load(kv_indices_ptr + first_page + t // PAGE_SIZE, mask=t_valid, other=0).to(tl.int64)
         kv_rows = kv_ptr + page * stride_kv_page + (t % PAGE_SIZE) * stride_kv_slot
         # The V part, loaded once: K's first V_DIM columns and V itself.
-        c_kv = tl.load(kv_rows[:, None] + dv[None, :], mask=t_valid[:, None] & dv_valid[None, :], other=0.0)
+        c_kv = tl.load(
+            kv_rows[:, None] + dv[None, :], mask=t_valid[:, None] & dv_valid[None, :], other=0.0
+        ).to(q_nope.dtype)
         scores = tl.dot(q_nope, tl.trans(c_kv), input_precision=DOT_PRECISION)
         if PE_DIM > 0:
             k_pe = tl.load(
                 kv_rows[:, None] + V_DIM + dp[None, :], mask=t_valid[:, None] & dp_valid[None, :], other=0.0
-            )
+            ).to(q_nope.dtype)
             scores += tl.dot(q_pe, tl.trans(k_pe), input_precision=DOT_PRECISION)
-        scores = tl.where(t_valid[None, :], scores * sm_scale_log2, float("-inf"))
+        scores = tl.where(t_valid[None, :], scores * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(c_kv.dtype), c_kv, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q_nope.dtype), c_kv, input_precision=DOT_PRECISION)
         m_i = m_new
 
     # l_i is 0 only in a program with no tokens (a query block past the item's queries): nothing is stored.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    o = acc / l_safe[:, None] * out_scale
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
     dest = tl.load(row_dest_ptr + row_begin + local_query, mask=query_valid, other=-1)
     direct = row_valid & (dest < 0)
@@ -148,6 +159,7 @@ def mla_tree_decode_stage1(
     sm_scale: float,
     max_queries_per_item: int,
     *,
+    kv_scale: torch.Tensor | float | None = None,
     block_m: int = 64,
     block_n: int = 32,
     num_warps: int | None = None,
@@ -157,6 +169,8 @@ def mla_tree_decode_stage1(
 
     q: ``[n, H, D]``; kv_cache: ``[num_pages, page_size, D]``; out: ``[n, H, Dv]`` (``Dv <= D``, V is
     ``kv_cache[..., :Dv]``); lse: fp32 ``[n, H]``; partial_o: fp32 ``[P, H, Dv]``; partial_lse: fp32 ``[P, H]``.
+    An FP8 ``kv_cache`` (``float8_e4m3fn`` / ``float8_e5m2``) comes with ``kv_scale`` (a float or an fp32
+    tensor ``[]`` / ``[1]``): the true latent row is ``kv_cache * kv_scale``.
     ``block_m`` (rows per program, a power of two >= 16) and ``block_n`` (tokens per KV tile) are tuning knobs.
     """
     num_items = item_page_ptr.shape[0]
@@ -172,11 +186,12 @@ def mla_tree_decode_stage1(
     rows = head_block * block_q
     if num_warps is None:
         num_warps = 4 if rows <= 32 else 8
+    kv_scale_ptr, _, kv_factor, has_kv_scale = scale_operand(kv_scale, lse)
     _mla_tree_decode_stage1_kernel[(num_items * num_q_blocks * num_head_blocks,)](
         q, kv_cache,
         out, lse, partial_o, partial_lse,
         kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
-        sm_scale * LOG2E,
+        sm_scale * LOG2E * kv_factor, kv_scale_ptr, kv_factor,
         num_heads, num_head_blocks, num_q_blocks * num_head_blocks,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
@@ -188,6 +203,7 @@ def mla_tree_decode_stage1(
         V_DIM=v_dim, V_DIM_PAD=max(16, next_pow2(v_dim)),
         PE_DIM=pe_dim, PE_DIM_PAD=max(16, next_pow2(pe_dim)) if pe_dim > 0 else 16,
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_KV_SCALE=has_kv_scale,
         num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -201,6 +217,7 @@ def mla_tree_decode(
     partial_o: torch.Tensor,
     partial_lse: torch.Tensor,
     sm_scale: float,
+    kv_scale: torch.Tensor | float | None = None,
     **stage1_options,
 ) -> None:
     """Run an MLA decode step: stage 1 over the plan's work items, then the shared stage-2 merge.
@@ -211,6 +228,6 @@ def mla_tree_decode(
     mla_tree_decode_stage1(
         q, kv_cache, plan.kv_indices,
         plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
-        out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item, **stage1_options,
+        out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item, kv_scale=kv_scale, **stage1_options,
     )
     merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)

@@ -15,7 +15,7 @@ import torch
 
 from . import _dispatch, reference
 from ._dispatch import register
-from ._validate import check_float_tensor, check_out, check_plan_matches, check_same
+from ._validate import check_cache_dtype, check_float_tensor, check_kv_scale, check_out, check_plan_matches, is_fp8
 from .plan import PlanArgs, TreePlan
 
 __all__ = ["tree_decode", "mla_tree_decode"]
@@ -28,38 +28,58 @@ _SM_SCALE_HINT = (
 
 
 # ---- backend implementations: (inputs, plan, outputs, workspace) -> None, writing out and lse --------------
+# FP8 scales arrive as a tensor, a float or None (16-bit caches).
 
 
 @register("tree_decode", "triton")
-def _tree_decode_triton(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale):
-    _dispatch.triton_kernels.gqa_decode.tree_decode(q, k_cache, v_cache, plan, out, lse, *workspace, sm_scale)
+def _tree_decode_triton(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale, k_scale, v_scale):
+    _dispatch.triton_kernels.gqa_decode.tree_decode(
+        q, k_cache, v_cache, plan, out, lse, *workspace, sm_scale, k_scale, v_scale
+    )
 
 
 @register("tree_decode", "reference")
-def _tree_decode_reference(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale):
+def _tree_decode_reference(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale, k_scale, v_scale):
     o_ref, lse_ref = reference.tree_decode(
-        q, k_cache, v_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, sm_scale=sm_scale
+        q, k_cache, v_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, sm_scale=sm_scale,
+        k_scale=k_scale, v_scale=v_scale,
     )
     out.copy_(o_ref)
     lse.copy_(lse_ref)
 
 
 @register("mla_tree_decode", "triton")
-def _mla_tree_decode_triton(q, kv_cache, plan, out, lse, workspace, sm_scale):
-    _dispatch.triton_kernels.mla_decode.mla_tree_decode(q, kv_cache, plan, out, lse, *workspace, sm_scale)
+def _mla_tree_decode_triton(q, kv_cache, plan, out, lse, workspace, sm_scale, kv_scale):
+    _dispatch.triton_kernels.mla_decode.mla_tree_decode(q, kv_cache, plan, out, lse, *workspace, sm_scale, kv_scale)
 
 
 @register("mla_tree_decode", "reference")
-def _mla_tree_decode_reference(q, kv_cache, plan, out, lse, workspace, sm_scale):
+def _mla_tree_decode_reference(q, kv_cache, plan, out, lse, workspace, sm_scale, kv_scale):
     o_ref, lse_ref = reference.mla_tree_decode(
         q, kv_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
-        sm_scale=sm_scale, v_head_dim=out.shape[2],
+        sm_scale=sm_scale, v_head_dim=out.shape[2], kv_scale=kv_scale,
     )
     out.copy_(o_ref)
     lse.copy_(lse_ref)
 
 
 # ---- registered ops -------------------------------------------------------------------------------------
+# A registered op cannot take "tensor or float": an FP8 scale travels as (tensor or None, float factor).
+
+
+def _split_scale(scale) -> tuple[torch.Tensor | None, float]:
+    """A validated scale as the registered ops take it."""
+    if isinstance(scale, torch.Tensor):
+        return scale, 1.0
+    return None, 1.0 if scale is None else float(scale)
+
+
+def _join_scale(tensor: torch.Tensor | None, factor: float, cache: torch.Tensor):
+    """Inverse of :func:`_split_scale` inside a registered op: the tensor, the float, or None (16-bit cache)."""
+    if tensor is not None:
+        return tensor
+    return factor if is_fp8(cache.dtype) else None
+
 
 
 @torch.library.custom_op("treeattn::tree_decode_run", mutates_args=("out", "lse", "partial_o", "partial_lse"))
@@ -75,13 +95,21 @@ def _tree_decode_run(
     sm_scale: float,
     page_size: int,
     max_queries_per_item: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    k_scale_factor: float = 1.0,
+    v_scale_factor: float = 1.0,
 ) -> None:
     plan = PlanArgs(plan_tensors, page_size, max_queries_per_item)
-    _dispatch.run("tree_decode", q.device, q, k_cache, v_cache, plan, out, lse, (partial_o, partial_lse), sm_scale)
+    _dispatch.run(
+        "tree_decode", q.device, q, k_cache, v_cache, plan, out, lse, (partial_o, partial_lse), sm_scale,
+        _join_scale(k_scale, k_scale_factor, k_cache), _join_scale(v_scale, v_scale_factor, v_cache),
+    )
 
 
 @_tree_decode_run.register_fake
-def _(q, k_cache, v_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item):
+def _(q, k_cache, v_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item,
+      k_scale=None, v_scale=None, k_scale_factor=1.0, v_scale_factor=1.0):
     return None
 
 
@@ -99,13 +127,19 @@ def _mla_tree_decode_run(
     sm_scale: float,
     page_size: int,
     max_queries_per_item: int,
+    kv_scale: torch.Tensor | None = None,
+    kv_scale_factor: float = 1.0,
 ) -> None:
     plan = PlanArgs(plan_tensors, page_size, max_queries_per_item)
-    _dispatch.run("mla_tree_decode", q.device, q, kv_cache, plan, out, lse, (partial_o, partial_lse), sm_scale)
+    _dispatch.run(
+        "mla_tree_decode", q.device, q, kv_cache, plan, out, lse, (partial_o, partial_lse), sm_scale,
+        _join_scale(kv_scale, kv_scale_factor, kv_cache),
+    )
 
 
 @_mla_tree_decode_run.register_fake
-def _(q, kv_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item):
+def _(q, kv_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item,
+      kv_scale=None, kv_scale_factor=1.0):
     return None
 
 
@@ -132,6 +166,8 @@ def tree_decode(
     plan: TreePlan,
     *,
     sm_scale: float | None = None,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
     out: torch.Tensor | None = None,
     lse_out: torch.Tensor | None = None,
     return_lse: bool = False,
@@ -140,9 +176,15 @@ def tree_decode(
 
     Args:
         q: ``[num_queries, num_qo_heads, head_dim]``, fp16/bf16 (fp32 too; CPU: fp32/fp16 under the interpreter).
-        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD), q's dtype and device.
+        k_cache, v_cache: ``[num_pages, page_size, num_kv_heads, head_dim]`` (NHD) on q's device, in q's dtype
+            or FP8 (``torch.float8_e4m3fn`` / ``torch.float8_e5m2``: half the bytes read per token).
         plan: from :func:`treeattn.plan` for this step's table (reuse it in every layer).
         sm_scale: softmax scale, default ``1/sqrt(head_dim)``.
+        k_scale, v_scale: required for an FP8 cache, None otherwise: the true K is ``k_cache.to(float32) *
+            k_scale`` (V likewise). A finite positive float, or an fp32 tensor on q's device of shape ``[]``,
+            ``[1]`` or ``[num_kv_heads]`` (one per KV head). The kernels dequantize in registers: no copy of
+            the cache is made. Tensor values are checked on the host only for CPU tensors (no device sync);
+            on the GPU a scale that is not finite and positive turns the output NaN.
         out: optional ``[num_queries, num_qo_heads, head_dim]`` in q's dtype, written in place.
         lse_out: optional fp32 ``[num_queries, num_qo_heads]`` for the LSE, written in place.
         return_lse: also return ``lse`` (fp32, natural log; -inf for a query with empty KV).
@@ -156,10 +198,10 @@ def tree_decode(
         >>> o = treeattn.tree_decode(q, k_cache, v_cache, plan)
     """
     check_float_tensor("q", q, 3)
-    check_float_tensor("k_cache", k_cache, 4)
-    check_float_tensor("v_cache", v_cache, 4)
-    check_same("k_cache", k_cache, "q", q)
-    check_same("v_cache", v_cache, "q", q)
+    check_float_tensor("k_cache", k_cache, 4, fp8=True)
+    check_float_tensor("v_cache", v_cache, 4, fp8=True)
+    check_cache_dtype("k_cache", k_cache, "q", q)
+    check_cache_dtype("v_cache", v_cache, "q", q)
     if not isinstance(plan, TreePlan):
         raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
     num_queries, num_qo_heads, head_dim = q.shape
@@ -174,12 +216,17 @@ def tree_decode(
         raise ValueError(
             f"q: expected num_qo_heads to be a multiple of num_kv_heads={num_kv_heads}, got {num_qo_heads}"
         )
+    check_kv_scale("k_scale", k_scale, k_cache, "k_cache", num_kv_heads)
+    check_kv_scale("v_scale", v_scale, v_cache, "v_cache", num_kv_heads)
     check_plan_matches(plan, q, k_cache, "k_cache")
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     out, lse_out, partial_o, partial_lse = decode_buffers(q, plan, out, lse_out, v_cache.shape[3])
+    k_scale_tensor, k_scale_factor = _split_scale(k_scale)
+    v_scale_tensor, v_scale_factor = _split_scale(v_scale)
     torch.ops.treeattn.tree_decode_run(
         q, k_cache, v_cache, plan.tensor_args(), out, lse_out, partial_o, partial_lse,
         scale, plan.page_size, plan.max_queries_per_item,
+        k_scale_tensor, v_scale_tensor, k_scale_factor, v_scale_factor,
     )
     return (out, lse_out) if return_lse else out
 
@@ -191,6 +238,7 @@ def mla_tree_decode(
     *,
     sm_scale: float | None = None,
     v_head_dim: int = 512,
+    kv_scale: torch.Tensor | float | None = None,
     out: torch.Tensor | None = None,
     lse_out: torch.Tensor | None = None,
     return_lse: bool = False,
@@ -204,12 +252,16 @@ def mla_tree_decode(
         q: ``[num_queries, num_heads, head_dim]`` = ``q_nope·W_UK ‖ q_pe`` (576 = 512 + 64 for DeepSeek-V3;
             other splits such as 288 = 256 + 32 work too), fp16/bf16/fp32 (CPU: fp32/fp16 under the Triton
             interpreter). Any head count (1..128 and more).
-        kv_cache: ``[num_pages, page_size, head_dim]`` latent cache (``c_kv ‖ k_pe``), q's dtype and device.
+        kv_cache: ``[num_pages, page_size, head_dim]`` latent cache (``c_kv ‖ k_pe``) on q's device, in q's
+            dtype or FP8 (``torch.float8_e4m3fn`` / ``torch.float8_e5m2``).
         plan: from :func:`treeattn.plan` for this step's table (``num_qo_heads=num_heads, num_kv_heads=1``
             sizes its query blocks for MLA; any plan is exact). Reuse it in every layer.
         sm_scale: **required** softmax scale. DeepSeek-V3 uses ``1/sqrt(192)·mscale²`` (qk_nope 128 +
             qk_rope 64), not ``1/sqrt(576)``.
         v_head_dim: width of V and of the output, ``1..head_dim`` (512 = kv_lora_rank for DeepSeek-V3).
+        kv_scale: required for an FP8 cache, None otherwise: the true latent row is ``kv_cache.to(float32) *
+            kv_scale``; a finite positive float or an fp32 tensor ``[]`` / ``[1]`` on q's device (checked as
+            :func:`tree_decode` checks ``k_scale``).
         out: optional ``[num_queries, num_heads, v_head_dim]`` in q's dtype, written in place.
         lse_out: optional fp32 ``[num_queries, num_heads]`` for the LSE, written in place.
         return_lse: also return ``lse``.
@@ -235,8 +287,8 @@ def mla_tree_decode(
     if isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real) or not math.isfinite(sm_scale) or sm_scale <= 0:
         raise ValueError(f"sm_scale: expected a finite positive float, got {sm_scale!r}")
     check_float_tensor("q", q, 3)
-    check_float_tensor("kv_cache", kv_cache, 3)
-    check_same("kv_cache", kv_cache, "q", q)
+    check_float_tensor("kv_cache", kv_cache, 3, fp8=True)
+    check_cache_dtype("kv_cache", kv_cache, "q", q)
     if not isinstance(plan, TreePlan):
         raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
     num_queries, num_heads, head_dim = q.shape
@@ -246,10 +298,12 @@ def mla_tree_decode(
         )
     if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= head_dim:
         raise ValueError(f"v_head_dim: expected an int in 1..{head_dim} (q.shape[2]), got {v_head_dim!r}")
+    check_kv_scale("kv_scale", kv_scale, kv_cache, "kv_cache", None)
     check_plan_matches(plan, q, kv_cache, "kv_cache")
     out, lse_out, partial_o, partial_lse = decode_buffers(q, plan, out, lse_out, v_head_dim)
+    kv_scale_tensor, kv_scale_factor = _split_scale(kv_scale)
     torch.ops.treeattn.mla_tree_decode_run(
         q, kv_cache, plan.tensor_args(), out, lse_out, partial_o, partial_lse,
-        float(sm_scale), plan.page_size, plan.max_queries_per_item,
+        float(sm_scale), plan.page_size, plan.max_queries_per_item, kv_scale_tensor, kv_scale_factor,
     )
     return (out, lse_out) if return_lse else out
