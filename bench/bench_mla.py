@@ -49,12 +49,13 @@ def flops(plan, num_heads: int) -> int:
     return 2 * plan.stats["naive_tokens"] * num_heads * (HEAD_DIM + KV_LORA)
 
 
-def byte_model(plan, num_heads: int) -> dict:
-    """Bytes per layer: q and o once; latent KV per method; fp32 partial states (written and read) for treeattn."""
+def byte_model(plan, num_heads: int, kv_dtype_bytes: int = DTYPE_BYTES) -> dict:
+    """Bytes per layer: q and o once; latent KV per method (``kv_dtype_bytes`` per element: 1 for an FP8
+    cache); fp32 partial states (written and read) for treeattn."""
     n = plan.num_queries
     qo = n * num_heads * (HEAD_DIM + KV_LORA) * DTYPE_BYTES
     partial = 2 * plan.stats["partial_rows"] * num_heads * (KV_LORA + 1) * 4
-    kv = lambda tokens: tokens * HEAD_DIM * DTYPE_BYTES  # noqa: E731
+    kv = lambda tokens: tokens * HEAD_DIM * kv_dtype_bytes  # noqa: E731
     return {
         "unique_bytes": kv(plan.stats["unique_tokens"]) + qo,
         "treeattn_bytes": kv(plan.stats["planned_tokens"]) + qo + partial,

@@ -44,18 +44,19 @@ def plan_host_us(table, repeats: int = 7, **kw) -> float:
     return statistics.median(times)
 
 
-def kv_bytes(tokens: int) -> int:
-    return tokens * NUM_KV_HEADS * HEAD_DIM * 2 * DTYPE_BYTES  # K and V
+def kv_bytes(tokens: int, kv_dtype_bytes: int = DTYPE_BYTES) -> int:
+    return tokens * NUM_KV_HEADS * HEAD_DIM * 2 * kv_dtype_bytes  # K and V
 
 
-def byte_model(plan, num_queries: int) -> dict:
-    """Bytes each method reads/writes per layer: q/o once, KV per method, fp32 partials for treeattn."""
+def byte_model(plan, num_queries: int, kv_dtype_bytes: int = DTYPE_BYTES) -> dict:
+    """Bytes each method reads/writes per layer: q/o once, KV per method (``kv_dtype_bytes`` per element: 1
+    for an FP8 cache), fp32 partials for treeattn."""
     qo = 2 * num_queries * NUM_QO_HEADS * HEAD_DIM * DTYPE_BYTES
     partial = 2 * plan.stats["partial_rows"] * NUM_QO_HEADS * (HEAD_DIM + 1) * 4
     return {
-        "unique_bytes": kv_bytes(plan.stats["unique_tokens"]) + qo,
-        "treeattn_bytes": kv_bytes(plan.stats["planned_tokens"]) + qo + partial,
-        "per_branch_bytes": kv_bytes(plan.stats["naive_tokens"]) + qo,
+        "unique_bytes": kv_bytes(plan.stats["unique_tokens"], kv_dtype_bytes) + qo,
+        "treeattn_bytes": kv_bytes(plan.stats["planned_tokens"], kv_dtype_bytes) + qo + partial,
+        "per_branch_bytes": kv_bytes(plan.stats["naive_tokens"], kv_dtype_bytes) + qo,
     }
 
 
