@@ -6,8 +6,9 @@ query per leaf). ``table_plan_us`` is ``treeattn.plan`` on the CSR table of the 
 ``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after every leaf grew by
 one token (a decode loop's step); ``cache_plan_new_nodes_us`` plans a different node list every call (the
 leaves in turn forwards and backwards, as when branches change every step), so the cache cannot reuse the
-subtree it found for the last call. Host time is real on any machine, so this runs on CPU as well as on the
-GPU machine.
+subtree it found for the last call; ``append_us`` is the host time of that step's ``cache.append(leaves)``
+(one token per leaf: page bookkeeping and the new slots). Host time is real on any machine, so this runs on
+CPU as well as on the GPU machine.
 
     python bench/bench_cache_plan.py --out bench/results/latest
 """
@@ -54,7 +55,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = []
     for name in WORKLOADS:
-        cache, leaves = build_tree(name, appends=args.repeats + 1)  # the after-append runs' warm-up + repeats
+        cache, leaves = build_tree(name, appends=2 * (args.repeats + 1))  # two timed runs of appends, warm-ups included
         table = cache.plan(leaves)
         csr = (table.kv_indptr, table.kv_indices, table.kv_last_page_len)
         row = {
@@ -66,12 +67,13 @@ def main(argv=None):
             "cache_plan_after_append_us": common.host_us(lambda: cache.plan(leaves), args.repeats,
                                                     before=lambda: cache.append(leaves)),
         }
+        row["append_us"] = common.host_us(lambda: cache.append(leaves), args.repeats)
         orders, calls = [leaves, leaves[::-1]], itertools.count()
         row["cache_plan_new_nodes_us"] = common.host_us(lambda: cache.plan(orders[next(calls) % 2]), args.repeats)
         row["cache_vs_table"] = row["cache_plan_us"] / row["table_plan_us"]
         rows.append(row)
     common.print_table(rows, ["workload", "queries", "nnz_pages", "table_plan_us", "cache_plan_us", "cache_vs_table",
-                              "cache_plan_after_append_us", "cache_plan_new_nodes_us"])
+                              "cache_plan_after_append_us", "cache_plan_new_nodes_us", "append_us"])
     print(f"wrote {common.write_results(args.out, 'cache_plan', {'env': common.environment(), 'rows': rows})}")
 
 

@@ -36,7 +36,8 @@ def test_paths_and_slots(tree):
     assert tree.path_pages(grandchild).tolist() == [7, 3, 9]  # its copy replaces page 5 on its path
     assert tree.slots(grandchild).tolist() == [37]
     assert tree.slots(empty).tolist() == [] and tree.path_slots(empty).tolist() == tree.path_slots(tree.node(0)).tolist()
-    assert tree.slots(kid, 7, 9).tolist() == [15, 20]
+    assert tree.last_slots([kid, grandchild, kid], 1) == [20, 37, 20]
+    assert tree.last_slots([kid], 3) == [14, 15, 20] and tree.last_slots([empty], 0) == []
     assert tree.tail_page(empty) == 3 and tree.tail_page(grandchild) == 9
 
 

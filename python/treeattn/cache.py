@@ -43,9 +43,6 @@ from .tree import NodeTree
 
 __all__ = ["TreeKVCache", "OutOfPages"]
 
-_EMPTY = np.zeros(0, dtype=np.int64)
-
-
 # ---- registered ops: one launch each, dispatched like the attention ops -------------------------------
 
 
@@ -314,15 +311,13 @@ class TreeKVCache:
         s = self.page_size
         branches = [(n.end, self.tree.tail_page(n) if n.end % s else -1, n.end > n.start) for n in nodes]
         growth = self.allocator.extend(branches, k, "append")  # raises before anything changed
-        slots = []
         for n, pages in zip(nodes, growth.new_pages):
             self.tree.grow(n, pages, k)
-            slots.append(self.tree.slots(n, n.end - k, n.end))
         if growth.copy_src:
             torch.ops.treeattn.copy_pages_run(
                 self._pool, *(self._to_device(np.asarray(x)) for x in (growth.copy_src, growth.copy_dst, growth.copy_slots))
             )
-        return self._slots_out(np.concatenate(slots) if slots else _EMPTY)
+        return self._slots_out(np.array(self.tree.last_slots(nodes, k), dtype=np.int64))
 
     def release(self, node: int) -> None:
         """Release ``node``: it can no longer be used; every page nothing else references is freed. The tokens

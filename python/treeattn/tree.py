@@ -236,15 +236,21 @@ class NodeTree:
 
     # ---- slots ----
 
-    def slots(self, n: Node, begin: int | None = None, end: int | None = None) -> np.ndarray:
-        """int64 flat slots of path positions ``[begin, end)`` (default: the node's own ``[start, end)``)."""
+    def slots(self, n: Node) -> np.ndarray:
+        """int64 flat slots of the node's own path positions ``[start, end)``."""
         s = self.page_size
-        begin = n.start if begin is None else begin
-        end = n.end if end is None else end
-        pos = np.arange(begin, end, dtype=np.int64)
-        first = n.start // s
-        pages = np.asarray(n.pages[begin // s - first : (end + s - 1) // s - first], dtype=np.int64)
-        return pages[pos // s - begin // s] * s + pos % s
+        pos = np.arange(n.start, n.end, dtype=np.int64)
+        return np.asarray(n.pages, dtype=np.int64)[pos // s - n.start // s] * s + pos % s
+
+    def last_slots(self, nodes: list[Node], num_tokens: int) -> list[int]:
+        """Flat slots of each node's last ``num_tokens`` positions (all its own), node-major. Plain ints: a
+        decode step asks for a few per node, where a numpy pass per node would cost more than the arithmetic."""
+        s = self.page_size
+        out = []
+        for n in nodes:
+            pages, first = n.pages, n.start // s
+            out.extend(pages[p // s - first] * s + p % s for p in range(n.end - num_tokens, n.end))
+        return out
 
     def path_pages(self, n: Node) -> np.ndarray:
         """int64 page ids of the root→n path (indices ``0 .. ceil(n.end / page_size) - 1``), cached per node."""
