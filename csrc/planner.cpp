@@ -1,28 +1,35 @@
-// Host planner of treeattn (pybind11 module treeattn._planner): the C++ twin of the numpy planner in
-// python/treeattn/plan.py. Both produce identical plans (tests/test_planner_cpp.py checks it); this one
-// meets the DESIGN §4 host budget (<= 200 us for 256 queries x 8k tokens at page size 16).
+// Host planner of treeattn (pybind11 module treeattn._planner): a decode step's paged table -> work items.
 //
 // Two entry points, one back end:
 // - plan_table (treeattn.plan): validate the CSR table; key every page slot by (page id, tokens used); sort
-//   queries lexicographically by key lists (multikey radix sort that skips common runs with memcmp); LCPs of
+//   queries lexicographically by key lists (multikey sort that skips common runs with memcmp); LCPs of
 //   neighbours; LCP-interval stack walk -> compressed-trie edges.
 // - plan_tree (TreeKVCache.plan): the cache knows its tree, so the edges come from a walk of the queried
 //   subtree (O(nodes + queries): no sorting, no page comparisons) and the table is written from the nodes'
 //   page lists.
 // Back end (build_items): edges -> chunks x query blocks -> work items, rows, partial-state rows
-// (root->leaf per query) and the stage-2 merge CSR, packed into one int32 buffer in the order
-// python/treeattn/plan.py unpacks it.
+// (root->leaf per query) and the stage-2 merge CSR. pack() writes the table and those arrays into one int32
+// buffer, laid out as kPieces says (padded to a fixed capacity when one is given); python/treeattn/plan.py
+// splits it by the returned piece sizes and never restates the layout.
+//
+// This module is the only place that defines the packed layout and the sizing policy (kSizing). Every input
+// is validated here (bad input raises ValueError/TypeError, never reads out of bounds); the plan owns copies
+// of everything it keeps. Cost: O(nnz + n log n) time and O(nnz + n) memory, whatever the page ids are.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace py = pybind11;
@@ -30,7 +37,124 @@ using i64 = int64_t;
 
 namespace {
 
-using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using Int32Array = py::array_t<int32_t, py::array::c_style>;
+
+// ---- the sizing policy (what the work items look like; never what they compute) ----
+
+struct SizingPolicy {
+  // Stage-1 M tile (queries x GQA group heads of one KV head) the planner aims for; 64 rows keep the fp32
+  // accumulator of a 128-wide head in registers.
+  i64 target_rows_per_item = 64;
+  // An item's partial-state traffic is ~2 * rows / chunk_tokens of its KV traffic: 16 tokens per row keeps
+  // it near 12%.
+  i64 tokens_per_partial_row = 16;
+  i64 min_chunk_tokens = 128;
+  // Stage-1 programs per SM to aim for, so that uneven items still fill the machine.
+  i64 programs_per_sm = 4;
+  // Head counts assumed when the caller gives no hints (GQA 32 query / 8 KV heads).
+  i64 default_group = 4;
+  i64 default_kv_heads = 8;
+};
+constexpr SizingPolicy kSizing{};
+
+// ---- the packed plan layout ----
+
+// The plan's int32 arrays, in buffer order. Under a capacity each piece has a fixed size and is padded so
+// that padding reads and writes nothing: padding items have no tokens and repeat the last row pointer
+// (no rows), padding rows write nowhere (-1), padding merge entries have query -1 and no partials.
+enum class Pad { kNone, kZero, kMinusOne, kLast };
+struct PieceSpec {
+  const char* name;
+  Pad pad;
+};
+constexpr PieceSpec kPieces[] = {
+    {"kv_indptr", Pad::kNone},          // [n + 1] the table, as validated and copied
+    {"kv_indices", Pad::kZero},         // [nnz] page ids
+    {"kv_last_page_len", Pad::kNone},   // [n]
+    {"item_page_ptr", Pad::kZero},      // [items] offset into kv_indices of the item's first page
+    {"item_num_tokens", Pad::kZero},    // [items] KV tokens the item reads
+    {"item_row_ptr", Pad::kLast},       // [items + 1] the item's rows
+    {"row_query", Pad::kZero},          // [rows] query of each (item, query) row
+    {"row_dest", Pad::kMinusOne},       // [rows] partial row it writes, -1: the output directly
+    {"merge_query", Pad::kMinusOne},    // [merges] queries stage 2 writes (several partials, or empty KV)
+    {"merge_ptr", Pad::kLast},          // [merges + 1] each merge query's partial rows, root->leaf
+};
+constexpr size_t kNumPieces = sizeof(kPieces) / sizeof(kPieces[0]);
+
+// Fixed piece sizes (treeattn.PlanCapacity): items, rows, partial_rows, merge_queries, nnz.
+struct Capacity {
+  i64 items, rows, partial_rows, merge_queries, nnz;
+};
+
+std::string str(i64 v) { return std::to_string(v); }
+std::string type_name(const py::handle& obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+// What a plan is asked for, beyond its table.
+struct Options {
+  i64 page_size = 0;
+  i64 num_pages = -1;  // pool size bounding page ids; -1: no bound
+  bool share_prefixes = true;
+  i64 group = kSizing.default_group;  // query heads per KV head (rows per query)
+  i64 kv_heads = kSizing.default_kv_heads;
+  i64 num_sms = 132;
+  std::optional<Capacity> capacity;
+  i64 max_queries_per_item = 0;  // > 0: no item holds more queries (refill of a fixed-capacity plan)
+};
+
+i64 checked(const char* name, i64 value, i64 low, i64 high) {
+  if (value < low || value > high)
+    throw std::invalid_argument(std::string(name) + ": expected an int in [" + str(low) + ", " + str(high) +
+                                "], got " + str(value));
+  return value;
+}
+
+Options make_options(i64 page_size, std::optional<i64> num_pages, bool share_prefixes,
+                     std::optional<i64> num_qo_heads, std::optional<i64> num_kv_heads, i64 num_sms,
+                     const py::object& capacity, std::optional<i64> max_queries_per_item) {
+  Options o;
+  o.page_size = checked("page_size", page_size, 1, INT32_MAX);
+  // Page ids are int32: a pool of 2^31 pages holds every one of them.
+  if (num_pages) o.num_pages = checked("num_pages", *num_pages, 0, i64{1} << 31);
+  o.share_prefixes = share_prefixes;
+  if (num_qo_heads) checked("num_qo_heads", *num_qo_heads, 1, INT32_MAX);
+  if (num_kv_heads) o.kv_heads = checked("num_kv_heads", *num_kv_heads, 1, INT32_MAX);
+  if (num_qo_heads && num_kv_heads) o.group = std::max<i64>(1, *num_qo_heads / *num_kv_heads);
+  o.num_sms = checked("num_sms", num_sms, 1, INT32_MAX);
+  if (max_queries_per_item) o.max_queries_per_item = checked("max_queries_per_item", *max_queries_per_item, 1, INT32_MAX);
+  if (!capacity.is_none()) {
+    Capacity c{};
+    const std::pair<const char*, i64*> fields[] = {{"items", &c.items}, {"rows", &c.rows},
+                                                   {"partial_rows", &c.partial_rows},
+                                                   {"merge_queries", &c.merge_queries}, {"nnz", &c.nnz}};
+    for (auto [name, value] : fields) {
+      if (!py::hasattr(capacity, name))
+        throw py::type_error("capacity: expected a PlanCapacity (items, rows, partial_rows, merge_queries, nnz), "
+                             "got " + type_name(capacity));
+      *value = checked((std::string("capacity.") + name).c_str(), capacity.attr(name).cast<i64>(), 1, INT32_MAX - 1);
+    }
+    o.capacity = c;
+  }
+  return o;
+}
+
+// A 1-D int32 numpy array, C-contiguous: a strided or broadcast (stride-0) view is copied, so the planner
+// and the plan read exactly the values it was given. Other dtypes are refused, never cast (an int64 2^32 + 1
+// must not become page 1).
+Int32Array int32_array(const py::handle& obj, const char* name) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + ": expected a 1-D int32 numpy array, got " + type_name(obj));
+  const auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (arr.dtype().kind() != 'i' || arr.dtype().itemsize() != 4)
+    throw py::type_error(std::string(name) + ": expected dtype int32, got " + std::string(py::str(arr.dtype())));
+  if (arr.ndim() != 1) {
+    std::string shape;
+    for (py::ssize_t d = 0; d < arr.ndim(); ++d) shape += (d ? ", " : "") + str(arr.shape(d));
+    throw std::invalid_argument(std::string(name) + ": expected a 1-D array, got shape [" + shape + "]");
+  }
+  auto out = Int32Array::ensure(arr);
+  if (!out) throw py::error_already_set();
+  return out;
+}
 
 struct Table {
   const int32_t* indptr;
@@ -40,8 +164,6 @@ struct Table {
   i64 nnz;
   i64 page_size;
 };
-
-std::string str(i64 v) { return std::to_string(v); }
 
 // Validates the table; returns the largest page id (-1 when there are no pages).
 i64 check_table(const Table& t, i64 num_pages) {
@@ -103,11 +225,15 @@ struct Keys {
   }
 };
 
-struct Sorter {
-  const Keys& keys;
-
-  // Sorts order[lo:hi) lexicographically given that all of them agree on depths [0, depth); stable.
-  void sort(std::vector<i64>& order, i64 lo, i64 hi, i64 depth) const {
+// Sorts the queries lexicographically by key lists (stable). A work list of (lo, hi, depth) ranges whose
+// members agree on depths [0, depth), not recursion: deep chains of nested groups cannot overflow the stack.
+std::vector<i64> sorted_queries(const Keys& keys, i64 n) {
+  std::vector<i64> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::vector<std::array<i64, 3>> todo{{0, n, 0}};
+  while (!todo.empty()) {
+    auto [lo, hi, depth] = todo.back();
+    todo.pop_back();
     while (hi - lo > 1) {
       // Skip the run that every member shares from `depth` on (one memcmp per member).
       i64 first = order[lo];
@@ -119,26 +245,21 @@ struct Sorter {
       depth += shared;
       std::stable_sort(order.begin() + lo, order.begin() + hi,
                        [&](i64 a, i64 b) { return keys.at(a, depth) < keys.at(b, depth); });
-      // Recurse into every group of equal keys but the last; loop on the last (bounded stack on deep chains).
+      // Every group of equal keys but the last goes on the work list; the loop goes on with the last.
       i64 group_lo = lo;
       for (i64 i = lo + 1; i < hi; ++i) {
         if (keys.at(order[i], depth) != keys.at(order[group_lo], depth)) {
-          if (keys.at(order[group_lo], depth) >= 0) sort(order, group_lo, i, depth + 1);
+          if (keys.at(order[group_lo], depth) >= 0) todo.push_back({group_lo, i, depth + 1});
           group_lo = i;
         }
       }
-      if (keys.at(order[group_lo], depth) < 0) return;  // lists that all ended: identical, already stable
+      if (keys.at(order[group_lo], depth) < 0) break;  // lists that all ended: identical, already stable
       lo = group_lo;
       depth += 1;
     }
   }
-};
-
-// Compressed-trie edges: edge k is pages [depth, depth + pages) of the sorted queries lo..hi-1, stored at
-// kv_indices[first_page : first_page + pages], with `tail` unused slots in its last page.
-struct Edges {
-  std::vector<i64> lo, hi, depth, pages, first_page, tail;
-};
+  return order;
+}
 
 i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
 i64 next_pow2(i64 x) {
@@ -147,154 +268,265 @@ i64 next_pow2(i64 x) {
   return p;
 }
 
-struct Sizing {
-  i64 group, kv_heads, num_sms, target_rows, tokens_per_partial_row, min_chunk_tokens, programs_per_sm;
+// Page ids -> slots of a table of at most ~4 nnz + 128 entries: the identity when ids are dense, else an
+// open-addressing hash. Per-page state then costs O(nnz) memory and time however large the ids are.
+class PageSlots {
+ public:
+  PageSlots(i64 max_page, i64 nnz) {
+    dense_ = max_page < 2 * nnz + 64;
+    if (dense_) {
+      size_ = max_page + 1;
+    } else {
+      keys_.assign(next_pow2(2 * nnz + 2), -1);
+      size_ = static_cast<i64>(keys_.size());
+    }
+  }
+  i64 size() const { return size_; }
+  i64 operator()(int32_t page) {
+    if (dense_) return page;
+    const size_t mask = keys_.size() - 1;
+    size_t at = (static_cast<uint64_t>(page) * 0x9E3779B97F4A7C15ULL >> 20) & mask;
+    while (keys_[at] >= 0 && keys_[at] != page) at = (at + 1) & mask;
+    keys_[at] = page;
+    return static_cast<i64>(at);
+  }
+
+ private:
+  bool dense_;
+  i64 size_;
+  std::vector<int32_t> keys_;
 };
 
-// Edges -> chunks x query blocks -> items, rows, partial rows (root->leaf per query), merge CSR; mirrors
-// _items_from_edges in plan.py exactly. Returns (packed int32, piece sizes, stats, max_item_tokens); the
-// caller adds the table's unique_tokens / naive_tokens to the stats.
-py::tuple build_items(const std::vector<i64>& order, const Edges& e, i64 ps, const Sizing& s) {
-  const i64 block_q = std::max<i64>(1, s.target_rows / next_pow2(s.group));
-  const i64 n = static_cast<i64>(order.size()), num_edges = static_cast<i64>(e.lo.size());
-  const std::vector<i64>&efirst = e.first_page, &epages = e.pages, &etail = e.tail;
-  std::vector<i64> eq(num_edges), eb(num_edges), echunks(num_edges), echunk_pages(num_edges);
-  i64 total_work = 0;
-  for (i64 k = 0; k < num_edges; ++k) {
-    eq[k] = e.hi[k] - e.lo[k];
-    eb[k] = ceil_div(eq[k], block_q);
-    total_work += (epages[k] * ps - etail[k]) * eb[k];
-  }
-  const i64 balanced = ceil_div(total_work, std::max<i64>(1, s.programs_per_sm * s.num_sms / s.kv_heads));
-  i64 num_items = 0;
-  for (i64 k = 0; k < num_edges; ++k) {
-    i64 rows_per_block = ceil_div(eq[k], eb[k]) * s.group;
-    i64 chunk_tokens = std::max({rows_per_block * s.tokens_per_partial_row, balanced, s.min_chunk_tokens});
-    echunks[k] = ceil_div(epages[k], std::max<i64>(1, chunk_tokens / ps));
-    echunk_pages[k] = ceil_div(epages[k], echunks[k]);
-    num_items += eb[k] * echunks[k];
-  }
-
-  std::vector<i64> item_page_ptr, item_tokens, item_row_ptr{0}, row_query, row_depth;
-  item_page_ptr.reserve(num_items);
-  item_tokens.reserve(num_items);
-  item_row_ptr.reserve(num_items + 1);
-  i64 planned_tokens = 0, max_q = 0, max_item_tokens = 0;
-  for (i64 k = 0; k < num_edges; ++k) {
-    for (i64 b = 0; b < eb[k]; ++b) {
-      i64 block_lo = e.lo[k] + b * eq[k] / eb[k], block_hi = e.lo[k] + (b + 1) * eq[k] / eb[k];
-      for (i64 c = 0; c < echunks[k]; ++c) {
-        i64 page_begin = c * echunk_pages[k];
-        i64 pages = std::min(echunk_pages[k], epages[k] - page_begin);
-        i64 tokens = pages * ps - (page_begin + pages == epages[k] ? etail[k] : 0);
-        item_page_ptr.push_back(efirst[k] + page_begin);
-        item_tokens.push_back(tokens);
-        planned_tokens += tokens;
-        max_item_tokens = std::max(max_item_tokens, tokens);
-        for (i64 q = block_lo; q < block_hi; ++q) {
-          row_query.push_back(order[q]);
-          row_depth.push_back(e.depth[k] + page_begin);
-        }
-        item_row_ptr.push_back(static_cast<i64>(row_query.size()));
-        max_q = std::max(max_q, block_hi - block_lo);
-      }
-    }
-  }
-  const i64 num_rows = static_cast<i64>(row_query.size());
-
-  // Queries with one row write directly; the others' rows become partial rows, by (query, depth).
-  std::vector<i64> rows_per_query(n, 0);
-  for (i64 r = 0; r < num_rows; ++r) rows_per_query[row_query[r]]++;
-  std::vector<i64> partial;
-  for (i64 r = 0; r < num_rows; ++r)
-    if (rows_per_query[row_query[r]] > 1) partial.push_back(r);
-  std::stable_sort(partial.begin(), partial.end(), [&](i64 a, i64 b) {
-    return row_query[a] != row_query[b] ? row_query[a] < row_query[b] : row_depth[a] < row_depth[b];
-  });
-  std::vector<i64> row_dest(num_rows, -1);
-  for (i64 k = 0; k < static_cast<i64>(partial.size()); ++k) row_dest[partial[k]] = k;
-  std::vector<i64> merge_query, merge_ptr{0};
-  i64 direct = 0;
-  for (i64 q = 0; q < n; ++q) {
-    if (rows_per_query[q] == 1) {
-      ++direct;
-    } else {
-      merge_query.push_back(q);
-      merge_ptr.push_back(merge_ptr.back() + rows_per_query[q]);
-    }
-  }
-
-  const std::vector<i64>* pieces[] = {&item_page_ptr, &item_tokens, &item_row_ptr, &row_query,
-                                      &row_dest,      &merge_query, &merge_ptr};
-  std::vector<i64> sizes;
-  i64 total = 0;
-  for (auto* p : pieces) {
-    sizes.push_back(static_cast<i64>(p->size()));
-    total += sizes.back();
-  }
-  IntArray packed(total);
-  int32_t* out = packed.mutable_data();
-  for (auto* p : pieces)
-    for (i64 v : *p) *out++ = static_cast<int32_t>(v);
-
-  py::dict stats;
-  stats["num_queries"] = n;
-  stats["planned_tokens"] = planned_tokens;
-  stats["work_items"] = num_items;
-  stats["trie_edges"] = num_edges;
-  stats["partial_rows"] = static_cast<i64>(partial.size());
-  stats["direct_queries"] = direct;
-  stats["max_queries_per_item"] = max_q > 0 ? max_q : 1;
-  return py::make_tuple(packed, sizes, stats, max_item_tokens);
-}
-
-py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_page_len, i64 page_size,
-                     i64 num_pages, bool share_prefixes, Sizing s) {
-  Table t{kv_indptr.data(), kv_indices.data(), kv_last_page_len.data(), kv_last_page_len.shape(0),
-          kv_indices.shape(0), page_size};
-  if (kv_indptr.shape(0) != t.num_queries + 1)
-    throw std::invalid_argument("kv_indptr: expected shape [" + str(t.num_queries + 1) +
-                                "] (len(kv_last_page_len) + 1), got [" + str(kv_indptr.shape(0)) + "]");
-  const i64 max_page = check_table(t, num_pages);
-  const i64 n = t.num_queries, ps = page_size;
-
-  const Keys keys{t};
-  i64 naive_tokens = 0;
-  for (i64 i = 0; i < n; ++i)
-    if (keys.length(i) > 0) naive_tokens += (keys.length(i) - 1) * ps + t.last_len[i];
-  // Distinct (page, slot) tokens: each page counts its largest used prefix once. A full use covers any
-  // partial one, and only last slots are partial: a bitmap of fully used pages plus the few last pages.
-  std::vector<uint8_t> full(max_page + 1, 0);
-  std::vector<std::pair<i64, i64>> partial_pages;
+// Distinct (page, slot) tokens: each page counts its largest used prefix once. A full use covers any partial
+// one, and only last slots are partial: a set of fully used pages plus the few partially used last pages.
+i64 unique_tokens_of(const Table& t, const Keys& keys, i64 max_page) {
+  const i64 ps = t.page_size;
+  PageSlots slot(max_page, t.nnz);
+  std::vector<uint8_t> full(slot.size(), 0);
+  std::vector<std::pair<int32_t, i64>> partial_pages;
   i64 num_full = 0;
-  for (i64 i = 0; i < n; ++i) {
-    i64 len = keys.length(i);
+  for (i64 i = 0; i < t.num_queries; ++i) {
+    const i64 len = keys.length(i);
     if (len == 0) continue;
     const int32_t* pages = t.indices + t.indptr[i];
     const i64 full_len = t.last_len[i] == ps ? len : len - 1;
     for (i64 d = 0; d < full_len; ++d) {
-      num_full += full[pages[d]] ^ 1;
-      full[pages[d]] = 1;
+      uint8_t& seen = full[slot(pages[d])];
+      num_full += seen ^ 1;
+      seen = 1;
     }
     if (full_len < len) partial_pages.emplace_back(pages[len - 1], t.last_len[i]);
   }
   i64 unique_tokens = ps * num_full;
   std::sort(partial_pages.begin(), partial_pages.end());
   for (size_t k = 0; k < partial_pages.size(); ++k) {
-    bool last_of_page = k + 1 == partial_pages.size() || partial_pages[k + 1].first != partial_pages[k].first;
-    if (last_of_page && !full[partial_pages[k].first]) unique_tokens += partial_pages[k].second;
+    const bool last_of_page = k + 1 == partial_pages.size() || partial_pages[k + 1].first != partial_pages[k].first;
+    if (last_of_page && !full[slot(partial_pages[k].first)]) unique_tokens += partial_pages[k].second;
+  }
+  return unique_tokens;
+}
+
+// Compressed-trie edges: edge k is pages [depth, depth + pages) of the sorted queries lo..hi-1 (at least
+// one), stored at kv_indices[first_page : first_page + pages], with `tail` unused slots in its last page.
+struct Edges {
+  std::vector<i64> lo, hi, depth, pages, first_page, tail;
+};
+
+// The plan's arrays but the table, and what the kernels and the stats need to know about them.
+struct Items {
+  std::vector<i64> item_page_ptr, item_num_tokens, item_row_ptr{0}, row_query, row_dest, merge_query, merge_ptr{0};
+  i64 planned_tokens = 0, max_queries = 0, max_item_tokens = 0, num_edges = 0, partial_rows = 0, direct = 0;
+  i64 block_queries = 1;  // the sizing's query block: no item holds more queries
+};
+
+// Edges -> chunks x query blocks -> items, rows, partial rows (root->leaf per query), merge CSR.
+Items build_items(const std::vector<i64>& order, const Edges& e, const Options& o) {
+  const i64 ps = o.page_size;
+  Items it;
+  it.block_queries = std::max<i64>(1, kSizing.target_rows_per_item / next_pow2(o.group));
+  if (o.max_queries_per_item > 0) it.block_queries = std::min(it.block_queries, o.max_queries_per_item);
+  const i64 block_q = it.block_queries;
+  const i64 n = static_cast<i64>(order.size()), num_edges = static_cast<i64>(e.lo.size());
+  std::vector<i64> eq(num_edges), eb(num_edges), echunks(num_edges), echunk_pages(num_edges);
+  i64 total_work = 0;
+  for (i64 k = 0; k < num_edges; ++k) {
+    eq[k] = e.hi[k] - e.lo[k];
+    eb[k] = ceil_div(eq[k], block_q);
+    total_work += (e.pages[k] * ps - e.tail[k]) * eb[k];
+  }
+  const i64 programs = std::max<i64>(1, kSizing.programs_per_sm * o.num_sms / o.kv_heads);
+  const i64 balanced = ceil_div(total_work, programs);
+  // An item's token count is an int32 of the plan: at most that many pages per chunk, whatever the policy.
+  const i64 max_chunk_pages = std::max<i64>(1, INT32_MAX / ps);
+  i64 num_items = 0;
+  for (i64 k = 0; k < num_edges; ++k) {
+    const i64 rows_per_block = ceil_div(eq[k], eb[k]) * o.group;
+    const i64 chunk_tokens =
+        std::max({rows_per_block * kSizing.tokens_per_partial_row, balanced, kSizing.min_chunk_tokens});
+    const i64 chunk_pages = std::min(max_chunk_pages, std::max<i64>(1, chunk_tokens / ps));
+    echunks[k] = ceil_div(e.pages[k], chunk_pages);
+    echunk_pages[k] = ceil_div(e.pages[k], echunks[k]);
+    num_items += eb[k] * echunks[k];
   }
 
-  std::vector<i64> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  Sorter{keys}.sort(order, 0, n, 0);
+  std::vector<i64> row_depth;
+  it.item_page_ptr.reserve(num_items);
+  it.item_num_tokens.reserve(num_items);
+  it.item_row_ptr.reserve(num_items + 1);
+  for (i64 k = 0; k < num_edges; ++k) {
+    for (i64 b = 0; b < eb[k]; ++b) {
+      // Balanced query blocks: block b holds sorted queries [lo + b*q/nb, lo + (b+1)*q/nb).
+      const i64 block_lo = e.lo[k] + b * eq[k] / eb[k], block_hi = e.lo[k] + (b + 1) * eq[k] / eb[k];
+      for (i64 c = 0; c < echunks[k]; ++c) {
+        const i64 page_begin = c * echunk_pages[k];
+        const i64 pages = std::min(echunk_pages[k], e.pages[k] - page_begin);
+        const i64 tokens = pages * ps - (page_begin + pages == e.pages[k] ? e.tail[k] : 0);
+        it.item_page_ptr.push_back(e.first_page[k] + page_begin);
+        it.item_num_tokens.push_back(tokens);
+        it.planned_tokens += tokens;
+        it.max_item_tokens = std::max(it.max_item_tokens, tokens);
+        for (i64 q = block_lo; q < block_hi; ++q) {
+          it.row_query.push_back(order[q]);
+          row_depth.push_back(e.depth[k] + page_begin);
+        }
+        it.item_row_ptr.push_back(static_cast<i64>(it.row_query.size()));
+        it.max_queries = std::max(it.max_queries, block_hi - block_lo);
+      }
+    }
+  }
+  const i64 num_rows = static_cast<i64>(it.row_query.size());
+
+  // Queries with one row write directly; the others' rows become partial rows, by (query, depth).
+  std::vector<i64> rows_per_query(n, 0);
+  for (i64 r = 0; r < num_rows; ++r) rows_per_query[it.row_query[r]]++;
+  std::vector<i64> partial;
+  for (i64 r = 0; r < num_rows; ++r)
+    if (rows_per_query[it.row_query[r]] > 1) partial.push_back(r);
+  std::stable_sort(partial.begin(), partial.end(), [&](i64 a, i64 b) {
+    return it.row_query[a] != it.row_query[b] ? it.row_query[a] < it.row_query[b] : row_depth[a] < row_depth[b];
+  });
+  it.row_dest.assign(num_rows, -1);
+  for (i64 k = 0; k < static_cast<i64>(partial.size()); ++k) it.row_dest[partial[k]] = k;
+  for (i64 q = 0; q < n; ++q) {
+    if (rows_per_query[q] == 1) {
+      ++it.direct;
+    } else {
+      it.merge_query.push_back(q);
+      it.merge_ptr.push_back(it.merge_ptr.back() + rows_per_query[q]);
+    }
+  }
+  it.num_edges = num_edges;
+  it.partial_rows = static_cast<i64>(partial.size());
+  return it;
+}
+
+// One piece of the packed buffer: int32 values (the table) or int64 values (the planner's arrays).
+struct PieceData {
+  const int32_t* i32 = nullptr;
+  const i64* i64s = nullptr;
+  i64 size = 0;
+  i64 at(i64 k) const { return i32 ? i32[k] : i64s[k]; }
+};
+
+// The plan: table + items packed into one int32 buffer in kPieces order (padded to the capacity, if any),
+// with its stats. The caller adds unique_tokens and naive_tokens.
+py::dict pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64 max_page, const Options& o) {
+  const i64 nnz = table[1].size, num_items = static_cast<i64>(it.item_page_ptr.size());
+  const i64 num_rows = static_cast<i64>(it.row_query.size()), num_merges = static_cast<i64>(it.merge_query.size());
+  const PieceData pieces[kNumPieces] = {
+      table[0], table[1], table[2],
+      {nullptr, it.item_page_ptr.data(), num_items}, {nullptr, it.item_num_tokens.data(), num_items},
+      {nullptr, it.item_row_ptr.data(), num_items + 1}, {nullptr, it.row_query.data(), num_rows},
+      {nullptr, it.row_dest.data(), num_rows}, {nullptr, it.merge_query.data(), num_merges},
+      {nullptr, it.merge_ptr.data(), num_merges + 1}};
+  i64 sizes[kNumPieces];
+  for (size_t p = 0; p < kNumPieces; ++p) sizes[p] = pieces[p].size;
+  if (o.capacity) {
+    const Capacity& c = *o.capacity;
+    const std::array<std::tuple<const char*, i64, i64>, 5> limits{{{"items", num_items, c.items},
+                                                                   {"rows", num_rows, c.rows},
+                                                                   {"partial_rows", it.partial_rows, c.partial_rows},
+                                                                   {"merge_queries", num_merges, c.merge_queries},
+                                                                   {"nnz", nnz, c.nnz}}};
+    for (auto [name, used, limit] : limits)
+      if (used > limit)
+        throw std::invalid_argument(std::string("capacity: expected this step's ") + name + " <= capacity." + name +
+                                    "=" + str(limit) + ", got " + str(used));
+    const i64 fixed[kNumPieces] = {num_queries + 1, c.nnz,    num_queries,    c.items,         c.items,
+                                   c.items + 1,     c.rows,   c.rows,         c.merge_queries, c.merge_queries + 1};
+    std::copy(fixed, fixed + kNumPieces, sizes);
+  }
+  i64 total = 0;
+  for (i64 s : sizes) total += s;
+  Int32Array packed(total);
+  int32_t* out = packed.mutable_data();
+  for (size_t p = 0; p < kNumPieces; ++p) {
+    const PieceData& d = pieces[p];
+    if (d.i32) {
+      if (d.size) std::memcpy(out, d.i32, d.size * sizeof(int32_t));
+    } else {
+      for (i64 k = 0; k < d.size; ++k) {
+        const i64 v = d.at(k);
+        if (v > INT32_MAX)  // (values are >= -1; the bounds on the inputs keep them in range)
+          throw std::invalid_argument(std::string("plan: expected ") + kPieces[p].name + " to fit int32, got " + str(v));
+        out[k] = static_cast<int32_t>(v);
+      }
+    }
+    const Pad pad = kPieces[p].pad;
+    const int32_t fill = pad == Pad::kMinusOne ? -1 : pad == Pad::kLast && d.size ? out[d.size - 1] : 0;
+    std::fill(out + d.size, out + sizes[p], fill);
+    out += sizes[p];
+  }
+
+  py::dict stats;
+  stats["num_queries"] = num_queries;
+  stats["planned_tokens"] = it.planned_tokens;
+  stats["work_items"] = num_items;
+  stats["trie_edges"] = it.num_edges;
+  stats["partial_rows"] = it.partial_rows;
+  stats["direct_queries"] = it.direct;
+  stats["max_queries_per_item"] = std::max<i64>(1, it.max_queries);
+  stats["rows"] = num_rows;
+  stats["merge_queries"] = num_merges;
+  stats["nnz"] = nnz;
+  py::dict result;
+  result["packed"] = packed;
+  result["piece_sizes"] = std::vector<i64>(sizes, sizes + kNumPieces);
+  result["stats"] = stats;
+  result["max_item_tokens"] = it.max_item_tokens;
+  result["max_page_id"] = max_page;
+  // The kernels' query block: the plan's largest item, or under a capacity the largest any refill can make.
+  result["max_queries_per_item"] = o.capacity ? it.block_queries : std::max<i64>(1, it.max_queries);
+  return result;
+}
+
+py::dict plan_table(const py::handle& indptr_obj, const py::handle& indices_obj, const py::handle& last_len_obj,
+                    const Options& o) {
+  const Int32Array kv_indptr = int32_array(indptr_obj, "kv_indptr");
+  const Int32Array kv_indices = int32_array(indices_obj, "kv_indices");
+  const Int32Array kv_last_page_len = int32_array(last_len_obj, "kv_last_page_len");
+  const i64 n = kv_last_page_len.shape(0), ps = o.page_size;
+  if (kv_indptr.shape(0) != n + 1)
+    throw std::invalid_argument("kv_indptr: expected shape [" + str(n + 1) + "] (len(kv_last_page_len) + 1), got [" +
+                                str(kv_indptr.shape(0)) + "]");
+  if (kv_indices.shape(0) > INT32_MAX)
+    throw std::invalid_argument("kv_indices: expected at most 2^31 - 1 page slots, got " + str(kv_indices.shape(0)));
+  const Table t{kv_indptr.data(), kv_indices.data(), kv_last_page_len.data(), n, kv_indices.shape(0), ps};
+  const i64 max_page = check_table(t, o.num_pages);
+
+  const Keys keys{t};
+  i64 naive_tokens = 0;
+  for (i64 i = 0; i < n; ++i)
+    if (keys.length(i) > 0) naive_tokens += (keys.length(i) - 1) * ps + t.last_len[i];
+  const i64 unique_tokens = unique_tokens_of(t, keys, max_page);
+  const std::vector<i64> order = sorted_queries(keys, n);
 
   std::vector<i64> sstart(n), slen(n), lcp(n + 1, 0);
   for (i64 i = 0; i < n; ++i) {
     sstart[i] = t.indptr[order[i]];
     slen[i] = keys.length(order[i]);
   }
-  if (share_prefixes) {
+  if (o.share_prefixes) {
     for (i64 i = 1; i < n; ++i) {
       i64 common = std::min(slen[i - 1], slen[i]);
       if (common > 0 && keys.at(order[i - 1], 0) == keys.at(order[i], 0))
@@ -302,12 +534,15 @@ py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_p
     }
   }
 
-  std::vector<i64> d0, d1, elo, ehi;
-  auto add_edge = [&](i64 a, i64 b, i64 l, i64 h) {
-    d0.push_back(a);
-    d1.push_back(b);
-    elo.push_back(l);
-    ehi.push_back(h);
+  // Internal edges: the LCP intervals (stack walk over the LCP array); then leaf edges: what each query
+  // does not share with either neighbour.
+  Edges e;
+  std::vector<i64> depth_end;
+  auto add_edge = [&](i64 d0, i64 d1, i64 lo, i64 hi) {
+    e.depth.push_back(d0);
+    depth_end.push_back(d1);
+    e.lo.push_back(lo);
+    e.hi.push_back(hi);
   };
   std::vector<i64> stack_lcp{0}, stack_lb{0};
   for (i64 i = 1; i <= n; ++i) {
@@ -328,17 +563,18 @@ py::tuple plan_table(IntArray kv_indptr, IntArray kv_indices, IntArray kv_last_p
     i64 leaf_begin = std::max(lcp[i], lcp[i + 1]);
     if (slen[i] > leaf_begin) add_edge(leaf_begin, slen[i], i, i + 1);
   }
-  Edges e{elo, ehi, d0, {}, {}, {}};
-  for (size_t k = 0; k < d0.size(); ++k) {
-    e.pages.push_back(d1[k] - d0[k]);
-    e.first_page.push_back(sstart[elo[k]] + d0[k]);
-    e.tail.push_back(ps - keys.used(order[elo[k]], d1[k] - 1));
+  for (size_t k = 0; k < e.lo.size(); ++k) {
+    e.pages.push_back(depth_end[k] - e.depth[k]);
+    e.first_page.push_back(sstart[e.lo[k]] + e.depth[k]);
+    e.tail.push_back(ps - keys.used(order[e.lo[k]], depth_end[k] - 1));
   }
-  py::tuple items = build_items(order, e, ps, s);
-  py::dict stats = items[2];
+  const Items items = build_items(order, e, o);
+  const PieceData table[3] = {{t.indptr, nullptr, n + 1}, {t.indices, nullptr, t.nnz}, {t.last_len, nullptr, n}};
+  py::dict result = pack(table, items, n, max_page, o);
+  py::dict stats = result["stats"];
   stats["unique_tokens"] = unique_tokens;
   stats["naive_tokens"] = naive_tokens;
-  return py::make_tuple(items[0], items[1], stats, items[3], max_page);
+  return result;
 }
 
 // Borrowed views of int32 buffers (array('i'), numpy int32: anything with the buffer protocol), so the cache's
@@ -350,18 +586,23 @@ class Int32Views {
     views_.reserve(objects.size());
     for (py::handle obj : objects) {
       views_.emplace_back();
+      // PyBUF_ND: only a C-contiguous exporter succeeds (a strided view raises BufferError).
       if (PyObject_GetBuffer(obj.ptr(), &views_.back(), PyBUF_ND | PyBUF_FORMAT) != 0) {
+        PyErr_Clear();
         views_.pop_back();
         release();
-        throw py::error_already_set();
+        throw py::type_error("pages: expected contiguous 1-D int32 buffers (array('i') or numpy int32), got " +
+                             type_name(obj));
       }
       const Py_buffer& v = views_.back();
-      const char kind = v.format ? v.format[std::strlen(v.format) - 1] : '?';
-      if (v.ndim != 1 || v.itemsize != 4 || (kind != 'i' && kind != 'l')) {
-        std::string got = "format '" + std::string(v.format ? v.format : "") + "' with " + str(v.ndim) +
-                          " dims and itemsize " + str(v.itemsize);
+      const std::string format = v.format ? v.format : "B";
+      const char kind = format.back();
+      const bool native = format.size() == 1 || format[0] == '@' || format[0] == '=' ||
+                          (format[0] == '<' && PY_LITTLE_ENDIAN) || (format[0] == '>' && PY_BIG_ENDIAN);
+      if (v.ndim != 1 || v.itemsize != 4 || (kind != 'i' && kind != 'l') || format.size() > 2 || !native) {
+        std::string got = "format '" + format + "' with " + str(v.ndim) + " dims and itemsize " + str(v.itemsize);
         release();
-        throw std::invalid_argument("pages: expected 1-D int32 buffers (array('i') or numpy int32), got " + got);
+        throw py::type_error("pages: expected 1-D int32 buffers (array('i') or numpy int32), got " + got);
       }
     }
   }
@@ -402,14 +643,19 @@ int32_t max_id(const int32_t* ids, i64 read, i64 count, int32_t& bits) {
 // A sequence of ints (TreeKVCache.plan passes lists) as int64s: PySequence_Fast, then PyLong_AsLongLong per
 // item, a few ns each (pybind's generic list caster costs several times that per item).
 std::vector<i64> int64s(const py::handle& seq, const char* name) {
-  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), name));
+  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), (std::string(name) + ": expected a sequence of ints").c_str()));
   if (!fast) throw py::error_already_set();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
   PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
   std::vector<i64> out(n);
   for (Py_ssize_t i = 0; i < n; ++i) {
     out[i] = PyLong_AsLongLong(items[i]);
-    if (out[i] == -1 && PyErr_Occurred()) throw py::error_already_set();
+    if (out[i] == -1 && PyErr_Occurred()) {
+      if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
+      PyErr_Clear();
+      throw std::invalid_argument(std::string(name) + ": expected ints that fit int64, got " +
+                                  std::string(py::repr(items[i])));
+    }
   }
   return out;
 }
@@ -430,6 +676,12 @@ struct Tree {
   // input raises, it never reads out of bounds). Page ids are checked where they are read.
   void check() const {
     const i64 m_count = num_nodes(), n = num_queries();
+    // Path positions whose page index fits int32 (the table's), so no position arithmetic overflows.
+    const i64 max_position = i64{INT32_MAX} * ps;
+    for (i64 m = 0; m < m_count; ++m)
+      if (end[m] < 0 || end[m] > max_position)
+        throw std::invalid_argument("end: expected 0.." + str(max_position) + " (2^31 - 1 pages) for node " + str(m) +
+                                    ", got " + str(end[m]));
     for (i64 m = 0; m < m_count; ++m) {
       if (parent[m] < -1 || parent[m] >= m_count || parent[m] == m)
         throw std::invalid_argument("parent: expected -1 or another node's index < " + str(m_count) + " for node " +
@@ -462,7 +714,7 @@ struct Tree {
   }
 };
 
-// The walk of TreeKVCache.plan (numpy twin: _plan_tree_numpy in plan.py, line for line). Depth-first
+// The walk of TreeKVCache.plan. Depth-first
 // order of the queries: a node's subtree is contiguous, its descendants' queries first, then its own by
 // decreasing end. Each node yields trie segments (page-depth range, sorted-query range); segments with the
 // same query range chain along one path and merge into one edge (first-seen order is the edge order).
@@ -576,6 +828,8 @@ struct TreeWalk {
         add_segment(first, first + 1, a, f, 0);
       return;
     }
+    if (desc_end == first && count == 0)  // nobody reads it: it would make an edge of no queries
+      throw std::invalid_argument("query_owner: expected a query at or below every node, got none for node " + str(m));
     if (count == 0) {  // a shared ancestor: all its full pages go to every descendant
       if (a < b) add_segment(first, desc_end, a, b, 0);
       return;
@@ -607,12 +861,12 @@ struct TreeWalk {
   }
 };
 
-// TreeKVCache.plan's planner: (packed, piece sizes, stats, max_item_tokens, max_page_id, kv_indptr,
-// kv_indices, kv_last_page_len) with the same plan arrays and stats as _plan_tree_numpy in plan.py.
-py::tuple plan_tree(const std::vector<i64>& parent, const std::vector<i64>& start, const std::vector<i64>& end,
-                    const py::list& page_lists, const std::vector<i64>& owner, const std::vector<i64>& query_end,
-                    i64 ps, const Sizing& s) {
-  const i64 m_count = static_cast<i64>(parent.size());
+// TreeKVCache.plan's planner: the plan of the table the tree's paths give, with the stats plan_table finds on
+// that table.
+py::dict plan_tree(const std::vector<i64>& parent, const std::vector<i64>& start, const std::vector<i64>& end,
+                   const py::list& page_lists, const std::vector<i64>& owner, const std::vector<i64>& query_end,
+                   const Options& o) {
+  const i64 m_count = static_cast<i64>(parent.size()), ps = o.page_size;
   if (static_cast<i64>(start.size()) != m_count || static_cast<i64>(end.size()) != m_count ||
       static_cast<i64>(page_lists.size()) != m_count)
     throw std::invalid_argument("tree: expected parent, start, end and pages of one length (one entry per node), got " +
@@ -621,7 +875,8 @@ py::tuple plan_tree(const std::vector<i64>& parent, const std::vector<i64>& star
   if (query_end.size() != owner.size())
     throw std::invalid_argument("query_end: expected one entry per query (" + str(owner.size()) + "), got " +
                                 str(query_end.size()));
-  if (ps < 1) throw std::invalid_argument("page_size: expected a positive int, got " + str(ps));
+  if (static_cast<i64>(owner.size()) >= INT32_MAX)
+    throw std::invalid_argument("query_owner: expected fewer than 2^31 - 1 queries, got " + str(owner.size()));
   const Int32Views pages(page_lists);
   const Tree t{parent, start, end, pages, owner, query_end, ps};
   t.check();
@@ -629,27 +884,23 @@ py::tuple plan_tree(const std::vector<i64>& parent, const std::vector<i64>& star
   const TreeWalk walk(t);
 
   // The table: query q reads its owner's root->owner page list, cut at ceil(query_end / ps) pages.
-  IntArray indptr(n + 1), last_len(n);
-  int32_t* ptr = indptr.mutable_data();
-  int32_t* last = last_len.mutable_data();
+  std::vector<int32_t> indptr(n + 1), last_len(n);
   i64 nnz = 0, naive_tokens = 0;
-  ptr[0] = 0;
   for (i64 q = 0; q < n; ++q) {
     const i64 e = query_end[q], num_pages = ceil_div(e, ps);
+    if (nnz + num_pages > INT32_MAX) throw std::invalid_argument("query_end: the table would exceed 2^31 - 1 page slots");
     nnz += num_pages;
     naive_tokens += e;
-    if (nnz > INT32_MAX) throw std::invalid_argument("query_end: the table would exceed 2^31 - 1 page slots");
-    ptr[q + 1] = static_cast<int32_t>(nnz);
-    last[q] = static_cast<int32_t>(num_pages ? e - (num_pages - 1) * ps : 0);
+    indptr[q + 1] = static_cast<int32_t>(nnz);
+    last_len[q] = static_cast<int32_t>(num_pages ? e - (num_pages - 1) * ps : 0);
   }
-  IntArray indices(nnz);
-  int32_t* rows = indices.mutable_data();
+  std::vector<int32_t> indices(nnz);
   for (i64 q = 0; q < n; ++q) {
-    i64 limit = ptr[q + 1] - ptr[q];  // pages of the row still to write, from index 0
+    i64 limit = indptr[q + 1] - indptr[q];  // pages of the row still to write, from index 0
     for (i64 m = owner[q]; m >= 0 && limit > 0; m = parent[m]) {
       if (pages.size(m) == 0) continue;  // a node without tokens: its path is its parent's
       const i64 a = t.first_page(m);
-      if (limit > a) std::memcpy(rows + ptr[q] + a, pages.data(m), (limit - a) * sizeof(int32_t));
+      if (limit > a) std::memcpy(indices.data() + indptr[q] + a, pages.data(m), (limit - a) * sizeof(int32_t));
       limit = std::min(limit, a);
     }
   }
@@ -699,40 +950,56 @@ py::tuple plan_tree(const std::vector<i64>& parent, const std::vector<i64>& star
   Edges e{walk.lo, walk.hi, walk.d0, {}, {}, walk.tail};
   for (size_t k = 0; k < walk.lo.size(); ++k) {
     e.pages.push_back(walk.d1[k] - walk.d0[k]);
-    e.first_page.push_back(ptr[walk.order[walk.lo[k]]] + walk.d0[k]);
+    e.first_page.push_back(indptr[walk.order[walk.lo[k]]] + walk.d0[k]);
   }
-  py::tuple items = build_items(walk.order, e, ps, s);
-  py::dict stats = items[2];
+  const Items items = build_items(walk.order, e, o);
+  const PieceData table[3] = {{indptr.data(), nullptr, n + 1}, {indices.data(), nullptr, nnz},
+                              {last_len.data(), nullptr, n}};
+  py::dict result = pack(table, items, n, max_page, o);
+  py::dict stats = result["stats"];
   stats["unique_tokens"] = unique_tokens;
   stats["naive_tokens"] = naive_tokens;
-  return py::make_tuple(items[0], items[1], stats, items[3], max_page, indptr, indices, last_len);
+  return result;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_planner, m) {
-  m.doc() = "treeattn host planner (C++ twin of the numpy planner in treeattn/plan.py)";
-  m.def(
-      "plan_table",
-      [](IntArray indptr, IntArray indices, IntArray last_len, i64 page_size, i64 num_pages, bool share_prefixes,
-         i64 group, i64 kv_heads, i64 num_sms, i64 target_rows, i64 tokens_per_partial_row, i64 min_chunk_tokens,
-         i64 programs_per_sm) {
-        Sizing s{group, kv_heads, num_sms, target_rows, tokens_per_partial_row, min_chunk_tokens, programs_per_sm};
-        return plan_table(indptr, indices, last_len, page_size, num_pages, share_prefixes, s);
-      },
-      "Plan a CSR page table: returns (packed int32 buffer, piece sizes, stats, max_item_tokens, max_page_id).");
+  m.doc() = "treeattn host planner: a decode step's paged table (or the tree behind it) -> one packed plan buffer";
+  py::tuple pieces(kNumPieces);
+  for (size_t p = 0; p < kNumPieces; ++p) pieces[p] = kPieces[p].name;
+  m.attr("PIECES") = pieces;
+  py::dict sizing;
+  sizing["target_rows_per_item"] = kSizing.target_rows_per_item;
+  sizing["tokens_per_partial_row"] = kSizing.tokens_per_partial_row;
+  sizing["min_chunk_tokens"] = kSizing.min_chunk_tokens;
+  sizing["programs_per_sm"] = kSizing.programs_per_sm;
+  sizing["default_group"] = kSizing.default_group;
+  sizing["default_kv_heads"] = kSizing.default_kv_heads;
+  m.attr("SIZING") = sizing;
+
+  py::class_<Options>(m, "Options",
+                      "What a plan is asked for beyond its table; validated on construction (ValueError).")
+      .def(py::init(&make_options), py::kw_only(), py::arg("page_size"), py::arg("num_pages") = py::none(),
+           py::arg("share_prefixes") = true, py::arg("num_qo_heads") = py::none(),
+           py::arg("num_kv_heads") = py::none(), py::arg("num_sms") = 132, py::arg("capacity") = py::none(),
+           py::arg("max_queries_per_item") = py::none())
+      .def_readonly("page_size", &Options::page_size)
+      .def_property_readonly("has_capacity", [](const Options& o) { return o.capacity.has_value(); });
+
+  const char* returns =
+      "Returns a dict: packed (int32 buffer, pieces in PIECES order), piece_sizes, stats, max_item_tokens, "
+      "max_page_id, max_queries_per_item (the kernels' query-block bound).";
+  m.def("plan_table", &plan_table, py::arg("kv_indptr"), py::arg("kv_indices"), py::arg("kv_last_page_len"),
+        py::arg("options"), (std::string("Plan a CSR page table (1-D int32 numpy arrays). ") + returns).c_str());
   m.def(
       "plan_tree",
-      [](py::object parent, py::object start, py::object end, py::list pages, py::object query_owner,
-         py::object query_end, i64 page_size, i64 group, i64 kv_heads, i64 num_sms, i64 target_rows,
-         i64 tokens_per_partial_row, i64 min_chunk_tokens, i64 programs_per_sm) {
-        Sizing s{group, kv_heads, num_sms, target_rows, tokens_per_partial_row, min_chunk_tokens, programs_per_sm};
-        return plan_tree(int64s(parent, "parent: expected a sequence of ints"),
-                         int64s(start, "start: expected a sequence of ints"),
-                         int64s(end, "end: expected a sequence of ints"), pages,
-                         int64s(query_owner, "query_owner: expected a sequence of ints"),
-                         int64s(query_end, "query_end: expected a sequence of ints"), page_size, s);
+      [](const py::handle& parent, const py::handle& start, const py::handle& end, const py::list& pages,
+         const py::handle& query_owner, const py::handle& query_end, const Options& options) {
+        return plan_tree(int64s(parent, "parent"), int64s(start, "start"), int64s(end, "end"), pages,
+                         int64s(query_owner, "query_owner"), int64s(query_end, "query_end"), options);
       },
-      "Plan a known tree (TreeKVCache.plan): returns (packed int32 buffer, piece sizes, stats, max_item_tokens, "
-      "max_page_id, kv_indptr, kv_indices, kv_last_page_len).");
+      py::arg("parent"), py::arg("start"), py::arg("end"), py::arg("pages"), py::arg("query_owner"),
+      py::arg("query_end"), py::arg("options"),
+      (std::string("Plan a known tree (TreeKVCache.plan; contract: treeattn.plan.plan_from_tree). ") + returns).c_str());
 }

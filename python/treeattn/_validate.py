@@ -5,10 +5,28 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
+import numpy as np
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as a Python int in ``[low, high]`` (``high`` None: no upper bound). Accepts ``int`` and numpy
+    integers (anything with ``__index__``); refuses ``bool`` (``True`` is not a page size) with TypeError, and
+    out-of-range values with ValueError."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
+    if number < low or (high is not None and number > high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected an int {expected}, got {number}")
+    return number
 
 
 def check_index_tensor(name: str, t) -> None:

@@ -1,50 +1,38 @@
-"""Planner: finds the KV pages that queries share and turns the step into work items (DESIGN §3.1).
+"""Planner: finds the KV pages that queries share and turns the step into work items.
 
 A decode step's paged table (CSR: ``kv_indptr``, ``kv_indices``, ``kv_last_page_len``) is read on the host
-once per step. Queries are sorted by their page lists; the longest common prefixes (LCP) of neighbours give
-the prefix trie as LCP intervals, each trie edge a page run shared by an exact, contiguous (in sorted order)
-set of queries. Every edge is cut into chunks and its queries into blocks; a **work item** is one
-(chunk, query block) pair that the stage-1 kernel reads once for all the block's queries. A query covered by
-one item gets its output written directly; the others get fp32 partial states that stage 2 merges in
-root→leaf order (deterministic: no atomics, fixed order).
+once per step by the C++ planner (``treeattn._planner``). Queries are sorted by their page lists; the longest
+common prefixes (LCP) of neighbours give the prefix trie as LCP intervals, each trie edge a page run shared
+by an exact, contiguous (in sorted order) set of queries. Every edge is cut into chunks and its queries into
+blocks; a **work item** is one (chunk, query block) pair that the stage-1 kernel reads once for all the
+block's queries. A query covered by one item gets its output written directly; the others get fp32 partial
+states that stage 2 merges in root→leaf order (deterministic: no atomics, fixed order).
 
 The trie key of a page slot is (page id, tokens used), so two queries only share a page whose token range
 they both attend in full; sharing is found, never assumed, and any valid table gives exact attention.
+
+The planner returns one int32 buffer holding the plan's own copy of the table and its work arrays; the
+layout (pieces, order, padding) and the sizing policy live in the C++ module only (``_planner.PIECES``,
+``_planner.SIZING``). A plan never refers to the caller's tensors: changing them after planning changes
+nothing.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ._plan_numpy import (
-    _MIN_CHUNK_TOKENS,
-    _PROGRAMS_PER_SM,
-    _TARGET_ROWS_PER_ITEM,
-    _TOKENS_PER_PARTIAL_ROW,
-    _next_pow2,
-    _plan_table_numpy,
-    _plan_tree_numpy,
-    _sizing,
-)
-from ._validate import check_index_tensor
-
-try:  # the C++ planner (csrc/planner.cpp); _plan_numpy is its fallback and its oracle
-    from . import _planner
-except ImportError:
-    _planner = None
-# TREEATTN_PLANNER=numpy forces the numpy planner (tests compare the two).
-_PLANNER = os.environ.get("TREEATTN_PLANNER", "auto")
+from . import _planner
+from ._validate import check_index_tensor, check_int
 
 __all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "PLAN_TENSOR_FIELDS", "PlanArgs"]
 
-PLAN_TENSOR_FIELDS = (
-    "kv_indptr", "kv_indices", "kv_last_page_len",
-    "item_page_ptr", "item_num_tokens", "item_row_ptr", "row_query", "row_dest", "merge_query", "merge_ptr",
-)
+# The plan's int32 tensors, in the planner's buffer order (what the registered ops take).
+PLAN_TENSOR_FIELDS: tuple[str, ...] = tuple(_planner.PIECES)
+
+_INT32_MAX = 2**31 - 1
 
 
 class PlanArgs:
@@ -56,11 +44,12 @@ class PlanArgs:
         self.page_size = page_size
         self.max_queries_per_item = max_queries_per_item
 
+
 @dataclass(frozen=True)
 class PlanCapacity:
     """Fixed sizes of a plan's device buffers, so that later steps can be re-planned into the same memory
-    (:meth:`TreePlan.update_`) and a CUDA graph captured once replays every step. Padding items read
-    nothing and padding merge entries write nothing.
+    (:meth:`TreePlan.update_`, ``TreeKVCache.plan(..., into=)``) and a CUDA graph captured once replays every
+    step. Padding items read nothing and padding merge entries write nothing.
 
     Example:
         >>> cap = treeattn.PlanCapacity.of(first_plan, headroom=2.0)
@@ -73,6 +62,10 @@ class PlanCapacity:
     merge_queries: int
     nnz: int
 
+    def __post_init__(self):
+        for name in ("items", "rows", "partial_rows", "merge_queries", "nnz"):
+            object.__setattr__(self, name, check_int(f"capacity.{name}", getattr(self, name), 1, _INT32_MAX - 1))
+
     @classmethod
     def of(cls, plan: "TreePlan", headroom: float = 1.0) -> "PlanCapacity":
         """Capacity of ``plan``'s actual sizes times ``headroom``."""
@@ -80,23 +73,13 @@ class PlanCapacity:
         sizes = (s["work_items"], s["rows"], s["partial_rows"], s["merge_queries"], s["nnz"])
         return cls(*(max(1, int(np.ceil(v * headroom))) for v in sizes))
 
-    def piece_sizes(self) -> list[int]:
-        """Sizes of the packed pieces, in :data:`_PIECES` order."""
-        return [self.items, self.items, self.items + 1, self.rows, self.rows, self.merge_queries, self.merge_queries + 1]
 
-
-# Packed buffer pieces, and the value that pads each (padding items read nothing, padding rows write
-# nothing, a padding merge entry has query -1 and no rows).
-_PIECES = ("item_page_ptr", "item_num_tokens", "item_row_ptr", "row_query", "row_dest", "merge_query", "merge_ptr")
-_PAD = {"item_page_ptr": 0, "item_num_tokens": 0, "item_row_ptr": "last", "row_query": 0, "row_dest": -1,
-        "merge_query": -1, "merge_ptr": "last"}
-
-
-@dataclass(eq=False)
 class TreePlan:
     """What one decode step reads and merges. Built by :func:`plan`; reused by every layer.
 
-    Device tensors (int32), all views into one buffer copied to the device once:
+    Device tensors (int32), all views into one buffer copied to the device once (the plan's own copy of the
+    table included), in :data:`PLAN_TENSOR_FIELDS` order:
+        kv_indptr ``[num_queries + 1]``, kv_indices ``[nnz]``, kv_last_page_len ``[num_queries]``: the table.
         item_page_ptr ``[num_items]``: offset into ``kv_indices`` of the item's first page.
         item_num_tokens ``[num_items]``: KV tokens the item reads (all its pages full but possibly the last).
         item_row_ptr ``[num_items + 1]``: the item's rows in ``row_query``/``row_dest``.
@@ -104,31 +87,31 @@ class TreePlan:
         row_dest ``[num_rows]``: partial-state row that the row writes, or -1 to write the output directly.
         merge_query ``[num_merge]``: queries stage 2 produces (several partials, or empty KV).
         merge_ptr ``[num_merge + 1]``: each merge query's partial rows, contiguous and in root→leaf order.
+
+    Ints: ``num_queries``, ``page_size``, ``num_items``, ``num_partial_rows`` (rows of the fp32 workspace),
+    ``max_queries_per_item`` (the kernels' query block: no item holds more queries), ``max_item_tokens``,
+    ``max_page_id`` (-1 without pages); ``device``; ``stats``; ``capacity`` (None unless fixed-capacity).
     """
 
-    num_queries: int
-    page_size: int
-    device: torch.device
-    kv_indptr: torch.Tensor
-    kv_indices: torch.Tensor
-    kv_last_page_len: torch.Tensor
-    item_page_ptr: torch.Tensor
-    item_num_tokens: torch.Tensor
-    item_row_ptr: torch.Tensor
-    row_query: torch.Tensor
-    row_dest: torch.Tensor
-    merge_query: torch.Tensor
-    merge_ptr: torch.Tensor
-    num_items: int
-    num_partial_rows: int
-    max_queries_per_item: int
-    max_item_tokens: int
-    max_page_id: int
-    stats: dict = field(default_factory=dict)
-    capacity: PlanCapacity | None = None
-    _buffer: torch.Tensor | None = field(default=None, repr=False)
-    _replan: dict = field(default_factory=dict, repr=False)
-    _workspaces: dict = field(default_factory=dict, repr=False)
+    def __init__(self, result: dict, page_size: int, device: torch.device, capacity: PlanCapacity | None,
+                 options=None):
+        """From a ``_planner`` result: one host-to-device copy of the packed buffer, then views."""
+        stats = result["stats"]
+        self._buffer = _staged(torch.from_numpy(result["packed"]), device).to(device, non_blocking=True)
+        for name, view in zip(PLAN_TENSOR_FIELDS, torch.split(self._buffer, result["piece_sizes"])):
+            setattr(self, name, view)
+        self.num_queries = stats["num_queries"]
+        self.page_size = page_size
+        self.device = device
+        self.capacity = capacity
+        self.num_items = self.item_page_ptr.shape[0]
+        self.num_partial_rows = stats["partial_rows"] if capacity is None else capacity.partial_rows
+        self.max_queries_per_item = result["max_queries_per_item"]
+        self.max_item_tokens = result["max_item_tokens"]
+        self.max_page_id = result["max_page_id"]
+        self.stats = stats
+        self._options = options  # how treeattn.plan made it (update_ re-plans with them); None for tree plans
+        self._workspaces: dict = {}
 
     @property
     def num_merge_queries(self) -> int:
@@ -152,42 +135,38 @@ class TreePlan:
 
     def update_(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> "TreePlan":
         """Re-plan a new step's table into this plan's buffers, in place (CUDA-graph replay over trees that
-        change every step). Needs a plan built with ``capacity=``, the same number of queries and a step
-        that fits the capacity; copies to the device without a host sync.
+        change every step). Needs a plan built by :func:`plan` with ``capacity=``, the same number of queries
+        and a step that fits the capacity (else ValueError, the plan unchanged); copies to the device without
+        a host sync. The new step is planned with this plan's page size, hints and query block.
 
         Example:
             >>> plan = treeattn.plan(..., capacity=cap); graph captured over tree_decode(q, k, v, plan, out=o)
             >>> plan.update_(next_indptr, next_indices, next_last_len); graph.replay()
         """
-        if self.capacity is None:
-            raise ValueError("plan: expected a plan built with capacity=PlanCapacity(...) for update_, got capacity=None")
-        check_index_tensor("kv_indptr", kv_indptr)
-        check_index_tensor("kv_indices", kv_indices)
-        check_index_tensor("kv_last_page_len", kv_last_page_len)
-        if not self._replan:
+        self._check_refillable()
+        if self._options is None:
             raise ValueError("plan: expected a plan made by treeattn.plan(...) for update_; refill a "
                              "TreeKVCache plan with cache.plan(nodes, into=plan)")
-        arrays = _run_planner(kv_indptr, kv_indices, kv_last_page_len, **self._replan)
-        return self._fill_(arrays, kv_indptr, kv_indices, kv_last_page_len)
+        tables = _host_table(kv_indptr, kv_indices, kv_last_page_len)
+        self._check_num_queries("kv_last_page_len", kv_last_page_len.shape[0])
+        return self._fill_(_planner.plan_table(*tables, self._options))
 
-    def _fill_(self, arrays, kv_indptr, kv_indices, kv_last_page_len) -> "TreePlan":
-        """Writes a new step's plan arrays and table into this fixed-capacity plan's buffers (no host sync).
-        Raises, leaving the plan unchanged, when the step does not fit."""
+    def _check_refillable(self) -> None:
         if self.capacity is None:
-            raise ValueError("plan: expected a plan built with capacity=PlanCapacity(...) to refill, got capacity=None")
-        if kv_last_page_len.shape[0] != self.num_queries:
-            raise ValueError(
-                f"kv_last_page_len: expected {self.num_queries} queries (the captured plan's), got {kv_last_page_len.shape[0]}"
-            )
-        packed, sizes, stats, max_item_tokens, max_page_id = arrays
-        stats = _with_sizes(stats, sizes, kv_indices)
-        padded = _pad_to_capacity((packed, sizes, stats, None, None), self.capacity)
-        nnz = kv_indices.shape[0]
-        self._buffer.copy_(_staged(torch.from_numpy(padded), self.device), non_blocking=True)
-        self.kv_indptr.copy_(kv_indptr, non_blocking=True)
-        self.kv_indices[:nnz].copy_(kv_indices, non_blocking=True)
-        self.kv_last_page_len.copy_(kv_last_page_len, non_blocking=True)
-        self.stats, self.max_item_tokens, self.max_page_id = stats, max_item_tokens, max_page_id
+            raise ValueError("plan: expected a plan built with capacity=PlanCapacity(...) to refill (update_ or "
+                             "into=), got capacity=None")
+
+    def _check_num_queries(self, name: str, num_queries: int) -> None:
+        if num_queries != self.num_queries:
+            raise ValueError(f"{name}: expected {self.num_queries} queries (the captured plan's), got {num_queries}")
+
+    def _fill_(self, result: dict) -> "TreePlan":
+        """Copies a planner result made with this plan's capacity into its buffers (no host sync)."""
+        if result["max_queries_per_item"] > self.max_queries_per_item:  # (the planner caps it; never taken)
+            raise ValueError(f"plan: expected items of <= {self.max_queries_per_item} queries, got "
+                             f"{result['max_queries_per_item']}")
+        self._buffer.copy_(_staged(torch.from_numpy(result["packed"]), self.device), non_blocking=True)
+        self.stats, self.max_item_tokens, self.max_page_id = result["stats"], result["max_item_tokens"], result["max_page_id"]
         return self
 
     def __repr__(self) -> str:
@@ -215,16 +194,19 @@ def plan(
         kv_indices: int32 ``[nnz]`` page ids; query ``i`` reads pages ``kv_indices[kv_indptr[i]:kv_indptr[i+1]]``.
         kv_last_page_len: int32 ``[num_queries]``: tokens in each query's last page, ``1..page_size``
             (ignored for a query with no pages).
-        page_size: tokens per page.
+        page_size: tokens per page (an int or numpy integer, not a bool), ``1..2**31 - 1``.
         num_qo_heads, num_kv_heads: optional hints that size query blocks (rows = queries x group);
             for MLA pass ``num_kv_heads=1``. Any plan is exact for any head counts.
-        num_pages: optional pool size; page ids must then be ``< num_pages``.
+        num_pages: optional pool size (``>= 0``); page ids must then be ``< num_pages``.
         device: where the plan's tensors live (default: ``kv_indices.device``).
         num_sms: streaming multiprocessors to fill (split-KV parallelism).
         share_prefixes: False plans every query on its own (plain split-KV decode through the same
             kernels): the per-branch baseline the benchmarks compare against.
         capacity: fixed buffer sizes (:class:`PlanCapacity`) so that later steps can be re-planned in place
             with :meth:`TreePlan.update_` under a captured CUDA graph; raises if this step does not fit.
+
+    The table tensors may be strided views on any device; the plan keeps its own contiguous copy of what it
+    validated, so later changes to the caller's tensors do not affect it.
 
     Returns:
         A :class:`TreePlan`; ``plan.stats`` holds ``unique_tokens`` (distinct KV tokens attended),
@@ -235,47 +217,18 @@ def plan(
         >>> p = treeattn.plan(kv_indptr, kv_indices, kv_last_page_len, page_size=16)
         >>> p.stats["unique_tokens"], p.stats["naive_tokens"]
     """
-    check_index_tensor("kv_indptr", kv_indptr)
-    check_index_tensor("kv_indices", kv_indices)
-    check_index_tensor("kv_last_page_len", kv_last_page_len)
-    if not isinstance(page_size, int) or page_size < 1:
-        raise ValueError(f"page_size: expected a positive int, got {page_size!r}")
-    num_queries = kv_last_page_len.shape[0]
-    if kv_indptr.shape[0] != num_queries + 1:
-        raise ValueError(
-            f"kv_indptr: expected shape [{num_queries + 1}] (len(kv_last_page_len) + 1), "
-            f"got {list(kv_indptr.shape)}"
-        )
+    tables = _host_table(kv_indptr, kv_indices, kv_last_page_len)
     if device is None:
         device = kv_indices.device
-    device = torch.device(device)
-
-    replan = dict(page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, num_pages=num_pages,
-                  num_sms=num_sms, share_prefixes=share_prefixes)
-    arrays = _run_planner(kv_indptr, kv_indices, kv_last_page_len, **replan)
-    group = _sizing(num_qo_heads, num_kv_heads)[0]
-    return _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size, device, capacity, group, replan)
-
-
-def _run_planner(kv_indptr, kv_indices, kv_last_page_len, *, page_size, num_qo_heads, num_kv_heads, num_pages,
-                 num_sms, share_prefixes):
-    group, kv_heads = _sizing(num_qo_heads, num_kv_heads)
-    tables = (kv_indptr.cpu().numpy(), kv_indices.cpu().numpy(), kv_last_page_len.cpu().numpy())
-    planner = _plan_table_cpp if _planner is not None and _PLANNER != "numpy" else _plan_table_numpy
-    return planner(*tables, page_size, -1 if num_pages is None else num_pages, share_prefixes, group, kv_heads, num_sms)
-
-
-def _with_sizes(stats: dict, sizes, kv_indices: torch.Tensor) -> dict:
-    """Adds the buffer sizes a :class:`PlanCapacity` bounds to the stats."""
-    return {**stats, "rows": int(sizes[3]), "merge_queries": int(sizes[5]), "nnz": int(kv_indices.shape[0])}
-
-
-def _plan_table_cpp(indptr, indices, last_len, page_size, num_pages, share_prefixes, group, kv_heads, num_sms):
-    """The C++ planner (``treeattn._planner``): same arrays as :func:`_plan_table_numpy`, ~20x faster."""
-    return _planner.plan_table(
-        indptr, indices, last_len, page_size, num_pages, share_prefixes, group, kv_heads, num_sms,
-        _TARGET_ROWS_PER_ITEM, _TOKENS_PER_PARTIAL_ROW, _MIN_CHUNK_TOKENS, _PROGRAMS_PER_SM,
+    options = _planner.Options(
+        page_size=check_int("page_size", page_size, 1, _INT32_MAX),
+        num_pages=None if num_pages is None else check_int("num_pages", num_pages, 0, 2**31),
+        share_prefixes=_check_bool("share_prefixes", share_prefixes),
+        **_hints(num_qo_heads, num_kv_heads, num_sms),
+        capacity=_check_capacity(capacity),
     )
+    return TreePlan(_planner.plan_table(*tables, options), options.page_size, _check_device(device), capacity,
+                    options)
 
 
 def plan_from_tree(
@@ -299,86 +252,81 @@ def plan_from_tree(
 
     Nodes form a forest given as sequences of one entry per node: ``parent[i]`` is -1 for a root, else its
     parent's index; siblings (and roots) are planned in index order. Node ``i`` holds path positions
-    ``[start[i], end[i])`` (a root starts at 0, a child where its parent ends) in ``pages[i]``, an int32 buffer
-    (``array('i')`` or numpy) of the page ids at page indices ``start[i] // page_size ..
+    ``[start[i], end[i])`` (a root starts at 0, a child where its parent ends) in ``pages[i]``, a contiguous
+    int32 buffer (``array('i')`` or numpy) of the page ids at page indices ``start[i] // page_size ..
     ceil(end[i] / page_size) - 1`` (empty when the node holds no tokens); a path's page at an index is that of
     the deepest node covering it. Query ``q`` attends path positions ``[0, query_end[q])`` of node
     ``query_owner[q]``, the node on its path that holds its last position (``start < query_end <= end``), or
-    is empty (``query_owner[q] == -1``, ``query_end[q] == 0``). A page id belongs to one node, except that a
-    node starting mid-page may continue in place in the page its parent's path ends in (TreeKVCache's copy on
-    write): the C++ planner counts ``unique_tokens`` on that basis, from the nodes rather than the table.
-    The plan shares exactly what :func:`plan` finds on the same table (same stats); bad input raises
-    ``ValueError``.
+    is empty (``query_owner[q] == -1``, ``query_end[q] == 0``); every node has a query at or below it. A page
+    id belongs to one node, except that a node starting mid-page may continue in place in the page its
+    parent's path ends in (TreeKVCache's copy on write): ``unique_tokens`` is counted on that basis, from the
+    nodes rather than the table. The plan shares exactly what :func:`plan` finds on the same table (same
+    stats); bad input raises ``ValueError`` or ``TypeError``.
+
+    ``into``: a fixed-capacity plan (made with ``capacity=``, same page size, device and number of queries) to
+    refill in place instead of making a new plan; the hints then only size blocks up to its query block.
     """
-    group, kv_heads = _sizing(num_qo_heads, num_kv_heads)
-    tree = (parent, start, end, pages, query_owner, query_end, page_size)
-    if _planner is not None and _PLANNER != "numpy":
-        result = _planner.plan_tree(
-            *tree, group, kv_heads, num_sms,
-            _TARGET_ROWS_PER_ITEM, _TOKENS_PER_PARTIAL_ROW, _MIN_CHUNK_TOKENS, _PROGRAMS_PER_SM,
-        )
-    else:
-        result = _plan_tree_numpy(*tree, group, kv_heads, num_sms)
-    arrays, table = result[:5], [torch.from_numpy(a) for a in result[5:]]
-    if into is not None:  # refill a fixed-capacity plan (CUDA-graph replay over changing trees)
-        return into._fill_(arrays, *table)
-    return _assemble(arrays, *table, page_size, device, capacity, group)
+    page_size = check_int("page_size", page_size, 1, _INT32_MAX)
+    hints = _hints(num_qo_heads, num_kv_heads, num_sms)
+    if into is not None:
+        _check_into(into, page_size, device, len(query_end))
+        capacity, device = into.capacity, into.device
+        hints["max_queries_per_item"] = into.max_queries_per_item
+    options = _planner.Options(page_size=page_size, **hints, capacity=_check_capacity(capacity))
+    result = _planner.plan_tree(parent, start, end, pages if isinstance(pages, list) else list(pages),
+                                query_owner, query_end, options)
+    if into is not None:
+        return into._fill_(result)
+    return TreePlan(result, page_size, _check_device(device), capacity)
+
+
+def _host_table(kv_indptr, kv_indices, kv_last_page_len) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The table as host numpy arrays (views where possible: the planner copies what the plan keeps)."""
+    check_index_tensor("kv_indptr", kv_indptr)
+    check_index_tensor("kv_indices", kv_indices)
+    check_index_tensor("kv_last_page_len", kv_last_page_len)
+    return kv_indptr.cpu().numpy(), kv_indices.cpu().numpy(), kv_last_page_len.cpu().numpy()
+
+
+def _hints(num_qo_heads, num_kv_heads, num_sms) -> dict:
+    return dict(
+        num_qo_heads=None if num_qo_heads is None else check_int("num_qo_heads", num_qo_heads, 1, _INT32_MAX),
+        num_kv_heads=None if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, 1, _INT32_MAX),
+        num_sms=check_int("num_sms", num_sms, 1, _INT32_MAX),
+    )
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_capacity(capacity):
+    if capacity is not None and not isinstance(capacity, PlanCapacity):
+        raise TypeError(f"capacity: expected a treeattn.PlanCapacity or None, got {type(capacity).__name__}")
+    return capacity
+
+
+def _check_device(device) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected a torch.device or a device string, got {device!r}") from None
+
+
+def _check_into(into, page_size: int, device, num_queries: int) -> None:
+    if not isinstance(into, TreePlan):
+        raise TypeError(f"into: expected a fixed-capacity treeattn.TreePlan, got {type(into).__name__}")
+    into._check_refillable()
+    if into.page_size != page_size:
+        raise ValueError(f"into: expected a plan of page_size {page_size} (this cache's), got page_size {into.page_size}")
+    want = _check_device(device)
+    if want.type != into.device.type or None not in (want.index, into.device.index) and want.index != into.device.index:
+        raise ValueError(f"into: expected a plan on device {want} (this cache's), got {into.device}")
+    into._check_num_queries("into", num_queries)
 
 
 def _staged(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor ready for a non-blocking copy to ``device`` (pinned when the device is a GPU)."""
     return host.pin_memory() if device.type == "cuda" else host
-
-
-def _pad_to_capacity(arrays, capacity: PlanCapacity) -> np.ndarray:
-    """Plan arrays laid out in ``capacity``'s fixed piece sizes; raises if the step does not fit."""
-    packed, sizes, stats, _, _ = arrays
-    limits = {"items": (stats["work_items"], capacity.items), "rows": (stats["rows"], capacity.rows),
-              "partial_rows": (stats["partial_rows"], capacity.partial_rows),
-              "merge_queries": (stats["merge_queries"], capacity.merge_queries), "nnz": (stats["nnz"], capacity.nnz)}
-    for name, (used, limit) in limits.items():
-        if used > limit:
-            raise ValueError(f"capacity: expected this step's {name} <= capacity.{name}={limit}, got {used}")
-    out = []
-    for name, piece, size in zip(_PIECES, np.split(packed, np.cumsum(sizes)[:-1]), capacity.piece_sizes()):
-        pad = _PAD[name]
-        fill = (piece[-1] if piece.size else 0) if pad == "last" else pad
-        out.append(np.concatenate([piece, np.full(size - piece.shape[0], fill, dtype=np.int32)]))
-    return np.concatenate(out)
-
-
-def _assemble(arrays, kv_indptr, kv_indices, kv_last_page_len, page_size: int, device: torch.device,
-              capacity: PlanCapacity | None = None, group: int = 4, replan: dict | None = None) -> TreePlan:
-    """Plan arrays -> TreePlan: one host-to-device copy of the packed buffer, then views. With a capacity the
-    pieces are padded to fixed sizes and the plan owns copies of the table (so update_ can refill them)."""
-    packed, sizes, stats, max_item_tokens, max_page_id = arrays
-    stats = _with_sizes(stats, sizes, kv_indices)
-    block_queries = stats["max_queries_per_item"]
-    if capacity is not None:
-        packed, sizes = _pad_to_capacity((packed, sizes, stats, None, None), capacity), capacity.piece_sizes()
-        # Under a capacity the kernels' query block is fixed at the largest any step can need.
-        block_queries = max(1, _TARGET_ROWS_PER_ITEM // _next_pow2(group))
-        indices = torch.zeros(capacity.nnz, dtype=torch.int32, device=device)
-        indices[: kv_indices.shape[0]].copy_(kv_indices)
-        kv_indptr, kv_indices, kv_last_page_len = kv_indptr.to(device, copy=True), indices, kv_last_page_len.to(device, copy=True)
-    buffer = _staged(torch.from_numpy(packed), device).to(device, non_blocking=True)
-    views = torch.split(buffer, list(sizes))
-    return TreePlan(
-        num_queries=stats["num_queries"],
-        page_size=page_size,
-        device=device,
-        kv_indptr=kv_indptr.to(device),
-        kv_indices=kv_indices.to(device),
-        kv_last_page_len=kv_last_page_len.to(device),
-        **dict(zip(_PIECES, views)),
-        num_items=views[0].shape[0],
-        num_partial_rows=stats["partial_rows"] if capacity is None else capacity.partial_rows,
-        max_queries_per_item=block_queries,
-        max_item_tokens=max_item_tokens,
-        max_page_id=max_page_id,
-        stats=stats,
-        capacity=capacity,
-        _buffer=buffer,
-        _replan=replan or {},
-    )
-
