@@ -1,79 +1,85 @@
-"""Planner: stats against independent counts, exact coverage of every query's KV, errors."""
+"""The planner against a brute-force oracle (tests/planner_oracle.py): exact coverage of every query's KV in
+root→leaf merge order, consistent partial rows and merge pointers, and stats equal to independent counts;
+through both entry points (treeattn.plan over a table, plan_from_tree over a known tree); errors."""
 
+from array import array
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from planner_oracle import check_tree_plan, random_forest, table_of_tree
 
 import treeattn
-from treeattn.testing import random_table, tree_table
+from treeattn import _planner
+from treeattn.plan import plan_from_tree
+from treeattn.testing import WORKLOADS, random_table, tree_table, workload_table
 
 
-def _plan(table, **kw):
-    return treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size, **kw)
+def _tensors(table):
+    return table.kv_indptr, table.kv_indices, table.kv_last_page_len
 
 
-def _independent_stats(table):
-    slots = [table.token_slots(i).tolist() for i in range(table.num_queries)]
-    return {
-        "unique_tokens": len({s for row in slots for s in row}),
-        "naive_tokens": sum(len(row) for row in slots),
-    }, slots
-
-
-def _coverage(plan, table):
-    """Per query, the KV slots its items read, in the plan's merge (root→leaf) order."""
-    indices = plan.kv_indices.cpu()
-    row_ptr, row_query, row_dest = plan.item_row_ptr.cpu(), plan.row_query.cpu(), plan.row_dest.cpu()
-    per_query = {i: [] for i in range(table.num_queries)}
-    for item in range(plan.num_items):
-        first, n_tok = int(plan.item_page_ptr[item]), int(plan.item_num_tokens[item])
-        t = torch.arange(n_tok)
-        slots = (indices[first + t // table.page_size].long() * table.page_size + t % table.page_size).tolist()
-        for r in range(int(row_ptr[item]), int(row_ptr[item + 1])):
-            per_query[int(row_query[r])].append((int(row_dest[r]), slots))
-    return per_query
-
-
-def _check_plan(table, **kw):
-    plan = _plan(table, **kw)
-    expected, slots = _independent_stats(table)
-    assert plan.stats["unique_tokens"] == expected["unique_tokens"]
-    assert plan.stats["naive_tokens"] == expected["naive_tokens"]
-    assert plan.stats["work_items"] == plan.num_items == plan.item_page_ptr.shape[0]
-    assert plan.stats["planned_tokens"] <= plan.stats["naive_tokens"]
-    merge_query = plan.merge_query.cpu().tolist()
-    merge_ptr = plan.merge_ptr.cpu().tolist()
-    for q, pieces in _coverage(plan, table).items():
-        if len(pieces) == 1:
-            assert pieces[0][0] == -1, "a query with one item writes its output directly"
-            assert q not in merge_query
-        else:
-            assert all(dest >= 0 for dest, _ in pieces)
-            m = merge_query.index(q)
-            # Partial rows of a query are contiguous and ordered root→leaf.
-            assert sorted(d for d, _ in pieces) == list(range(merge_ptr[m], merge_ptr[m + 1]))
-        ordered = [s for _, piece in sorted(pieces) for s in piece]
-        assert ordered == slots[q], f"query {q}: items do not cover its KV exactly, in order"
+def _check(table, **kw):
+    """Plans ``table`` and checks the plan against the oracle."""
+    plan = treeattn.plan(*_tensors(table), page_size=table.page_size, **kw)
+    check_tree_plan(plan, _tensors(table), table.page_size, share_prefixes=kw.get("share_prefixes", True))
     return plan
 
 
+def _shuffled_ids(table, rng, high=2**31 - 1):
+    """The same table with its page ids mapped to distinct random ids below ``high`` (sparse ids)."""
+    ids = torch.unique(table.kv_indices)
+    new = torch.from_numpy(rng.choice(high, size=ids.numel(), replace=False).astype(np.int32))
+    mapping = dict(zip(ids.tolist(), new.tolist()))
+    table.kv_indices = torch.tensor([mapping[p] for p in table.kv_indices.tolist()], dtype=torch.int32)
+    return table
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_queries=st.integers(0, 24),
+    page_size=st.sampled_from([1, 16, 64]),
+    max_pages=st.sampled_from([1, 4, 12]),
+    pool=st.sampled_from([3, 16, 64]),
+    heads=st.sampled_from([(None, None), (32, 8), (8, 8), (16, 1), (7, 1), (1, 4)]),
+    num_sms=st.sampled_from([1, 3, 132]),
+    share_prefixes=st.booleans(),
+    sparse_ids=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_tables_match_the_oracle(num_queries, page_size, max_pages, pool, heads, num_sms, share_prefixes,
+                                        sparse_ids, seed):
+    table = random_table(num_queries, page_size, max_pages=max_pages, pool_pages=pool,
+                         generator=torch.Generator().manual_seed(seed))
+    if sparse_ids:
+        table = _shuffled_ids(table, np.random.default_rng(seed))
+    _check(table, num_qo_heads=heads[0], num_kv_heads=heads[1], num_sms=num_sms, share_prefixes=share_prefixes)
+
+
 @pytest.mark.parametrize("page_size", [1, 16, 64])
-def test_tree_plan_covers_every_query(page_size):
-    _check_plan(tree_table([100, 37, 9], [1, 3, 4], page_size, spare_pages=2))
+def test_tree_tables_match_the_oracle(page_size):
+    _check(tree_table([100, 37, 9], [1, 3, 4], page_size, spare_pages=2))
+    _check(tree_table([40, 7], [1, 3], 16))  # a page full in the middle for one query, partial last for another
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_workloads_match_the_oracle(name):
+    table = workload_table(name, scale=1 / 16)
+    _check(table, num_qo_heads=32, num_kv_heads=8)
+    _check(table, share_prefixes=False)
 
 
 def test_best_of_n_reads_prefix_once_per_block():
     table = tree_table([4096, 256], [1, 64], 16)
-    plan = _check_plan(table, num_qo_heads=32, num_kv_heads=8)
-    # 64 queries x group 4 -> 4 blocks of 16 queries; each block reads the prompt once.
-    assert plan.stats["planned_tokens"] == 4 * 4096 + 64 * 256
-    assert plan.stats["unique_tokens"] == 4096 + 64 * 256
-    assert plan.stats["naive_tokens"] == 64 * (4096 + 256)
+    plan = _check(table, num_qo_heads=32, num_kv_heads=8)
+    # 64 queries x group 4 rows -> blocks of target_rows_per_item / 4 = 16 queries; each reads the prompt once.
+    block = _planner.SIZING["target_rows_per_item"] // 4
+    assert plan.stats["planned_tokens"] == (64 // block) * 4096 + 64 * 256
 
 
 def test_no_sharing_is_split_kv_decode():
-    table = tree_table([0, 700], [1, 5], 16)
-    plan = _check_plan(table)
+    plan = _check(tree_table([0, 700], [1, 5], 16))
     assert plan.stats["planned_tokens"] == plan.stats["naive_tokens"] == 5 * 700
     assert plan.stats["max_queries_per_item"] == 1
 
@@ -83,23 +89,54 @@ def test_identical_and_empty_queries():
     indices = torch.tensor([4, 1, 2, 4, 1, 2], dtype=torch.int32)
     last = torch.tensor([5, 9, 5, 16], dtype=torch.int32)  # empty queries' last_len is ignored
     plan = treeattn.plan(indptr, indices, last, page_size=16)
-    assert plan.stats["unique_tokens"] == 16 + 16 + 5
+    check_tree_plan(plan, (indptr, indices, last), 16)
     assert plan.stats["planned_tokens"] == 37  # identical queries share everything
     assert sorted(plan.merge_query.tolist()) == [1, 3]  # the empty queries: stage 2 writes 0 / -inf
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    num_queries=st.integers(1, 20),
-    page_size=st.sampled_from([1, 3, 16]),
-    seed=st.integers(0, 2**31 - 1),
-    heads=st.sampled_from([(32, 8), (8, 8), (16, 1)]),
-)
-def test_random_tables(num_queries, page_size, seed, heads):
-    g = torch.Generator().manual_seed(seed)
-    table = random_table(num_queries, page_size, generator=g)
-    _check_plan(table, num_qo_heads=heads[0], num_kv_heads=heads[1], num_sms=1)
+# ---- plan_from_tree: random forests that follow its contract, checked against the table of their paths ----
 
+@settings(max_examples=60, deadline=None)
+@given(
+    page_size=st.sampled_from([1, 2, 16, 64]),
+    num_nodes=st.integers(1, 30),
+    extra_queries=st.integers(0, 6),
+    empty_queries=st.integers(0, 2),
+    heads=st.sampled_from([(None, None), (32, 8), (4, 1)]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_trees_match_the_oracle_and_plan(page_size, num_nodes, extra_queries, empty_queries, heads, seed):
+    """plan_from_tree writes the table of the paths, plans it correctly, and shows the stats that
+    treeattn.plan finds on that table."""
+    tree = random_forest(np.random.default_rng(seed), page_size, num_nodes, extra_queries, empty_queries)
+    kw = dict(num_qo_heads=heads[0], num_kv_heads=heads[1], num_sms=132)
+    from_tree = plan_from_tree(**tree, page_size=page_size, device=torch.device("cpu"), **kw)
+    table = tuple(torch.from_numpy(a) for a in table_of_tree(tree, page_size))
+    check_tree_plan(from_tree, table, page_size)
+    from_table = treeattn.plan(*table, page_size=page_size, **kw)
+    assert from_tree.stats == from_table.stats
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_cache_plans_of_workload_trees(name):
+    """The benchmark trees as a TreeKVCache builds them: its plan is correct and shows treeattn.plan's stats."""
+    level_tokens, fanout = WORKLOADS[name]
+    cache = treeattn.TreeKVCache(1, 1, 16, page_size=16, num_pages=8192, dtype=torch.float32, device="cpu")
+    frontier = [cache.add(level_tokens[0] // 16) for _ in range(fanout[0])]
+    for tokens, ways in zip(level_tokens[1:], fanout[1:]):
+        frontier = [kid for node in frontier for kid in cache.fork(node, ways)]
+        cache.append(frontier, tokens // 16)
+    plan = cache.plan(frontier)
+    table = (plan.kv_indptr.clone(), plan.kv_indices.clone(), plan.kv_last_page_len.clone())
+    for leaf, q in zip(frontier, range(len(frontier))):  # the plan's table is the leaves' paths
+        slots = cache.path_slots(leaf)
+        pages = table[1][table[0][q] : table[0][q + 1]].long()
+        assert torch.equal(pages, slots[::16] // 16)
+    check_tree_plan(plan, table, 16)
+    assert plan.stats == treeattn.plan(*table, page_size=16, num_kv_heads=1).stats
+
+
+# ---- errors ----
 
 def _table(indptr, indices, last):
     return (torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32),
@@ -109,18 +146,19 @@ def _table(indptr, indices, last):
 @pytest.mark.parametrize(
     "args, kwargs, match",
     [
-        (_table([0, 2], [0, 1], [3]), {"page_size": 0}, "page_size: expected a positive int"),
+        (_table([0, 2], [0, 1], [3]), {"page_size": 0}, r"page_size: expected an int in \[1, 2147483647\], got 0"),
         ((torch.tensor([0, 2]), torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)),
          {"page_size": 16}, "kv_indptr: expected dtype torch.int32, got torch.int64"),
         ((torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0., 1.]), torch.tensor([3], dtype=torch.int32)),
          {"page_size": 16}, "kv_indices: expected dtype torch.int32"),
         ((torch.tensor([0, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), [3]),
          {"page_size": 16}, "kv_last_page_len: expected a torch.Tensor"),
-        (_table([0, 2, 1, 2], [0, 1], [3, 3, 3]), {"page_size": 16}, r"kv_indptr: expected non-decreasing"),
+        (_table([0, 2, 1, 2], [0, 1], [3, 3, 3]), {"page_size": 16},
+         r"kv_indptr: expected non-decreasing values, got kv_indptr\[1\]=2 > kv_indptr\[2\]=1"),
         (_table([0, 2, 3], [0, 1], [3, 3]), {"page_size": 16}, r"kv_indptr: expected kv_indptr\[-1\] == len\(kv_indices\) == 2, got 3"),
         (_table([1, 2], [0, 1], [3]), {"page_size": 16}, r"kv_indptr: expected kv_indptr\[0\] == 0, got 1"),
         (_table([0, 2], [0, 1], [3, 3]), {"page_size": 16}, r"kv_indptr: expected shape \[3\]"),
-        (_table([0, 2], [0, 1], [17]), {"page_size": 16}, "kv_last_page_len: expected 1..page_size=16 for query 0 .*got 17"),
+        (_table([0, 2], [0, 1], [17]), {"page_size": 16}, r"kv_last_page_len: expected 1..page_size=16 for query 0 \(it has pages\), got 17"),
         (_table([0, 2], [0, 1], [0]), {"page_size": 16}, "kv_last_page_len: expected 1..page_size=16 for query 0 .*got 0"),
         (_table([0, 2], [0, -1], [3]), {"page_size": 16}, "kv_indices: expected page ids >= 0, got -1"),
         (_table([0, 2], [0, 9], [3]), {"page_size": 16, "num_pages": 9}, "kv_indices: expected page ids < num_pages=9, got 9"),
@@ -129,3 +167,59 @@ def _table(indptr, indices, last):
 def test_plan_errors(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         treeattn.plan(*args, **kwargs)
+
+
+def _tree(**changes):
+    """A valid tree at page size 8: a root of 20 tokens (pages 4 5 6), a child of 7 more continuing page 6 in
+    place (pages 6 7) and an empty child with a query below it (its own 1-token child, page 9); queries at the
+    child's end, at the root's end (page 6 again, in part), at the grandchild and an empty one. ``changes``
+    break it."""
+    tree = dict(parent=[-1, 0, 0, 2], start=[0, 20, 20, 20], end=[20, 27, 20, 21],
+                pages=[array("i", [4, 5, 6]), array("i", [6, 7]), array("i"), array("i", [9])],
+                query_owner=[1, 0, -1, 3], query_end=[27, 20, 0, 21])
+    tree.update(changes)
+    return tree
+
+
+_KW = dict(page_size=8, num_qo_heads=None, num_kv_heads=None, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(start=[0, 20, 20]), "tree: expected parent, start, end and pages of one length"),
+        (dict(query_end=[27]), r"query_end: expected one entry per query \(4\), got 1"),
+        (dict(parent=[-1, 4, 0, 2]), "parent: expected -1 or another node's index < 4 for node 1, got 4"),
+        (dict(parent=[-1, 1, 0, 2]), "parent: expected -1 or another node's index < 4 for node 1, got 1"),
+        (dict(start=[0, 19, 20, 20]), r"start: expected 20 for node 1 \(a root starts at 0"),
+        (dict(end=[20, 27, 19, 21]), "end: expected >= start=20 for node 2, got 19"),
+        (dict(end=[20, 27, 20, 2**40]), r"end: expected 0..17179869176 \(2\^31 - 1 pages\) for node 3"),
+        (dict(pages=[array("i", [4, 5]), array("i", [6, 7]), array("i"), array("i", [9])]), "pages: expected 3 page ids for node 0"),
+        (dict(parent=[-1, 2, 1, 0], start=[0, 20, 20, 20], end=[20, 20, 20, 21],
+              pages=[array("i", [4, 5, 6]), array("i"), array("i"), array("i", [9])], query_owner=[0, 3, -1, 3],
+              query_end=[20, 21, 0, 21]),
+         r"parent: expected a forest \(every node leads to a root\), got a cycle"),
+        (dict(pages=[array("i", [4, -5, 6]), array("i", [6, 7]), array("i"), array("i", [9])]), "pages: expected page ids >= 0, got -5 in node 0"),
+        (dict(query_owner=[1, 4, -1, 3]), "query_owner: expected -1 or a node index < 4 for query 1, got 4"),
+        (dict(query_end=[27, 20, 2, 21]), r"query_end: expected 0 \(no owner\) for query 2, got 2"),
+        (dict(query_end=[20, 20, 0, 21]), r"query_end: expected start < query_end <= end of node 1 \(20, 27\] for query 0, got 20"),
+        (dict(query_owner=[1, 0, -1, -1], query_end=[27, 20, 0, 0]),
+         "query_owner: expected a query at or below every node, got none for node 3"),
+    ],
+)
+def test_tree_errors(changes, match):
+    with pytest.raises(ValueError, match=match):
+        plan_from_tree(**_tree(**changes), **_KW)
+
+
+def test_tree_example_and_int32_buffers():
+    plan = plan_from_tree(**_tree(), **_KW)
+    assert plan.kv_indices.tolist() == [4, 5, 6, 7, 4, 5, 6, 4, 5, 9] and plan.kv_last_page_len.tolist() == [3, 4, 0, 5]
+    # Pages 4, 5 and 6 in full (6 through the child; the root reads 4 of its tokens), 3 tokens of page 7 and
+    # 5 of page 9 (a copy of page 6's first 4 tokens plus the grandchild's).
+    assert plan.stats["unique_tokens"] == 3 * 8 + 3 + 5 and plan.stats["naive_tokens"] == 27 + 20 + 21
+    check_tree_plan(plan, (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len), 8)
+    with pytest.raises(TypeError, match="pages: expected 1-D int32 buffers"):
+        plan_from_tree(**_tree(pages=[np.array([4, 5, 6]), array("i", [6, 7]), array("i"), array("i", [9])]), **_KW)
+    with pytest.raises(TypeError, match="pages: expected contiguous 1-D int32 buffers"):
+        plan_from_tree(**_tree(pages=[np.arange(6, dtype=np.int32)[::2], array("i", [6, 7]), array("i"), array("i", [9])]), **_KW)

@@ -73,7 +73,7 @@ def test_update_errors_leave_the_plan_unchanged(device):
     with pytest.raises(ValueError, match=r"kv_last_page_len: expected 4 queries \(the captured plan's\), got 5"):
         plan.update_(other_n.kv_indptr, other_n.kv_indices, other_n.kv_last_page_len)
     assert all(torch.equal(a, b) for a, b in zip(before, plan.tensor_args()))
-    with pytest.raises(ValueError, match=r"plan: expected a plan built with capacity=PlanCapacity\(\.\.\.\) for update_"):
+    with pytest.raises(ValueError, match=r"plan: expected a plan built with capacity=PlanCapacity\(\.\.\.\) to refill"):
         _plan(table).update_(table.kv_indptr, table.kv_indices, table.kv_last_page_len)
     with pytest.raises(ValueError, match=r"capacity: expected this step's items <= capacity.items=1"):
         _plan(table, capacity=treeattn.PlanCapacity(items=1, rows=64, partial_rows=64, merge_queries=8, nnz=64))
