@@ -1,4 +1,4 @@
-"""Host cost of ``treeattn.plan`` (DESIGN §4 target: ≤ 200 µs for 256 queries × 8k tokens at page size 16).
+"""Host cost of ``treeattn.plan`` (target: ≤ 100 µs for 256 queries × 8k tokens at page size 16).
 
 Host time is real on any machine, so this runs (and reports) on CPU as well as on the GPU machine.
 

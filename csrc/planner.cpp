@@ -108,6 +108,25 @@ i64 checked(const char* name, i64 value, i64 low, i64 high) {
   return value;
 }
 
+// An int (or anything with __index__ but bool) as int64, else TypeError / ValueError naming `name`
+// (`name[index]` for an element of a sequence).
+i64 int_value(const py::handle& obj, const char* name, i64 index = -1) {
+  const auto where = [&] { return std::string(name) + (index >= 0 ? "[" + str(index) + "]" : ""); };
+  if (PyLong_CheckExact(obj.ptr())) {  // the usual case, without a new reference
+    int overflow = 0;
+    const long long value = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
+    if (!overflow) return value;
+    throw std::invalid_argument(where() + ": expected an int that fits int64, got " + std::string(py::repr(obj)));
+  }
+  if (PyBool_Check(obj.ptr())) throw py::type_error(where() + ": expected an int, got bool");
+  const py::object number = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!number) {
+    PyErr_Clear();
+    throw py::type_error(where() + ": expected an int, got " + type_name(obj));
+  }
+  return int_value(number, name, index);
+}
+
 Options make_options(i64 page_size, std::optional<i64> num_pages, bool share_prefixes,
                      std::optional<i64> num_qo_heads, std::optional<i64> num_kv_heads, i64 num_sms,
                      const py::object& capacity, std::optional<i64> max_queries_per_item) {
@@ -130,7 +149,8 @@ Options make_options(i64 page_size, std::optional<i64> num_pages, bool share_pre
       if (!py::hasattr(capacity, name))
         throw py::type_error("capacity: expected a PlanCapacity (items, rows, partial_rows, merge_queries, nnz), "
                              "got " + type_name(capacity));
-      *value = checked((std::string("capacity.") + name).c_str(), capacity.attr(name).cast<i64>(), 1, INT32_MAX - 1);
+      const std::string field = std::string("capacity.") + name;
+      *value = checked(field.c_str(), int_value(capacity.attr(name), field.c_str()), 1, INT32_MAX - 1);
     }
     o.capacity = c;
   }
@@ -640,23 +660,16 @@ int32_t max_id(const int32_t* ids, i64 read, i64 count, int32_t& bits) {
   return high;
 }
 
-// A sequence of ints (TreeKVCache.plan passes lists) as int64s: PySequence_Fast, then PyLong_AsLongLong per
-// item, a few ns each (pybind's generic list caster costs several times that per item).
+// A sequence of ints (TreeKVCache.plan passes lists) as int64s: PySequence_Fast, then int_value per item, a few
+// ns each (pybind's generic list caster costs several times that per item).
 std::vector<i64> int64s(const py::handle& seq, const char* name) {
-  py::object fast = py::reinterpret_steal<py::object>(PySequence_Fast(seq.ptr(), (std::string(name) + ": expected a sequence of ints").c_str()));
+  py::object fast = py::reinterpret_steal<py::object>(
+      PySequence_Fast(seq.ptr(), (std::string(name) + ": expected a sequence of ints").c_str()));
   if (!fast) throw py::error_already_set();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
   PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
   std::vector<i64> out(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    out[i] = PyLong_AsLongLong(items[i]);
-    if (out[i] == -1 && PyErr_Occurred()) {
-      if (!PyErr_ExceptionMatches(PyExc_OverflowError)) throw py::error_already_set();
-      PyErr_Clear();
-      throw std::invalid_argument(std::string(name) + ": expected ints that fit int64, got " +
-                                  std::string(py::repr(items[i])));
-    }
-  }
+  for (Py_ssize_t i = 0; i < n; ++i) out[i] = int_value(items[i], name, i);
   return out;
 }
 

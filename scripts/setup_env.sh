@@ -40,28 +40,8 @@ with_progress "installing torch (a CUDA build: several GB)" python -m pip instal
 with_progress "installing the build and test tools" python -m pip install -q "setuptools>=64" wheel ninja pybind11 -r requirements-test.txt
 python -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__)'
 
-# The CUDA toolkit root. The nvcc on PATH may be a wrapper script (/usr/local/bin/nvcc that
-# execs /usr/local/cuda-13.0/bin/nvcc), from which torch would guess the root /usr/local.
-is_toolkit() { [ -n "$1" ] && [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ]; }
-find_cuda_home() {
-  local nvcc cand
-  if is_toolkit "${CUDA_HOME:-}"; then echo "$CUDA_HOME"; return 0; fi
-  if nvcc=$(command -v nvcc); then
-    nvcc=$(readlink -f "$nvcc")
-    cand=$(dirname "$(dirname "$nvcc")")
-    if is_toolkit "$cand"; then echo "$cand"; return 0; fi
-    if grep -qI . "$nvcc"; then  # a text wrapper: look for the nvcc it runs
-      for cand in $(grep -o '[^[:space:]"'\''=:;]*/bin/nvcc' "$nvcc"); do
-        cand=$(dirname "$(dirname "$(readlink -f "$cand")")")
-        if is_toolkit "$cand"; then echo "$cand"; return 0; fi
-      done
-    fi
-  fi
-  for cand in /usr/local/cuda /usr/local/cuda-*; do
-    if is_toolkit "$cand"; then echo "$cand"; return 0; fi
-  done
-  return 1
-}
+# The CUDA toolkit root, found as setup.py finds it (csrc/build_config.py: also behind a wrapper nvcc).
+find_cuda_home() { python csrc/build_config.py cuda-home; }
 export TREEATTN_BUILD_CUDA=${TREEATTN_BUILD_CUDA:-auto}
 if CUDA_HOME=$(find_cuda_home); then
   export CUDA_HOME
