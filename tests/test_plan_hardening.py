@@ -176,20 +176,29 @@ def test_capacity_must_be_a_plan_capacity():
 
 
 def test_into_must_be_a_fixed_capacity_plan_of_this_cache():
-    def cache_and_leaves(page_size):
-        cache = treeattn.TreeKVCache(1, 1, 16, page_size=page_size, num_pages=32, dtype=torch.float32, device="cpu")
-        return cache, cache.fork(cache.add(20), 2)
-
-    cache, leaves = cache_and_leaves(16)
+    tree = dict(parent=[-1, 0, 0], start=[0, 20, 20], end=[20, 21, 21],
+                pages=[array("i", [0, 1]), array("i", [2]), array("i", [3])], query_owner=[1, 2], query_end=[21, 21])
+    kw = dict(num_qo_heads=None, num_kv_heads=None, device=torch.device("cpu"))
     cap = treeattn.PlanCapacity(items=16, rows=32, partial_rows=32, merge_queries=2, nnz=32)
-    with pytest.raises(TypeError, match="into: expected a fixed-capacity treeattn.TreePlan, got str"):
-        cache.plan(leaves, into="x")
+    plan = plan_from_tree(**tree, page_size=16, capacity=cap, **kw)
+    with pytest.raises(TypeError, match=r"into: expected a treeattn.TreePlan \(made with capacity=\) or None, got str"):
+        plan_from_tree(**tree, page_size=16, into="x", **kw)
     with pytest.raises(ValueError, match=r"plan: expected a plan built with capacity=PlanCapacity\(\.\.\.\) to refill"):
-        cache.plan(leaves, into=cache.plan(leaves))
-    other, other_leaves = cache_and_leaves(8)
-    with pytest.raises(ValueError, match="into: expected a plan of page_size 16 \\(this cache's\\), got page_size 8"):
-        cache.plan(leaves, into=other.plan(other_leaves, capacity=cap))
-    with pytest.raises(ValueError, match=r"into: expected 2 queries \(the captured plan's\), got 3"):
-        cache.plan(leaves + [leaves[0]], into=cache.plan(leaves, capacity=cap))
+        plan_from_tree(**tree, page_size=16, into=plan_from_tree(**tree, page_size=16, **kw), **kw)
+    with pytest.raises(ValueError, match=r"into: expected a plan with page_size 8 \(the cache's\), got 16"):
+        plan_from_tree(**{**tree, "end": [20, 24, 24], "pages": [array("i", [0, 1, 4]), array("i", [2]), array("i", [3])]},
+                       page_size=8, into=plan, **kw)
+    with pytest.raises(ValueError, match=r"into: expected a plan on device meta \(the cache's\), got cpu"):
+        plan_from_tree(**tree, page_size=16, into=plan, **{**kw, "device": torch.device("meta")})
+    with pytest.raises(ValueError, match=r"into: expected 2 queries \(the captured plan's\), got 1"):
+        plan_from_tree(**{**tree, "query_owner": [1], "query_end": [21], "parent": [-1, 0], "start": [0, 20],
+                          "end": [20, 21], "pages": tree["pages"][:2]}, page_size=16, into=plan, **kw)
+    assert plan_from_tree(**tree, page_size=16, into=plan, **kw) is plan
+    # Through the cache, which plans with its own page size and device.
+    cache = treeattn.TreeKVCache(1, 1, 16, page_size=16, num_pages=32, dtype=torch.float32, device="cpu")
+    leaves = cache.fork(cache.add(20), 2)
+    with pytest.raises(ValueError, match="into: expected a plan with page_size 16"):
+        small = treeattn.TreeKVCache(1, 1, 16, page_size=8, num_pages=32, dtype=torch.float32, device="cpu")
+        cache.plan(leaves, into=small.plan(small.fork(small.add(20), 2), capacity=cap))
     plan = cache.plan(leaves, capacity=cap)
     assert cache.plan(leaves[::-1], into=plan) is plan

@@ -317,13 +317,13 @@ def _check_device(device) -> torch.device:
 
 def _check_into(into, page_size: int, device, num_queries: int) -> None:
     if not isinstance(into, TreePlan):
-        raise TypeError(f"into: expected a fixed-capacity treeattn.TreePlan, got {type(into).__name__}")
+        raise TypeError(f"into: expected a treeattn.TreePlan (made with capacity=) or None, got {type(into).__name__}")
     into._check_refillable()
     if into.page_size != page_size:
-        raise ValueError(f"into: expected a plan of page_size {page_size} (this cache's), got page_size {into.page_size}")
+        raise ValueError(f"into: expected a plan with page_size {page_size} (the cache's), got {into.page_size}")
     want = _check_device(device)
     if want.type != into.device.type or None not in (want.index, into.device.index) and want.index != into.device.index:
-        raise ValueError(f"into: expected a plan on device {want} (this cache's), got {into.device}")
+        raise ValueError(f"into: expected a plan on device {want} (the cache's), got {into.device}")
     into._check_num_queries("into", num_queries)
 
 
