@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bitset>
 #include <climits>
 #include <cstdint>
 #include <cstring>
@@ -185,8 +186,8 @@ struct Table {
   i64 page_size;
 };
 
-// Validates the table; returns the largest page id (-1 when there are no pages).
-i64 check_table(const Table& t, i64 num_pages) {
+// Validates the table's offsets and last-page lengths (page ids: check_page_ids, once the shared runs are known).
+void check_offsets(const Table& t) {
   if (t.indptr[0] != 0)
     throw std::invalid_argument("kv_indptr: expected kv_indptr[0] == 0, got " + str(t.indptr[0]));
   for (i64 i = 0; i < t.num_queries; ++i) {
@@ -197,24 +198,33 @@ i64 check_table(const Table& t, i64 num_pages) {
   if (t.indptr[t.num_queries] != t.nnz)
     throw std::invalid_argument("kv_indptr: expected kv_indptr[-1] == len(kv_indices) == " + str(t.nnz) + ", got " +
                                 str(t.indptr[t.num_queries]));
-  int32_t high = -1;
-  if (t.nnz) {
-    int32_t low = t.indices[0];
-    high = t.indices[0];
-    for (i64 j = 1; j < t.nnz; ++j) {
-      low = std::min(low, t.indices[j]);
-      high = std::max(high, t.indices[j]);
-    }
-    if (low < 0) throw std::invalid_argument("kv_indices: expected page ids >= 0, got " + str(low));
-    if (num_pages >= 0 && high >= num_pages)
-      throw std::invalid_argument("kv_indices: expected page ids < num_pages=" + str(num_pages) + ", got " + str(high));
-  }
   for (i64 i = 0; i < t.num_queries; ++i) {
     if (t.indptr[i + 1] > t.indptr[i] && (t.last_len[i] < 1 || t.last_len[i] > t.page_size))
       throw std::invalid_argument("kv_last_page_len: expected 1..page_size=" + str(t.page_size) + " for query " +
                                   str(i) + " (it has pages), got " + str(t.last_len[i]));
   }
-  return high;
+}
+
+// Smallest and largest of ids[0:count) into low / high. Baseline x86-64 (SSE2) has no packed int32 min/max
+// and takes four ops for one, so x86-64 glibc builds also carry an SSE4.1 (pminsd/pmaxsd) clone, which the
+// loader picks where the CPU has it (GCC/Clang function multiversioning; same results, ~3x faster).
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__)
+__attribute__((target_clones("sse4.1", "default")))
+#endif
+void min_max(const int32_t* ids, i64 count, int32_t& low, int32_t& high) {
+  int32_t lo = low, hi = high;
+  for (i64 j = 0; j < count; ++j) {
+    lo = std::min(lo, ids[j]);
+    hi = std::max(hi, ids[j]);
+  }
+  low = lo;
+  high = hi;
+}
+
+void check_page_ids(int32_t low, int32_t high, i64 num_pages) {
+  if (low < 0) throw std::invalid_argument("kv_indices: expected page ids >= 0, got " + str(low));
+  if (num_pages >= 0 && high >= num_pages)
+    throw std::invalid_argument("kv_indices: expected page ids < num_pages=" + str(num_pages) + ", got " + str(high));
 }
 
 // Length of the common prefix of a[0:n) and b[0:n): memcmp over blocks, then a scan of the differing block.
@@ -319,29 +329,33 @@ class PageSlots {
 
 // Distinct (page, slot) tokens: each page counts its largest used prefix once. A full use covers any partial
 // one, and only last slots are partial: a set of fully used pages plus the few partially used last pages.
-i64 unique_tokens_of(const Table& t, const Keys& keys, i64 max_page) {
+// Only the pages of each sorted query past its LCP with its predecessor are read: the others are the
+// predecessor's (same ids, same tokens), already counted.
+i64 unique_tokens_of(const Table& t, const Keys& keys, const std::vector<i64>& order, const std::vector<i64>& lcp,
+                     i64 max_page) {
   const i64 ps = t.page_size;
   PageSlots slot(max_page, t.nnz);
-  std::vector<uint8_t> full(slot.size(), 0);
+  // One bit per page slot: 16 KiB for 128k pages stays in L1 where a byte per page would not.
+  std::vector<uint64_t> full((slot.size() + 63) / 64, 0);
+  auto is_full = [&](i64 k) { return (full[k >> 6] >> (k & 63)) & 1; };
   std::vector<std::pair<int32_t, i64>> partial_pages;
-  i64 num_full = 0;
-  for (i64 i = 0; i < t.num_queries; ++i) {
-    const i64 len = keys.length(i);
-    if (len == 0) continue;
-    const int32_t* pages = t.indices + t.indptr[i];
-    const i64 full_len = t.last_len[i] == ps ? len : len - 1;
-    for (i64 d = 0; d < full_len; ++d) {
-      uint8_t& seen = full[slot(pages[d])];
-      num_full += seen ^ 1;
-      seen = 1;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const i64 q = order[i], len = keys.length(q);
+    const int32_t* pages = t.indices + t.indptr[q];
+    const i64 full_len = len > 0 && t.last_len[q] != ps ? len - 1 : len;
+    for (i64 d = lcp[i]; d < full_len; ++d) {
+      const i64 k = slot(pages[d]);
+      full[k >> 6] |= uint64_t{1} << (k & 63);
     }
-    if (full_len < len) partial_pages.emplace_back(pages[len - 1], t.last_len[i]);
+    if (full_len < len && lcp[i] < len) partial_pages.emplace_back(pages[len - 1], t.last_len[q]);
   }
+  i64 num_full = 0;
+  for (uint64_t word : full) num_full += static_cast<i64>(std::bitset<64>(word).count());
   i64 unique_tokens = ps * num_full;
   std::sort(partial_pages.begin(), partial_pages.end());
   for (size_t k = 0; k < partial_pages.size(); ++k) {
     const bool last_of_page = k + 1 == partial_pages.size() || partial_pages[k + 1].first != partial_pages[k].first;
-    if (last_of_page && !full[slot(partial_pages[k].first)]) unique_tokens += partial_pages[k].second;
+    if (last_of_page && !is_full(slot(partial_pages[k].first))) unique_tokens += partial_pages[k].second;
   }
   return unique_tokens;
 }
@@ -532,27 +546,31 @@ py::dict plan_table(const py::handle& indptr_obj, const py::handle& indices_obj,
   if (kv_indices.shape(0) > INT32_MAX)
     throw std::invalid_argument("kv_indices: expected at most 2^31 - 1 page slots, got " + str(kv_indices.shape(0)));
   const Table t{kv_indptr.data(), kv_indices.data(), kv_last_page_len.data(), n, kv_indices.shape(0), ps};
-  const i64 max_page = check_table(t, o.num_pages);
+  check_offsets(t);
 
   const Keys keys{t};
   i64 naive_tokens = 0;
   for (i64 i = 0; i < n; ++i)
     if (keys.length(i) > 0) naive_tokens += (keys.length(i) - 1) * ps + t.last_len[i];
-  const i64 unique_tokens = unique_tokens_of(t, keys, max_page);
+  // (Sorting reads page ids as numbers only, so it may run before they are checked.)
   const std::vector<i64> order = sorted_queries(keys, n);
-
   std::vector<i64> sstart(n), slen(n), lcp(n + 1, 0);
   for (i64 i = 0; i < n; ++i) {
     sstart[i] = t.indptr[order[i]];
     slen[i] = keys.length(order[i]);
   }
-  if (o.share_prefixes) {
-    for (i64 i = 1; i < n; ++i) {
-      i64 common = std::min(slen[i - 1], slen[i]);
-      if (common > 0 && keys.at(order[i - 1], 0) == keys.at(order[i], 0))
-        lcp[i] = keys.common(order[i - 1], order[i], 0, common);
-    }
+  for (i64 i = 1; i < n; ++i) {
+    i64 common = std::min(slen[i - 1], slen[i]);
+    if (common > 0 && keys.at(order[i - 1], 0) == keys.at(order[i], 0))
+      lcp[i] = keys.common(order[i - 1], order[i], 0, common);
   }
+  // Every page id is in some sorted query's run past its LCP with its predecessor: check those runs only.
+  int32_t low = INT32_MAX, high = -1;
+  for (i64 i = 0; i < n; ++i) min_max(t.indices + sstart[i] + lcp[i], slen[i] - lcp[i], low, high);
+  check_page_ids(low, high, o.num_pages);
+  const i64 max_page = high;
+  const i64 unique_tokens = unique_tokens_of(t, keys, order, lcp, max_page);
+  if (!o.share_prefixes) std::fill(lcp.begin(), lcp.end(), 0);  // every query on its own
 
   // Internal edges: the LCP intervals (stack walk over the LCP array); then leaf edges: what each query
   // does not share with either neighbour.
@@ -640,25 +658,6 @@ class Int32Views {
   }
   std::vector<Py_buffer> views_;
 };
-
-// Largest of ids[0:read) (-1 if none) and the OR of ids[0:count), which is negative iff an id is. This pass
-// over every page a step reads is plan_tree's largest own cost on little-sharing trees (longcot). Baseline
-// x86-64 (SSE2) has no packed int32 max and takes four ops for one, so x86-64 glibc builds also carry an
-// SSE4.1 (pmaxsd) clone, which the loader picks where the CPU has it (GCC/Clang function multiversioning;
-// same results, 3x faster).
-#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__)
-__attribute__((target_clones("sse4.1", "default")))
-#endif
-int32_t max_id(const int32_t* ids, i64 read, i64 count, int32_t& bits) {
-  int32_t high = -1, all = 0;
-  for (i64 j = 0; j < read; ++j) {
-    high = std::max(high, ids[j]);
-    all |= ids[j];
-  }
-  for (i64 j = read; j < count; ++j) all |= ids[j];
-  bits = all;
-  return high;
-}
 
 // A sequence of ints (TreeKVCache.plan passes lists) as int64s: PySequence_Fast, then int_value per item, a few
 // ns each (pybind's generic list caster costs several times that per item).
@@ -938,13 +937,12 @@ py::dict plan_tree(const std::vector<i64>& parent, const std::vector<i64>& start
     const i64 full_run = std::max<i64>(0, (has_kids[m] ? end[m] : reach) / ps - a);
     const i64 part = full_run < count ? std::max<i64>(0, reach - (a + full_run) * ps) : 0;
     const i64 read = full_run + (part > 0);
-    // The largest read id is the plan's max_page_id; every id must be >= 0, i.e. the OR of all has no sign
-    // bit (one vector op per 4 ids where a min reduction takes several).
-    int32_t bits = 0;
-    const int32_t high = max_id(ids, read, count, bits);
-    if (bits < 0)
-      throw std::invalid_argument("pages: expected page ids >= 0, got " + str(*std::min_element(ids, ids + count)) +
-                                  " in node " + str(m));
+    // The largest read id is the plan's max_page_id; every id must be >= 0. (This pass over every page a step
+    // reads is plan_tree's largest own cost on little-sharing trees.)
+    int32_t low = INT32_MAX, high = -1, unread_high = -1;
+    min_max(ids, read, low, high);
+    min_max(ids + read, count - read, low, unread_high);
+    if (low < 0) throw std::invalid_argument("pages: expected page ids >= 0, got " + str(low) + " in node " + str(m));
     max_page = std::max<i64>(max_page, high);
     unique_tokens += full_run * ps + part;
     auto tokens_at = [&](i64 j) { return j < full_run ? ps : part; };
