@@ -136,6 +136,50 @@ def test_cache_plans_of_workload_trees(name):
     assert plan.stats == treeattn.plan(*table, page_size=16, num_kv_heads=1).stats
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    page_size=st.sampled_from([1, 2, 4, 16]),
+    ops=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 60), st.integers(1, 20)), max_size=25),
+    picks=st.one_of(st.just("all"), st.lists(st.integers(0, 60), min_size=1, max_size=8)),
+    num_tokens=st.sampled_from([1, 1, 2, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_cache_plans_after_random_edits(page_size, ops, picks, num_tokens, seed):
+    """TreeKVCache.plan (through plan_from_tree) after random fork/append/release/add, internal nodes and
+    several tokens per node included: query i * k + j reads node i's path up to its (k - 1 - j)-th last token;
+    the plan is correct and shows treeattn.plan's stats on that table."""
+    cache = treeattn.TreeKVCache(1, 1, 16, page_size=page_size, num_pages=4096, dtype=torch.float32, device="cpu")
+    rng = np.random.default_rng(seed)
+    nodes = [cache.add(int(rng.integers(0, 40)))]
+    for op, pick, n in ops:  # fork, append, release or add, on a live node
+        live = [x for x in nodes if x in cache.tree.live_ids()]
+        node = live[pick % len(live)]
+        if op == 0 or (op == 1 and cache.tree.node(node).children):
+            nodes += cache.fork(node, 1 + n % 3)
+        elif op == 1:
+            cache.append([node], n)
+        elif op == 2 and len(live) > 1:
+            cache.release(node)
+        else:
+            nodes.append(cache.add(n))
+    live = [x for x in nodes if x in cache.tree.live_ids()]
+    chosen = live if picks == "all" else [live[p % len(live)] for p in picks]  # all: parents with children
+    if num_tokens > 1:
+        chosen = [x for x in chosen if cache.length(x) >= num_tokens] or [cache.add(num_tokens)]
+    plan = cache.plan(chosen, num_tokens, num_qo_heads=8)
+    rows, last = [], []
+    for node in chosen:
+        path = cache.path_slots(node)
+        for end in range(cache.length(node) - num_tokens + 1, cache.length(node) + 1):
+            pages = (path[:end][::page_size] // page_size).tolist()
+            rows.append(pages)
+            last.append(end - (len(pages) - 1) * page_size if pages else 0)
+    table = (torch.tensor(np.cumsum([0] + [len(r) for r in rows]), dtype=torch.int32),
+             torch.tensor([p for r in rows for p in r], dtype=torch.int32), torch.tensor(last, dtype=torch.int32))
+    check_tree_plan(plan, table, page_size)
+    assert plan.stats == treeattn.plan(*table, page_size=page_size, num_qo_heads=8, num_kv_heads=1).stats
+
+
 # ---- errors ----
 
 def _table(indptr, indices, last):
