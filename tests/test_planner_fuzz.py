@@ -147,7 +147,7 @@ def near_valid_tables(draw):
     return table, page_size
 
 
-_fuzz = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+_fuzz = settings(max_examples=800, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @_fuzz
