@@ -10,6 +10,13 @@ and every decode step reads shared KV once (``treeattn.tree_decode``; DeepSeek-V
 ``treeattn.mla_tree_decode`` in the absorbed form). The attention runs as the ``"treeattn"`` entry of
 transformers' ``AttentionInterface``.
 
+    search = treeattn.hf.TreeSearch(model)
+    root = search.add_prompt(prompt_ids)
+    children = search.expand([root], 4, max_new_tokens=64, stop=[step_delimiter_ids])[0]
+
+:class:`TreeSearch` drives the same adapter from outside, step by step: the whole frontier of a search decoded
+together, one batched step at a time, with each node's tokens and log-probabilities.
+
 This subpackage needs HF transformers (``pip install transformers``); the rest of treeattn does not.
 """
 
@@ -23,5 +30,6 @@ except ImportError as err:  # pragma: no cover  (the test suite has transformers
 from .adapter import UnsupportedModel
 from .cache import TreeCache
 from .generate import generate
+from .search import TreeSearch
 
-__all__ = ["TreeCache", "generate", "UnsupportedModel"]
+__all__ = ["TreeCache", "TreeSearch", "generate", "UnsupportedModel"]

@@ -157,12 +157,12 @@ def treeattn_attention(module, query, key, value, attention_mask, scaling=None, 
     layer = module.layer_idx
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    q = query[:, :, 0]
+    q = query[:, :, 0].to(device=cache.tree.device, dtype=cache.tree.dtype)  # (a pool of another dtype)
     if cache.spec.mla:
         out = _mla_decode(module, q, cache, layer, scaling)
     else:
         out = treeattn.tree_decode(q.contiguous(), *cache.tree.layer(layer), cache.plan, sm_scale=scaling)
-    return out.view(rows, 1, heads, out.shape[-1]), None
+    return out.to(device=query.device, dtype=query.dtype).view(rows, 1, heads, out.shape[-1]), None
 
 
 def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:
@@ -170,7 +170,7 @@ def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:
     (``c_kv ‖ k_pe``), ``W_UV`` applied to the latent output. ``q [rows, heads, qk_nope + qk_rope]`` ->
     ``[rows, heads, v_head_dim]``."""
     nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
-    w_kv_b = module.kv_b_proj.weight.view(module.num_heads, nope + module.v_head_dim, rank)
+    w_kv_b = module.kv_b_proj.weight.view(module.num_heads, nope + module.v_head_dim, rank).to(q.device, q.dtype)
     w_uk, w_uv = w_kv_b[:, :nope], w_kv_b[:, nope:]
     q_latent = torch.einsum("nhd,hdc->nhc", q[..., :nope], w_uk)
     q_absorbed = torch.cat([q_latent, q[..., nope:]], dim=-1).contiguous()

@@ -171,6 +171,7 @@ class TreeCache(Cache):
         self._slots = torch.cat([self.tree.slots(root) for root in roots]) if roots else None
         self._longest_row = max((r.numel() for r in real), default=0)
         self._prompt_length = length
+        self._positions = 0  # a prompt sees no past (TreeSearch prefills later prompts into a used cache)
         self._mode = "prefill"
 
     def _abort_prefill(self) -> None:
