@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 
 import treeattn.hf  # noqa: E402
-from treeattn.hf.testing import FAMILIES, tiny_model  # noqa: E402
+from treeattn.hf.testing import FAMILIES, teacher_forced_logprobs, tiny_model  # noqa: E402
 from treeattn.testing import assert_close  # noqa: E402
 
 PAGE = 4
@@ -31,14 +31,6 @@ def _prompt(n, seed, vocab=128):
     return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def _teacher_forced(model, tokens: torch.Tensor, count: int) -> torch.Tensor:
-    """The model's own log-probability of the last ``count`` tokens of ``tokens`` (default cache, no treeattn)."""
-    with torch.no_grad():
-        logits = model(tokens[None]).logits[0].float()
-    lp = torch.log_softmax(logits[-count - 1:-1], dim=-1)
-    return lp.gather(1, tokens[-count:, None])[:, 0]
-
-
 def test_logprobs_are_the_models_own(model):
     search = treeattn.hf.TreeSearch(model, page_size=PAGE, num_pages=256)
     root = search.add_prompt(_prompt(9, 1))
@@ -49,7 +41,7 @@ def test_logprobs_are_the_models_own(model):
         new = search.new_tokens(node)
         assert search.logprobs(node).shape == new.shape
         assert torch.equal(search.tokens(node)[-len(new):], new)
-        assert_close(search.logprobs(node), _teacher_forced(model, search.tokens(node), len(new)), torch.float32,
+        assert_close(search.logprobs(node), teacher_forced_logprobs(model, search.tokens(node), len(new)), torch.float32,
                      what=f"logprobs of node {node}")
         processed = search.logprobs(node, processed=True)
         assert processed.shape == new.shape and bool((processed <= 0).all())
@@ -58,6 +50,8 @@ def test_logprobs_are_the_models_own(model):
         assert all(torch.equal(search.tokens(g)[: len(search.tokens(parent))], search.tokens(parent)) for g in group)
     s = search.stats()
     assert s["tokens_stored"] < s["tokens_if_unshared"] and s["decode_steps"] > 0
+    tree = search.format_tree()
+    assert all(f"node {n}: [" in tree for n in search.nodes()) and tree.count("\n") == len(search.nodes()) - 1
 
 
 def test_batched_expansion_equals_separate_ones(model):

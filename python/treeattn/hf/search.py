@@ -326,6 +326,28 @@ class TreeSearch:
         if need > free:
             raise self.cache._out_of_pages(treeattn.OutOfPages(need, free, "expand"))
 
+    def format_tree(self, root: int | None = None, *, max_tokens: int = 8) -> str:
+        """The tree under ``root`` (default: every prompt) as text, one node a line: id, its new tokens (the
+        first ``max_tokens``), their count and mean log-probability; released nodes that live nodes still
+        hang from are marked."""
+        lines: list[str] = []
+
+        def show(n: _Node, lead: str, tail: str) -> None:
+            shown = " ".join(map(str, n.tokens[:max_tokens])) + (" ..." if len(n.tokens) > max_tokens else "")
+            what = (f"prompt, {len(n.tokens)} tokens" if n.parent is None else
+                    f"{len(n.tokens)} tokens, mean logprob {sum(n.raw) / len(n.raw):.3f}")
+            lines.append(f"{lead}node {n.id}{' (released)' if n.released else ''}: [{shown}] ({what})")
+            kids = sorted(n.children)
+            for i, c in enumerate(kids):
+                last = i == len(kids) - 1
+                show(self._nodes[c], tail + ("└─ " if last else "├─ "), tail + ("   " if last else "│  "))
+
+        roots = [self._node(root, "format_tree")] if root is not None else [
+            n for _, n in sorted(self._nodes.items()) if n.parent is None]
+        for r in roots:
+            show(r, "", "")
+        return "\n".join(lines)
+
     def __repr__(self) -> str:
         return f"TreeSearch(nodes={len(self.nodes())}, {self.cache.tree!r})"
 

@@ -70,3 +70,13 @@ def memory_report(tree_cache, default_cache=None) -> str:
         default = cache_bytes(default_cache)
         line += f"; model.generate's cache: {default / 1024:.1f} KiB ({default / max(s['bytes_used'], 1):.1f}x)"
     return line
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(model, tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """The model's own log-probability of the last ``count`` of ``tokens`` (1-D), from one forward over the
+    whole sequence (its default cache and attention, no treeattn): the oracle for ``TreeSearch.logprobs``."""
+    device = next(model.parameters()).device
+    logits = model(tokens[None].to(device)).logits[0].float()
+    logprobs = torch.log_softmax(logits[-count - 1:-1], dim=-1)
+    return logprobs.gather(1, tokens[-count:, None].to(device))[:, 0].cpu()
