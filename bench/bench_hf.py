@@ -35,18 +35,24 @@ ROWS = {
 }
 
 
-def _timed(fn, on_gpu: bool):
-    if on_gpu:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if on_gpu:
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+def small_model():
+    """The benchmarks' small random-init Llama (4 layers, hidden 256, 8 query / 4 KV heads of 32, vocab 1024):
+    bf16 on a GPU, fp32 on CPU."""
+    on_gpu = torch.cuda.is_available()
+    return tiny_model("llama", layers=4, hidden=256, heads=8, vocab=1024,
+                      dtype=torch.bfloat16 if on_gpu else torch.float32, device="cuda" if on_gpu else "cpu")
 
 
-def _peak_pages(model):
-    """Tracks the TreeCache's pages in use at every forward (after the step's append): returns (peaks, handle)."""
+def model_info(model, page_size: int) -> dict:
+    config = model.config
+    return {"family": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+            "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads, "head_dim": config.head_dim,
+            "vocab": config.vocab_size, "dtype": str(next(model.parameters()).dtype), "page_size": page_size}
+
+
+def peak_pages(model):
+    """Tracks the pages in use of the TreeCache the model runs with, at every forward (after the step's
+    append): returns (``[peak]``, the hook's handle)."""
     peaks = [0]
 
     def hook(module, args, kwargs):
@@ -55,6 +61,16 @@ def _peak_pages(model):
             peaks[0] = max(peaks[0], cache.stats()["pages_used"])
 
     return peaks, model.base_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def timed(fn, on_gpu: bool):
+    if on_gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
 
 
 def run_row(model, name: str, prompt_length: int, new_tokens: int, seed: int = 0) -> dict:
@@ -67,14 +83,14 @@ def run_row(model, name: str, prompt_length: int, new_tokens: int, seed: int = 0
     if on_gpu:  # warm-up (Triton compiles, cuBLAS picks kernels)
         treeattn.hf.generate(model, prompt, page_size=PAGE_SIZE, **kwargs)
         model.generate(prompt, **kwargs)
-    peaks, handle = _peak_pages(model)
+    peaks, handle = peak_pages(model)
     try:
         torch.manual_seed(seed)
-        out, tree_s = _timed(lambda: treeattn.hf.generate(model, prompt, page_size=PAGE_SIZE, **kwargs), on_gpu)
+        out, tree_s = timed(lambda: treeattn.hf.generate(model, prompt, page_size=PAGE_SIZE, **kwargs), on_gpu)
     finally:
         handle.remove()
     torch.manual_seed(seed)
-    ref, ref_s = _timed(lambda: model.generate(prompt, **kwargs), on_gpu)
+    ref, ref_s = timed(lambda: model.generate(prompt, **kwargs), on_gpu)
     stats = out.cache.stats()
     default_bytes = cache_bytes(ref.cache)
     sequences = out.sequences.shape[0]
@@ -108,20 +124,15 @@ def main(argv=None):
     parser.add_argument("--prompt", type=int, default=1024 if on_gpu else 256)
     parser.add_argument("--new-tokens", type=int, default=256 if on_gpu else 8)
     args = parser.parse_args(argv)
-    device = "cuda" if on_gpu else "cpu"
-    dtype = torch.bfloat16 if on_gpu else torch.float32
-    model = tiny_model("llama", layers=4, hidden=256, heads=8, vocab=1024, dtype=dtype, device=device)
+    model = small_model()
     rows = [run_row(model, name, args.prompt, args.new_tokens) for name in ROWS]
     columns = ["row", "prompt", "new_tokens", "sequences", "identical_sequences", "tokens_stored", "tokens_if_unshared",
                "tree_kv_bytes", "tree_kv_peak_bytes", "default_cache_kv_bytes", "kv_saved", "kv_saved_at_peak"]
     if on_gpu:
         columns += ["tree_tokens_per_s", "default_tokens_per_s", "speedup"]
     common.print_table(rows, columns)
-    config = model.config
-    model_info = {"family": config.model_type, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-                  "heads": config.num_attention_heads, "kv_heads": config.num_key_value_heads,
-                  "head_dim": config.head_dim, "vocab": config.vocab_size, "dtype": str(dtype), "page_size": PAGE_SIZE}
-    payload = {"env": common.environment(), "model": model_info, "rows": rows, "summary": summary_lines(rows)}
+    payload = {"env": common.environment(), "model": model_info(model, PAGE_SIZE), "rows": rows,
+               "summary": summary_lines(rows)}
     print(f"wrote {common.write_results(args.out, 'hf', payload)}")
 
 
