@@ -54,6 +54,17 @@ def test_logprobs_are_the_models_own(model):
     assert all(f"node {n}: [" in tree for n in search.nodes()) and tree.count("\n") == len(search.nodes()) - 1
 
 
+def test_a_pool_of_another_dtype():
+    """An fp16 KV pool under an fp32 model: queries meet the pool's dtype, outputs come back in the model's."""
+    model = tiny_model("llama", seed=7)
+    search = treeattn.hf.TreeSearch(model, page_size=PAGE, num_pages=64, dtype=torch.float16)
+    assert search.cache.tree.dtype == torch.float16
+    root = search.add_prompt(_prompt(9, 3))
+    for node in search.expand([root], 2, max_new_tokens=3, generator=torch.Generator().manual_seed(0))[0]:
+        new = search.new_tokens(node)
+        assert_close(search.logprobs(node), teacher_forced_logprobs(model, search.tokens(node), len(new)), torch.float16)
+
+
 def test_batched_expansion_equals_separate_ones(model):
     def run(together: bool):
         search = treeattn.hf.TreeSearch(model, page_size=PAGE, num_pages=256)

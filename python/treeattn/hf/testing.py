@@ -21,7 +21,7 @@ def tiny_config(family: str = "llama", *, layers: int = 2, vocab: int = 128, hid
     elif family == "qwen2":
         config = transformers.Qwen2Config(**common, num_key_value_heads=max(1, heads // 2))
     elif family == "deepseek_v3":
-        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32,
+        rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024, "beta_fast": 32,
                 "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}
         config = transformers.DeepseekV3Config(
             **common, num_key_value_heads=heads, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
