@@ -58,6 +58,17 @@ def test_write_out_of_range_slot_is_skipped_by_the_kernels(backend):
     assert torch.equal(pool, want)
 
 
+def test_fork_of_more_children_than_pool_slots_is_an_error():
+    """fork(node, 10**12) used to build children until host memory ran out (found by the fuzz test below)."""
+    cache = make_cache(page_size=4, num_pages=8)
+    root = cache.add(3)
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=r"n: expected an int in \[0, 32\], got 1000000000000"):
+        cache.fork(root, 10**12)
+    assert_unchanged(cache, before)
+    assert len(cache.fork(root, 32)) == 32
+
+
 # ---- integer and object arguments ---------------------------------------------------------------------
 
 

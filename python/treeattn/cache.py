@@ -26,7 +26,6 @@ Every public method either does what it says or raises (``ValueError``, ``TypeEr
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -36,7 +35,7 @@ import torch
 
 from . import _dispatch
 from ._dispatch import register
-from ._validate import check_float_tensor
+from ._validate import check_float_tensor, check_int
 from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
 from .tree import NodeTree
@@ -105,20 +104,6 @@ def _(pool, src, dst, num_slots):
 
 
 # ---- argument checks ----------------------------------------------------------------------------------
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> int:
-    """An int or numpy integer (never a bool) in ``[low, high]``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int, got bool {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: expected an int {bound}, got {value}")
-    return value
 
 
 def _resolve_device(device) -> torch.device:
@@ -217,8 +202,8 @@ class TreeKVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ):
-        num_kv_heads = _check_int("num_kv_heads", num_kv_heads, 1)
-        head_dim = _check_int("head_dim", head_dim, 1)
+        num_kv_heads = check_int("num_kv_heads", num_kv_heads, 1)
+        head_dim = check_int("head_dim", head_dim, 1)
         self._setup(num_layers, (num_kv_heads, head_dim), 2, page_size, num_pages, dtype, device)
         self.is_mla = False
         self.num_kv_heads = num_kv_heads
@@ -239,8 +224,8 @@ class TreeKVCache:
         """MLA cache (absorbed form): one latent row ``c_kv (kv_lora_rank) ‖ k_pe (rope_dim)`` per token.
         ``layer(i)`` returns the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
         ``treeattn.mla_tree_decode`` takes; ``write(layer, slots, kv)`` takes ``kv [n, kv_lora_rank + rope_dim]``."""
-        kv_lora_rank = _check_int("kv_lora_rank", kv_lora_rank, 1)
-        rope_dim = _check_int("rope_dim", rope_dim, 0)
+        kv_lora_rank = check_int("kv_lora_rank", kv_lora_rank, 1)
+        rope_dim = check_int("rope_dim", rope_dim, 0)
         self = cls.__new__(cls)
         self._setup(num_layers, (kv_lora_rank + rope_dim,), 1, page_size, num_pages, dtype, device)
         self.is_mla = True
@@ -251,10 +236,10 @@ class TreeKVCache:
         return self
 
     def _setup(self, num_layers, row_shape, planes, page_size, num_pages, dtype, device):
-        self.num_layers = _check_int("num_layers", num_layers, 1)
+        self.num_layers = check_int("num_layers", num_layers, 1)
         # Flat slots and page ids travel as int32 in plans: a page id must fit, and so must a slot.
-        self.page_size = _check_int("page_size", page_size, 1, 2**31 - 1)
-        self.num_pages = _check_int("num_pages", num_pages, 1, (2**31 - 1) // self.page_size)
+        self.page_size = check_int("page_size", page_size, 1, 2**31 - 1)
+        self.num_pages = check_int("num_pages", num_pages, 1, (2**31 - 1) // self.page_size)
         self.dtype = self._check_dtype(dtype)
         device = _resolve_device(device)
         self._row_shape = tuple(row_shape)
@@ -287,14 +272,16 @@ class TreeKVCache:
 
     def add(self, num_tokens: int) -> int:
         """A new root node holding ``num_tokens`` fresh slots (e.g. a prompt; write them with ``slots(root)``)."""
-        num_tokens = _check_int("num_tokens", num_tokens, 0)
+        num_tokens = check_int("num_tokens", num_tokens, 0)
         pages = self.allocator.allocate(num_tokens, "add")
         return self.tree.add_root(num_tokens, pages).id
 
     def fork(self, node: int, n: int) -> list[int]:
-        """``n`` new children of ``node``, each sharing every token of ``node``'s path (no pages used yet)."""
+        """``n`` new children of ``node``, each sharing every token of ``node``'s path (no pages used yet).
+        ``n`` is at most ``num_pages * page_size``: more children than the pool has slots could never all grow,
+        and a runaway count must fail here rather than exhaust host memory."""
         parent = self.tree.node(node, "fork")
-        n = _check_int("n", n, 0)
+        n = check_int("n", n, 0, self.num_pages * self.page_size)
         return [kid.id for kid in self.tree.fork(parent, n)]
 
     def append(self, leaves, num_tokens: int = 1) -> torch.Tensor:
@@ -306,7 +293,7 @@ class TreeKVCache:
         :class:`OutOfPages` (cache unchanged) when the free pages do not suffice.
         """
         nodes = self.tree.nodes(leaves, "append", "leaves")
-        k = _check_int("num_tokens", num_tokens, 1)
+        k = check_int("num_tokens", num_tokens, 1)
         self.tree.check_growable(nodes, "append")
         s = self.page_size
         branches = [(n.end, self.tree.tail_page(n) if n.end % s else -1, n.end > n.start) for n in nodes]
@@ -345,7 +332,7 @@ class TreeKVCache:
         return None if p is None else p.id
 
     def _check_layer(self, layer) -> int:
-        return _check_int("layer", layer, 0, self.num_layers - 1)
+        return check_int("layer", layer, 0, self.num_layers - 1)
 
     def layer(self, i: int):
         """Layer ``i``'s pool views: ``(k_cache, v_cache)`` ``[num_pages, page_size, num_kv_heads, head_dim]``
@@ -427,17 +414,7 @@ class TreeKVCache:
         plan, so a CUDA graph captured over ``tree_decode(..., plan)`` replays every later step of a changing tree.
         """
         node_list = self.tree.nodes(nodes, "plan")
-        k = _check_int("num_tokens", num_tokens, 1)
-        if num_qo_heads is not None:
-            num_qo_heads = _check_int("num_qo_heads", num_qo_heads, 1)
-        num_sms = _check_int("num_sms", num_sms, 1)
-        if capacity is not None and not isinstance(capacity, PlanCapacity):
-            raise TypeError(f"capacity: expected a treeattn.PlanCapacity or None, got {type(capacity).__name__}")
-        if into is not None:
-            if not isinstance(into, TreePlan):
-                raise TypeError(f"into: expected a treeattn.TreePlan (made with capacity=) or None, got {type(into).__name__}")
-            if into.page_size != self.page_size:
-                raise ValueError(f"into: expected a plan with page_size {self.page_size} (the cache's), got {into.page_size}")
+        k = check_int("num_tokens", num_tokens, 1)
         if k > 1:  # (one query over an empty path is fine: empty KV, output 0)
             for n in node_list:
                 if n.end < k:
