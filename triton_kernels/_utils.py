@@ -14,3 +14,20 @@ def next_pow2(x: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs must stay fp32 through tl.dot (the fp32 oracle tolerance is 1e-5; TF32 is ~1e-3)."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+class Launch:
+    """One kernel launch prepared for tensors of given shapes and strides: grid, arguments and constexprs are
+    computed once; ``launch(*values)`` puts ``values`` at the argument positions ``slots`` (what changes from
+    call to call: the tensors of one layer) and runs ``kernel[grid](*args, **options)``."""
+
+    __slots__ = ("kernel", "grid", "args", "slots", "options")
+
+    def __init__(self, kernel, grid: tuple, args: list, slots: tuple[int, ...], options: dict):
+        self.kernel, self.grid, self.args, self.slots, self.options = kernel, grid, list(args), slots, options
+
+    def __call__(self, *values) -> None:
+        args = self.args.copy()
+        for slot, value in zip(self.slots, values):
+            args[slot] = value
+        self.kernel[self.grid](*args, **self.options)

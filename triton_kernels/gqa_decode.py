@@ -14,10 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import LOG2E, dot_precision, next_pow2
+from ._utils import LOG2E, Launch, dot_precision, next_pow2
 from .fp8 import load_scale, scale_operand
 
-__all__ = ["merge_partials", "tree_decode", "tree_decode_stage1"]
+__all__ = [
+    "merge_partials", "merge_partials_launch", "prepare_tree_decode", "tree_decode", "tree_decode_stage1",
+    "tree_decode_stage1_launch", "two_stage",
+]
 
 
 @triton.jit
@@ -115,7 +118,7 @@ def _tree_decode_stage1_kernel(
     tl.store(part_lse_ptr + dest64 * stride_part_lse_n + head, lse, mask=partial)
 
 
-def tree_decode_stage1(
+def tree_decode_stage1_launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -137,8 +140,10 @@ def tree_decode_stage1(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
-) -> None:
-    """Launch stage 1 over every work item.
+) -> Launch | None:
+    """The stage-1 launch over every work item, for tensors shaped and strided like these; call it with
+    ``(q, k_cache, v_cache, out, lse, k_scale_pointer, v_scale_pointer)`` (a scale pointer is the scale tensor,
+    or any tensor when the scale is a float or None). None when the plan has no work item.
 
     q: ``[n, Hq, D]``; k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; out: ``[n, Hq, D]``;
     lse: fp32 ``[n, Hq]``; partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]``.
@@ -148,7 +153,7 @@ def tree_decode_stage1(
     """
     num_items = item_page_ptr.shape[0]
     if num_items == 0:
-        return
+        return None
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_qo_heads // num_kv_heads
@@ -163,11 +168,17 @@ def tree_decode_stage1(
         num_warps = 4 if block_m <= 64 else 8
     k_scale_ptr, stride_k_scale, k_factor, has_k_scale = scale_operand(k_scale, lse)
     v_scale_ptr, stride_v_scale, v_factor, has_v_scale = scale_operand(v_scale, lse)
-    _tree_decode_stage1_kernel[(num_items, num_kv_heads)](
+    args = [
         q, k_cache, v_cache,
         out, lse, partial_o, partial_lse,
         kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
-        sm_scale * LOG2E * k_factor, k_scale_ptr, stride_k_scale, v_scale_ptr, stride_v_scale, v_factor,
+        sm_scale * LOG2E * k_factor,
+    ]
+    k_scale_slot = len(args)
+    args += [k_scale_ptr, stride_k_scale]
+    v_scale_slot = len(args)
+    args += [
+        v_scale_ptr, stride_v_scale, v_factor,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -175,12 +186,25 @@ def tree_decode_stage1(
         lse.stride(0),
         partial_o.stride(0), partial_o.stride(1),
         partial_lse.stride(0),
+    ]
+    return Launch(_tree_decode_stage1_kernel, (num_items, num_kv_heads), args, (0, 1, 2, 3, 4, k_scale_slot, v_scale_slot), dict(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
         HAS_K_SCALE=has_k_scale, HAS_V_SCALE=has_v_scale,
         num_warps=num_warps, num_stages=num_stages,
+    ))
+
+
+def tree_decode_stage1(q, k_cache, v_cache, kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query,
+                       row_dest, out, lse, partial_o, partial_lse, sm_scale, max_queries_per_item, **options) -> None:
+    """Launch stage 1 over every work item (arguments as in :func:`tree_decode_stage1_launch`)."""
+    launch = tree_decode_stage1_launch(
+        q, k_cache, v_cache, kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
+        out, lse, partial_o, partial_lse, sm_scale, max_queries_per_item, **options,
     )
+    if launch is not None:
+        launch(q, k_cache, v_cache, out, lse, *scale_pointers(lse, options.get("k_scale"), options.get("v_scale")))
 
 
 @triton.jit
@@ -216,40 +240,73 @@ def _merge_partials_kernel(
         acc = acc * alpha[:, None] + o_r * w[:, None]
         l_run = l_run * alpha + w
         m_run = m_new
-    has_kv = l_run > 0
+    # l_run is 0 only when every partial is empty (lse = -inf); a NaN partial makes it NaN, which must reach
+    # the output (a NaN compares False to everything, so test for emptiness, not for "l_run > 0").
+    has_kv = l_run != 0
     o = tl.where(has_kv[:, None], acc / tl.where(has_kv, l_run, 1.0)[:, None], 0.0)
     lse = tl.where(has_kv, m_run + tl.log(tl.where(has_kv, l_run, 1.0)), float("-inf"))
     tl.store(out_ptr + query * stride_out_n + h[:, None] * stride_out_h + d[None, :], o.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + query * stride_lse_n + h, lse, mask=h_valid)
 
 
-def merge_partials(
+def merge_partials_launch(
     partial_o: torch.Tensor,
     partial_lse: torch.Tensor,
     merge_query: torch.Tensor,
     merge_ptr: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-) -> None:
-    """Stage 2: ``out[merge_query[i]]`` = merge of partial rows ``merge_ptr[i]:merge_ptr[i+1]``.
+) -> Launch | None:
+    """The stage-2 launch, for tensors shaped and strided like these; call it with ``(out, lse)``. None when
+    no query needs a merge.
 
+    Stage 2: ``out[merge_query[i]]`` = merge of partial rows ``merge_ptr[i]:merge_ptr[i+1]``.
     partial_o: fp32 ``[P, H, D]``; partial_lse: fp32 ``[P, H]``; out: ``[n, H, D]``; lse: fp32 ``[n, H]``.
     """
     num_merge = merge_query.shape[0]
     if num_merge == 0:
-        return
+        return None
     num_heads, head_dim = out.shape[1], out.shape[2]
     head_block = min(next_pow2(num_heads), 4)
-    _merge_partials_kernel[(num_merge, triton.cdiv(num_heads, head_block))](
+    args = [
         partial_o, partial_lse, out, lse, merge_query, merge_ptr,
         partial_o.stride(0), partial_o.stride(1), partial_lse.stride(0),
         out.stride(0), out.stride(1), lse.stride(0),
         num_heads,
-        HEAD_BLOCK=head_block, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
-    )
+    ]
+    return Launch(_merge_partials_kernel, (num_merge, triton.cdiv(num_heads, head_block)), args, (2, 3),
+                  dict(HEAD_BLOCK=head_block, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim)))
 
 
-def tree_decode(
+def merge_partials(partial_o, partial_lse, merge_query, merge_ptr, out, lse) -> None:
+    """Stage 2 (arguments as in :func:`merge_partials_launch`)."""
+    launch = merge_partials_launch(partial_o, partial_lse, merge_query, merge_ptr, out, lse)
+    if launch is not None:
+        launch(out, lse)
+
+
+def scale_pointers(placeholder: torch.Tensor, *scales) -> list[torch.Tensor]:
+    """What a prepared stage-1 launch takes for each FP8 scale: the tensor, or ``placeholder`` for a float
+    scale or None (those are folded into the launch's float arguments)."""
+    return [scale if isinstance(scale, torch.Tensor) else placeholder for scale in scales]
+
+
+def two_stage(stage1: Launch | None, plan, partial_o, partial_lse, out, lse):
+    """``run(out, lse, *stage1_values)`` for a prepared step: stage 1 with its per-call values (the layer's
+    tensors and scale pointers), then stage 2 over the plan's merge queries into ``out, lse``. Shared by the
+    GQA and MLA steps."""
+    merge = merge_partials_launch(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)
+
+    def run(out, lse, *values) -> None:
+        if stage1 is not None:
+            stage1(*values)
+        if merge is not None:
+            merge(out, lse)
+
+    return run
+
+
+def prepare_tree_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -262,16 +319,33 @@ def tree_decode(
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
     **stage1_options,
-) -> None:
-    """Run a decode step: stage 1 over the plan's work items, then stage 2 over its merge queries.
+):
+    """A decode step's launches (stage 1 over the plan's work items, then stage 2 over its merge queries),
+    prepared once for tensors shaped and strided like these and for these scales: returns
+    ``run(q, k_cache, v_cache, out, lse, k_scale, v_scale)``, which a later layer calls with its own tensors
+    (the same layout) and scale tensors (float scales are fixed here).
 
-    ``plan``: a ``treeattn.TreePlan`` (or anything with its device tensors and ``max_queries_per_item``).
-    Shapes as in :func:`tree_decode_stage1`; ``stage1_options`` are its tuning knobs.
+    ``plan``: a ``treeattn.TreePlan`` (or anything with its device tensors and ``max_queries_per_item``);
+    the partial-state workspace is the plan's, fixed per step. ``stage1_options`` are stage 1's tuning knobs.
     """
-    tree_decode_stage1(
+    stage1 = tree_decode_stage1_launch(
         q, k_cache, v_cache, plan.kv_indices,
         plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
         out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item,
         k_scale=k_scale, v_scale=v_scale, **stage1_options,
     )
-    merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)
+    steps = two_stage(stage1, plan, partial_o, partial_lse, out, lse)
+
+    def run(q, k_cache, v_cache, out, lse, k_scale=None, v_scale=None) -> None:
+        steps(out, lse, q, k_cache, v_cache, out, lse, *scale_pointers(lse, k_scale, v_scale))
+
+    return run
+
+
+def tree_decode(q, k_cache, v_cache, plan, out, lse, partial_o, partial_lse, sm_scale, k_scale=None, v_scale=None,
+                **stage1_options) -> None:
+    """Run a decode step (arguments as in :func:`prepare_tree_decode`)."""
+    run = prepare_tree_decode(
+        q, k_cache, v_cache, plan, out, lse, partial_o, partial_lse, sm_scale, k_scale, v_scale, **stage1_options
+    )
+    run(q, k_cache, v_cache, out, lse, k_scale, v_scale)

@@ -40,9 +40,12 @@ def _merge_state_kernel(
     total = w_a + w_b
     o_a = tl.load(o_a_ptr + n * stride_a_n + h * stride_a_h + d, mask=mask, other=0.0).to(tl.float32)
     o_b = tl.load(o_b_ptr + n * stride_b_n + h * stride_b_h + d, mask=mask, other=0.0).to(tl.float32)
-    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    # total is 0 only when both states are empty; a NaN lse makes it NaN, which must reach the output
+    # (a NaN compares False to everything, so test for emptiness, not for "total > 0").
+    nonempty = total != 0
+    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, total, 1.0), 0.0)
     o = (o_a * w_a + o_b * w_b) * inv
-    lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    lse = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
     tl.store(out_ptr + n * stride_out_n + h * stride_out_h + d, o.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_out_ptr + n * stride_lse_out_n + h, lse)
 

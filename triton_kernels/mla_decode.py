@@ -19,11 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import LOG2E, dot_precision, next_pow2
+from ._utils import LOG2E, Launch, dot_precision, next_pow2
 from .fp8 import load_scale, scale_operand
-from .gqa_decode import merge_partials
+from .gqa_decode import scale_pointers, two_stage
 
-__all__ = ["mla_tree_decode", "mla_tree_decode_stage1", "mla_tile_config"]
+__all__ = [
+    "mla_tile_config", "mla_tree_decode", "mla_tree_decode_stage1", "mla_tree_decode_stage1_launch",
+    "prepare_mla_tree_decode",
+]
 
 
 @triton.jit
@@ -112,7 +115,8 @@ def _mla_tree_decode_stage1_kernel(
         m_i = m_new
 
     # l_i is 0 only in a program with no tokens (a query block past the item's queries): nothing is stored.
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    # A NaN score makes l_i NaN, which must reach the output ("l_i > 0" would be False for it).
+    l_safe = tl.where(l_i == 0, 1.0, l_i)
     o = acc / l_safe[:, None] * out_scale
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
     dest = tl.load(row_dest_ptr + row_begin + local_query, mask=query_valid, other=-1)
@@ -143,7 +147,7 @@ def mla_tile_config(num_heads: int, max_queries_per_item: int, block_m: int = 64
     return head_block, block_q
 
 
-def mla_tree_decode_stage1(
+def mla_tree_decode_stage1_launch(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     kv_indices: torch.Tensor,
@@ -164,8 +168,10 @@ def mla_tree_decode_stage1(
     block_n: int = 32,
     num_warps: int | None = None,
     num_stages: int = 2,
-) -> None:
-    """Launch MLA stage 1 over every work item.
+) -> Launch | None:
+    """The MLA stage-1 launch over every work item, for tensors shaped and strided like these; call it with
+    ``(q, kv_cache, out, lse, kv_scale_pointer)`` (the scale tensor, or any tensor when the scale is a float or
+    None). None when the plan has no work item.
 
     q: ``[n, H, D]``; kv_cache: ``[num_pages, page_size, D]``; out: ``[n, H, Dv]`` (``Dv <= D``, V is
     ``kv_cache[..., :Dv]``); lse: fp32 ``[n, H]``; partial_o: fp32 ``[P, H, Dv]``; partial_lse: fp32 ``[P, H]``.
@@ -175,7 +181,7 @@ def mla_tree_decode_stage1(
     """
     num_items = item_page_ptr.shape[0]
     if num_items == 0:
-        return
+        return None
     num_heads, head_dim = q.shape[1], q.shape[2]
     v_dim = out.shape[2]
     pe_dim = head_dim - v_dim
@@ -187,11 +193,15 @@ def mla_tree_decode_stage1(
     if num_warps is None:
         num_warps = 4 if rows <= 32 else 8
     kv_scale_ptr, _, kv_factor, has_kv_scale = scale_operand(kv_scale, lse)
-    _mla_tree_decode_stage1_kernel[(num_items * num_q_blocks * num_head_blocks,)](
+    args = [
         q, kv_cache,
         out, lse, partial_o, partial_lse,
         kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
-        sm_scale * LOG2E * kv_factor, kv_scale_ptr, kv_factor,
+        sm_scale * LOG2E * kv_factor,
+    ]
+    kv_scale_slot = len(args)
+    args += [
+        kv_scale_ptr, kv_factor,
         num_heads, num_head_blocks, num_q_blocks * num_head_blocks,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
@@ -199,16 +209,30 @@ def mla_tree_decode_stage1(
         lse.stride(0),
         partial_o.stride(0), partial_o.stride(1),
         partial_lse.stride(0),
+    ]
+    grid = (num_items * num_q_blocks * num_head_blocks,)
+    return Launch(_mla_tree_decode_stage1_kernel, grid, args, (0, 1, 2, 3, kv_scale_slot), dict(
         HEAD_BLOCK=head_block, BLOCK_Q=block_q,
         V_DIM=v_dim, V_DIM_PAD=max(16, next_pow2(v_dim)),
         PE_DIM=pe_dim, PE_DIM_PAD=max(16, next_pow2(pe_dim)) if pe_dim > 0 else 16,
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
         HAS_KV_SCALE=has_kv_scale,
         num_warps=num_warps, num_stages=num_stages,
+    ))
+
+
+def mla_tree_decode_stage1(q, kv_cache, kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query,
+                           row_dest, out, lse, partial_o, partial_lse, sm_scale, max_queries_per_item, **options):
+    """Launch MLA stage 1 over every work item (arguments as in :func:`mla_tree_decode_stage1_launch`)."""
+    launch = mla_tree_decode_stage1_launch(
+        q, kv_cache, kv_indices, item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest,
+        out, lse, partial_o, partial_lse, sm_scale, max_queries_per_item, **options,
     )
+    if launch is not None:
+        launch(q, kv_cache, out, lse, *scale_pointers(lse, options.get("kv_scale")))
 
 
-def mla_tree_decode(
+def prepare_mla_tree_decode(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
     plan,
@@ -219,15 +243,30 @@ def mla_tree_decode(
     sm_scale: float,
     kv_scale: torch.Tensor | float | None = None,
     **stage1_options,
-) -> None:
-    """Run an MLA decode step: stage 1 over the plan's work items, then the shared stage-2 merge.
+):
+    """An MLA decode step's launches (stage 1, then the stage-2 merge shared with GQA), prepared once for
+    tensors shaped and strided like these and for this scale: returns ``run(q, kv_cache, out, lse, kv_scale)``,
+    which a later layer calls with its own tensors (the same layout) and scale tensor.
 
     ``plan``: a ``treeattn.TreePlan`` (or anything with its device tensors and ``max_queries_per_item``).
-    Shapes as in :func:`mla_tree_decode_stage1`; ``stage1_options`` are its tuning knobs.
+    Shapes as in :func:`mla_tree_decode_stage1_launch`; ``stage1_options`` are its tuning knobs.
     """
-    mla_tree_decode_stage1(
+    stage1 = mla_tree_decode_stage1_launch(
         q, kv_cache, plan.kv_indices,
         plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
         out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item, kv_scale=kv_scale, **stage1_options,
     )
-    merge_partials(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)
+    steps = two_stage(stage1, plan, partial_o, partial_lse, out, lse)
+
+    def run(q, kv_cache, out, lse, kv_scale=None) -> None:
+        steps(out, lse, q, kv_cache, out, lse, *scale_pointers(lse, kv_scale))
+
+    return run
+
+
+def mla_tree_decode(q, kv_cache, plan, out, lse, partial_o, partial_lse, sm_scale, kv_scale=None,
+                    **stage1_options) -> None:
+    """Run an MLA decode step (arguments as in :func:`prepare_mla_tree_decode`)."""
+    run = prepare_mla_tree_decode(q, kv_cache, plan, out, lse, partial_o, partial_lse, sm_scale, kv_scale,
+                                  **stage1_options)
+    run(q, kv_cache, out, lse, kv_scale)

@@ -1,0 +1,122 @@
+"""Host time of one ``tree_decode`` / ``mla_tree_decode`` call with the Triton launches stubbed out.
+
+A decode step calls each op once per layer, so the Python around the kernels (validation, output
+allocation, backend choice, argument packing) is paid 60+ times per step unless the step is graph-captured.
+Every ``@triton.jit`` kernel of ``treeattn.triton_kernels`` is replaced by a stub that accepts the launch
+and does nothing, so what is timed is treeattn's host path (launcher arithmetic included) on CPU tensors.
+Target: ≤ 10 µs per call.
+
+    python bench/bench_host.py --out bench/results/latest
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend serves CPU tensors (kernels are stubbed)
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+import treeattn  # noqa: E402
+from treeattn.testing import workload_table  # noqa: E402
+
+TARGET_US = 10.0
+
+
+class _StubLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_triton_launches():
+    """Replaces every Triton kernel object in ``treeattn.triton_kernels``' modules by a no-op launch."""
+    import triton
+
+    kernel_types = tuple(
+        t for t in (getattr(triton, "JITFunction", None), _interpreted_function_type()) if t is not None
+    )
+    saved = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("treeattn.triton_kernels."):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, kernel_types):
+                saved.append((module, attr, value))
+                setattr(module, attr, _StubLaunch())
+    try:
+        yield len(saved)
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+def _interpreted_function_type():
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return None
+    return InterpretedFunction
+
+
+def _gqa_case(dtype):
+    table = workload_table("bestofN_P4k_N64_S256")  # 64 queries sharing a 4k prompt, page 16
+    k_cache = torch.zeros(table.num_pages, table.page_size, 8, 128, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    q = torch.zeros(table.num_queries, 32, 128, dtype=dtype)
+    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size,
+                         num_qo_heads=32, num_kv_heads=8, device="cpu")
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
+    return {
+        "tree_decode": lambda: treeattn.tree_decode(q, k_cache, v_cache, plan),
+        "tree_decode, out= and lse_out= given": lambda: treeattn.tree_decode(
+            q, k_cache, v_cache, plan, out=out, lse_out=lse, return_lse=True),
+    }
+
+
+def _mla_case(dtype):
+    table = workload_table("bestofN_P4k_N64_S256", page_size=64)
+    kv_cache = torch.zeros(table.num_pages, table.page_size, 576, dtype=dtype)
+    q = torch.zeros(table.num_queries, 16, 576, dtype=dtype)
+    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size,
+                         num_qo_heads=16, num_kv_heads=1, device="cpu")
+    out, lse = torch.empty(q.shape[0], 16, 512, dtype=dtype), torch.empty(q.shape[:2])
+    scale = 192 ** -0.5
+    return {
+        "mla_tree_decode": lambda: treeattn.mla_tree_decode(q, kv_cache, plan, sm_scale=scale),
+        "mla_tree_decode, out= and lse_out= given": lambda: treeattn.mla_tree_decode(
+            q, kv_cache, plan, sm_scale=scale, out=out, lse_out=lse, return_lse=True),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/latest")
+    parser.add_argument("--repeats", type=int, default=2001)
+    args = parser.parse_args(argv)
+    dtype = torch.float16
+    rows = []
+    with stubbed_triton_launches() as num_stubs:
+        if num_stubs == 0:
+            raise RuntimeError("no Triton kernel found to stub: the host path cannot be isolated")
+        for case in (_gqa_case(dtype), _mla_case(dtype)):
+            for name, call in case.items():
+                rows.append({"case": name, "host_us": common.host_us(call, args.repeats), "target_us": TARGET_US})
+    common.print_table(rows, ["case", "host_us", "target_us"])
+    summary = [{"benchmark": "host", "case": r["case"], "measure": "host time per call (kernels stubbed)",
+                "value": f"{r['host_us']:.1f} µs", "vs": f"target ≤ {TARGET_US:.0f} µs"} for r in rows]
+    payload = {"env": common.environment(), "rows": rows, "summary": summary}
+    print(f"wrote {common.write_results(args.out, 'host', payload)}")
+
+
+if __name__ == "__main__":
+    main()
