@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import summary  # noqa: E402
 
-SUITE = ("bench_plan", "bench_cache_plan", "bench_tree_decode", "bench_mla", "bench_hf", "bench_search", "bench_fp8")
+SUITE = ("bench_plan", "bench_cache_plan", "bench_host", "bench_tree_decode", "bench_mla", "bench_hf", "bench_search",
+         "bench_fp8")
 
 
 def main(argv=None) -> int:

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from conftest import TOLERANCE
 
 import treeattn
 from treeattn import _dispatch
-from treeattn.testing import relative_error
+from treeattn.testing import assert_close
 
 
 def _states(n, heads, head_dim, dtype, device):
@@ -36,7 +35,7 @@ def test_merge_state_matches_formula(backend, shape, dtype, device):
     assert o.dtype == dtype and lse.dtype == torch.float32
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
     assert (o[both_empty] == 0).all() and torch.isneginf(lse[both_empty]).all()
-    assert relative_error(o, expected) < TOLERANCE[dtype]
+    assert_close(o, expected, dtype)
     assert torch.allclose(lse[~both_empty], expected_lse[~both_empty], rtol=1e-6, atol=1e-6)
 
 
@@ -55,7 +54,8 @@ def test_merge_of_split_kv_equals_attention_over_the_union(device):
     o_a, lse_a = ref.tree_decode(q, k, v, one, table.kv_indices[:3], full)
     o_b, lse_b = ref.tree_decode(q, k, v, torch.tensor([0, 1], dtype=torch.int32, device=device), table.kv_indices[3:], full)
     o, lse = treeattn.merge_state(o_a, lse_a, o_b, lse_b)
-    assert relative_error(o, whole) < 1e-5 and relative_error(lse, whole_lse) < 1e-6
+    assert_close(o, whole)
+    assert_close(lse, whole_lse, 1e-6, "lse")
 
 
 def test_merge_state_errors(device):
@@ -74,14 +74,32 @@ def test_merge_state_errors(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_merge_state_cuda_backend(dtype):
-    from treeattn import _ext
-
-    if not _ext.HAS_CUDA_EXT:
-        pytest.skip("treeattn._C not built")
     o_a, lse_a, o_b, lse_b = _states(17, 32, 128, dtype, torch.device("cuda"))
     with _dispatch.force("cuda"):
         o, lse = treeattn.merge_state(o_a, lse_a, o_b, lse_b)
     with _dispatch.force("reference"):
         o_ref, lse_ref = treeattn.merge_state(o_a, lse_a, o_b, lse_b)
-    assert relative_error(o, o_ref) < TOLERANCE[dtype]
+    assert_close(o, o_ref, dtype)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nan_in_a_state_propagates_and_empty_states_give_zero(backend, device):
+    o_a, lse_a, o_b, lse_b = _states(4, 2, 64, torch.float32, device)
+    lse_a[0, 0], lse_b[0, 0] = float("nan"), 1.0  # NaN lse: NaN out, NaN lse
+    o_a[2, 1, 5] = float("nan")  # NaN in a non-empty state's o
+    lse_a[3], lse_b[3] = float("-inf"), float("-inf")  # both empty, o holds NaN: ignored
+    o_a[3], o_b[3] = float("nan"), float("nan")
+    with _dispatch.force(backend):
+        o, lse = treeattn.merge_state(o_a, lse_a, o_b, lse_b)
+    assert torch.isnan(o[0, 0]).all() and torch.isnan(lse[0, 0])
+    assert torch.isnan(o[2, 1, 5]) and not torch.isnan(lse[2, 1])
+    assert (o[3] == 0).all() and torch.isneginf(lse[3]).all()
+
+
+def test_bf16_on_cpu_in_the_interpreter_names_o_a():
+    if treeattn.backend_for("merge_state", "cpu") != "triton":
+        pytest.skip("the Triton interpreter does not serve CPU here")
+    o_a, lse_a, o_b, lse_b = _states(2, 2, 64, torch.bfloat16, torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"o_a: expected float16 or float32 for Triton on CPU .* got torch.bfloat16"):
+        treeattn.merge_state(o_a, lse_a, o_b, lse_b)

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCE
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import treeattn
-from treeattn.testing import poisoned_cache, random_table, relative_error, tree_table
+from treeattn.testing import assert_close, poisoned_cache, random_table, tree_table
 
 
 def _run_and_check(table, num_qo_heads, num_kv_heads, head_dim, dtype, device, *, sm_scale=None, plan_kw=None):
@@ -29,8 +28,8 @@ def _run_and_check(table, num_qo_heads, num_kv_heads, head_dim, dtype, device, *
     assert (o[empty.to(o.device)] == 0).all() and torch.isneginf(lse[empty.to(lse.device)]).all()
     if (~empty).any():
         keep = (~empty).to(device)
-        assert relative_error(o[keep], o_ref[keep]) < TOLERANCE[dtype]
-        assert relative_error(lse[keep], lse_ref[keep]) < 1e-5
+        assert_close(o[keep], o_ref[keep], dtype)
+        assert_close(lse[keep], lse_ref[keep], 1e-5, "lse")
     return plan
 
 
@@ -81,11 +80,11 @@ def test_out_and_lse_out_written_in_place(device):
     o, lse = treeattn.tree_decode(q, k, v, plan, out=out, lse_out=lse_out, return_lse=True)
     assert o.data_ptr() == out.data_ptr() and lse.data_ptr() == lse_out.data_ptr()
     o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert relative_error(out, o_ref) < 1e-5
+    assert_close(out, o_ref)
     # The plan (and its workspace) serves a second layer without change.
     o2 = treeattn.tree_decode(q * 0.5, k, v, plan)
     o2_ref, _ = treeattn.reference.tree_decode(q * 0.5, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert relative_error(o2, o2_ref) < 1e-5
+    assert_close(o2, o2_ref)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -120,7 +119,7 @@ def _small_case(device, dtype=torch.float32):
         (lambda q, k, v, p: (q[:1], k, v, p), r"q: expected 2 queries \(plan.num_queries\)"),
         (lambda q, k, v, p: (q, k[:1], v[:1], p), r"kv_indices: expected page ids < k_cache.shape\[0\]=1"),
         (lambda q, k, v, p: (q, k.view(-1, 8, 2, 64), v.view(-1, 8, 2, 64), p), r"k_cache: expected page_size 16 \(from plan\)"),
-        (lambda q, k, v, p: (q, k, v[:, :, :1], p), r"v_cache: expected shape \[.*\] like k_cache"),
+        (lambda q, k, v, p: (q, k, v[:, :, :1], p), r"v_cache: expected shape \[.*\] \(same as k_cache\)"),
         (lambda q, k, v, p: (q[0], k, v, p), r"q: expected 3 dims"),
         (lambda q, k, v, p: (q.int(), k, v, p), r"q: expected dtype float16, bfloat16 or float32, got torch.int32"),
         (lambda q, k, v, p: (q, k, v, "plan"), r"plan: expected a treeattn.TreePlan"),
@@ -168,7 +167,7 @@ def test_cuda_graph_capture_and_replay():
     graph.replay()
     torch.cuda.synchronize()
     o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert relative_error(out, o_ref) < TOLERANCE[torch.bfloat16]
+    assert_close(out, o_ref)
 
 
 def test_deterministic_bitwise(device):
@@ -195,7 +194,7 @@ def test_torch_compile_fullgraph(device):
     plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
     compiled = torch.compile(lambda q, k, v: treeattn.tree_decode(q, k, v, plan) * 2.0, fullgraph=True, backend="eager")
     o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert relative_error(compiled(q, k, v), 2.0 * o_ref) < 1e-5
+    assert_close(compiled(q, k, v), 2.0 * o_ref)
 
 
 def test_opcheck_registered_op(device):
@@ -208,3 +207,149 @@ def test_opcheck_registered_op(device):
             partial_o, partial_lse, 0.125, 16, plan.max_queries_per_item)
     torch.library.opcheck(torch.ops.treeattn.tree_decode_run.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- regressions: bad input gets a clear error, NaN propagates ---------------------------------------------
+
+
+def test_v_head_dim_other_than_k_head_dim_is_rejected(device):
+    q, k, plan = _small_case(device)
+    v = torch.randn(*k.shape[:3], 32, device=device)
+    with pytest.raises(ValueError, match=r"v_cache: expected shape \[\d+, 16, 2, 64\] \(same as k_cache\), got \[\d+, 16, 2, 32\]"):
+        treeattn.tree_decode(q, k, v, plan)
+
+
+def _shared_prefix_step(device, num_qo_heads=4, num_kv_heads=2, head_dim=64):
+    """3 branches sharing a 40-token prompt (every query merges a shared and an own partial) and one
+    query with empty KV."""
+    from treeattn.testing import PagedTable
+
+    tree = tree_table([40, 9], [1, 3], 16)
+    indptr = torch.cat([tree.kv_indptr, tree.kv_indptr[-1:]])
+    last = torch.cat([tree.kv_last_page_len, torch.tensor([1], dtype=torch.int32)])
+    table = PagedTable(indptr, tree.kv_indices, last, 16, tree.num_pages).to(device)
+    q = torch.randn(4, num_qo_heads, head_dim, device=device)
+    k = poisoned_cache(table, (num_kv_heads, head_dim), torch.float32, device)
+    v = poisoned_cache(table, (num_kv_heads, head_dim), torch.float32, device)
+    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
+    return table, q, k, v, plan
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter, on the NaN
+def test_nan_in_q_or_attended_k_propagates_to_merged_queries(device):
+    table, q, k, v, plan = _shared_prefix_step(device)
+    assert plan.stats["merge_queries"] >= 3  # the NaN goes through stage 2
+    q[1, 2] = float("nan")  # query 1, head 2
+    o, lse = treeattn.tree_decode(q, k, v, plan, return_lse=True)
+    assert torch.isnan(o[1, 2]).all() and torch.isnan(lse[1, 2])
+    assert not torch.isnan(o[[0, 2]]).any() and not torch.isnan(o[1, [0, 1, 3]]).any()
+    assert (o[3] == 0).all() and torch.isneginf(lse[3]).all()  # empty KV stays 0 / -inf
+    q[1, 2] = 0.0
+    first_page = int(table.kv_indices[0])
+    k[first_page, 0, 1] = float("nan")  # KV head 1, the prompt's first token: every branch attends it
+    o, lse = treeattn.tree_decode(q, k, v, plan, return_lse=True)
+    assert torch.isnan(o[:3, 2:]).all() and torch.isnan(lse[:3, 2:]).all()  # query heads 2, 3 read KV head 1
+    assert not torch.isnan(o[:3, :2]).any()
+    assert (o[3] == 0).all() and torch.isneginf(lse[3]).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter, on the NaN
+def test_mla_nan_in_q_propagates_to_merged_queries(device):
+    table, _, _, _, plan = _shared_prefix_step(device)
+    q = torch.randn(4, 16, 96, device=device)
+    kv = poisoned_cache(table, (96,), torch.float32, device)
+    q[0, 5, 70] = float("nan")
+    o, lse = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.1, v_head_dim=64, return_lse=True)
+    assert torch.isnan(o[0, 5]).all() and torch.isnan(lse[0, 5])
+    assert not torch.isnan(o[1:3]).any() and not torch.isnan(o[0, :5]).any()
+    assert (o[3] == 0).all() and torch.isneginf(lse[3]).all()
+
+
+@pytest.mark.parametrize("bad", ["0.25", float("nan"), float("inf"), 0.0, -1.0, True, torch.tensor(0.25)])
+def test_sm_scale_must_be_a_finite_positive_number(bad, device):
+    q, k, plan = _small_case(device)
+    with pytest.raises(ValueError, match=r"sm_scale: expected a finite positive real number, got"):
+        treeattn.tree_decode(q, k, k, plan, sm_scale=bad)
+
+
+def test_bf16_on_cpu_in_the_interpreter_names_q():
+    if treeattn.backend_for("tree_decode", "cpu") != "triton":
+        pytest.skip("the Triton interpreter does not serve CPU here")
+    q, k, plan = _small_case(torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"q: expected float16 or float32 for Triton on CPU .*numpy.* got torch.bfloat16"):
+        treeattn.tree_decode(q, k, k, plan)
+
+
+@pytest.mark.parametrize("shape, match", [
+    ((4, 16, 0, 64), r"k_cache: expected num_kv_heads and head_dim >= 1, got shape \[4, 16, 0, 64\]"),
+    ((4, 16, 2, 0), r"q: expected num_qo_heads and head_dim >= 1, got shape \[2, 4, 0\]"),
+])
+def test_zero_kv_heads_or_head_dim_is_a_value_error(shape, match, device):
+    q, _, plan = _small_case(device)
+    k = torch.zeros(shape, device=device)
+    if shape[3] == 0:
+        q = q[..., :0]
+    with pytest.raises(ValueError, match=match):
+        treeattn.tree_decode(q, k, k, plan)
+
+
+def test_out_that_is_not_a_tensor_is_a_value_error(device):
+    q, k, plan = _small_case(device)
+    with pytest.raises(ValueError, match=r"out: expected a torch.Tensor or None, got list"):
+        treeattn.tree_decode(q, k, k, plan, out=[q])
+    with pytest.raises(ValueError, match=r"lse_out: expected a torch.Tensor or None, got tuple"):
+        treeattn.tree_decode(q, k, k, plan, lse_out=(1,))
+
+
+# ---- the host path: one validation and one backend choice per (plan, layout), exact on every call ----------
+
+
+def test_repeated_calls_with_new_data_and_layouts_stay_exact(device):
+    table, q, k, v, plan = _shared_prefix_step(device)
+    ref = lambda q, k, v: treeattn.reference.tree_decode(  # noqa: E731
+        q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)[0]
+    for _ in range(2):  # same layout, new data (a later layer)
+        q, k, v = torch.randn_like(q), k * 1.5, v - 0.5
+        assert_close(treeattn.tree_decode(q, k, v, plan), ref(q, k, v))
+    wide = torch.randn(4, 8, 64, device=device)[:, ::2]  # q with other strides
+    assert_close(treeattn.tree_decode(wide, k, v, plan), ref(wide, k, v))
+    out = torch.empty(4, 4, 64, device=device)
+    assert treeattn.tree_decode(q, k, v, plan, out=out).data_ptr() == out.data_ptr()
+    assert_close(out, ref(q, k, v))
+    with pytest.raises(ValueError, match=r"k_cache: expected dtype torch.float16"):
+        treeattn.tree_decode(q.half(), k, v, plan)  # the same call as a cached one but for q's dtype
+
+
+def test_refilled_plan_is_bounds_checked_on_every_call(device):
+    table = tree_table([40, 9], [1, 3], 16)
+    cap = treeattn.PlanCapacity(items=16, rows=32, partial_rows=32, merge_queries=4, nnz=16)
+    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16, capacity=cap,
+                         device=device)
+    q = torch.randn(3, 4, 64, device=device)
+    k = poisoned_cache(table.to(device), (2, 64), torch.float32, device)
+    treeattn.tree_decode(q, k, k, plan)
+    far = table.kv_indices.clone()
+    far[-1] = k.shape[0]  # one page past the pool
+    plan.update_(table.kv_indptr, far, table.kv_last_page_len)
+    with pytest.raises(ValueError, match=r"kv_indices: expected page ids < k_cache.shape\[0\]"):
+        treeattn.tree_decode(q, k, k, plan)
+
+
+def test_cached_step_takes_each_calls_caches_and_fp8_scales(device):
+    """Layers share a layout but not their caches or scales: a call served by the prepared step reads its own."""
+    from treeattn.testing import fp8_cache
+
+    table, q, _, _, plan = _shared_prefix_step(device)
+    g = torch.Generator().manual_seed(11)
+    for per_head in (True, False, True):  # the third call has the first call's layout: served prepared
+        k, k_scale = fp8_cache(table, (2, 64), torch.float8_e4m3fn, device, per_head=per_head, generator=g)
+        v, v_scale = fp8_cache(table, (2, 64), torch.float8_e4m3fn, device, per_head=per_head, generator=g)
+        o = treeattn.tree_decode(q, k, v, plan, k_scale=k_scale, v_scale=v_scale)
+        o_ref, _ = treeattn.reference.tree_decode(
+            q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len, k_scale=k_scale, v_scale=v_scale)
+        keep = table.kv_indptr[1:] > table.kv_indptr[:-1]
+        assert_close(o[keep], o_ref[keep], torch.float16)
+    o = treeattn.tree_decode(q, k, v, plan, k_scale=0.5, v_scale=2.0)  # float scales are part of the layout
+    o_ref, _ = treeattn.reference.tree_decode(
+        q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len, k_scale=0.5, v_scale=2.0)
+    assert_close(o[keep], o_ref[keep], torch.float16)

@@ -2,7 +2,8 @@
 
 Combines two attention states (o, lse) over disjoint KV sets exactly: lse = log(exp(lse_a) + exp(lse_b)),
 o = o_a·exp(lse_a − lse) + o_b·exp(lse_b − lse). The maximum keeps every exponent ≤ 0; a state with no KV
-(lse = -inf) contributes nothing, and two empty states give o = 0, lse = -inf.
+(lse = -inf) contributes nothing (its o is not used), two empty states give o = 0, lse = -inf, and a NaN in
+either state gives NaN.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _merge_state_kernel(
     # (a NaN compares False to everything, so test for emptiness, not for "total > 0").
     nonempty = total != 0
     inv = tl.where(nonempty, 1.0 / tl.where(nonempty, total, 1.0), 0.0)
-    o = (o_a * w_a + o_b * w_b) * inv
+    # A state with zero weight (no KV) contributes nothing, whatever its o holds (as in the CUDA kernel).
+    o = (tl.where(w_a == 0, 0.0, o_a * w_a) + tl.where(w_b == 0, 0.0, o_b * w_b)) * inv
     lse = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
     tl.store(out_ptr + n * stride_out_n + h * stride_out_h + d, o.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_out_ptr + n * stride_lse_out_n + h, lse)

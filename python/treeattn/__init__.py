@@ -7,10 +7,14 @@
 """
 
 from . import reference
+from ._dispatch import backend_for, backends
 from .cache import OutOfPages, TreeKVCache
 from .decode import mla_tree_decode, tree_decode
 from .merge import merge_state
 from .plan import PlanCapacity, TreePlan, plan
 
-__all__ = ["PlanCapacity", "TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference", "TreeKVCache", "OutOfPages"]
+__all__ = [
+    "PlanCapacity", "TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference", "TreeKVCache",
+    "OutOfPages", "backends", "backend_for",
+]
 __version__ = "0.1.0"

@@ -74,9 +74,37 @@ def check_plan_matches(plan, q: torch.Tensor, cache: torch.Tensor, cache_name: s
         raise ValueError(f"plan: expected device {q.device} (same as q), got {plan.device}")
 
 
+def check_positive_dims(name: str, t: torch.Tensor, dims: tuple[int, ...], what: str) -> None:
+    """``t.shape[d] >= 1`` for every ``d`` in ``dims`` (head counts and head dims; ``what`` names them)."""
+    if any(t.shape[d] < 1 for d in dims):
+        raise ValueError(f"{name}: expected {what} >= 1, got shape {list(t.shape)}")
+
+
+def check_sm_scale(sm_scale) -> float:
+    """A softmax scale is a finite positive real number (not a bool, a string or a tensor); returns it as a
+    float."""
+    if (
+        isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real)
+        or not math.isfinite(sm_scale) or sm_scale <= 0
+    ):
+        raise ValueError(f"sm_scale: expected a finite positive real number, got {sm_scale!r}")
+    return float(sm_scale)
+
+
+def check_backend_dtype(name: str, t: torch.Tensor, backend: str) -> None:
+    """Triton on CPU runs in its interpreter, which computes with numpy: no bfloat16 there."""
+    if backend == "triton" and t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        raise ValueError(
+            f"{name}: expected float16 or float32 for Triton on CPU (its interpreter computes with numpy, "
+            "which has no bfloat16), got torch.bfloat16; run on a GPU or with TREEATTN_BACKEND=reference"
+        )
+
+
 def check_out(name: str, out, shape, dtype, device) -> None:
     if out is None:
         return
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor or None, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(
             f"{name}: expected shape {list(shape)}, dtype {dtype}, device {device}; "

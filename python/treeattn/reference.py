@@ -173,11 +173,15 @@ def merge_state(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of two attention states over disjoint KV sets, in fp32.
 
-    ``o_*``: ``[n, H, D]``; ``lse_*``: ``[n, H]`` natural log. Both ``-inf`` gives ``o = 0, lse = -inf``.
+    ``o_*``: ``[n, H, D]``; ``lse_*``: ``[n, H]`` natural log. A state with zero weight (``lse = -inf``: no KV)
+    contributes nothing, whatever its ``o`` holds; both ``-inf`` gives ``o = 0, lse = -inf``; a NaN in either
+    state gives NaN.
     """
     lse_a, lse_b = lse_a.float(), lse_b.float()
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
     w_a = torch.exp(lse_a - safe)[..., None]
     w_b = torch.exp(lse_b - safe)[..., None]
-    return o_a.float() * w_a + o_b.float() * w_b, lse
+    # "w == 0", not "w > 0": a NaN weight must reach the output.
+    o = torch.where(w_a == 0, 0.0, o_a.float() * w_a) + torch.where(w_b == 0, 0.0, o_b.float() * w_b)
+    return o, lse
