@@ -21,12 +21,17 @@ class Launch:
     computed once; ``launch(*values)`` puts ``values`` at the argument positions ``slots`` (what changes from
     call to call: the tensors of one layer) and runs ``kernel[grid](*args, **options)``."""
 
-    __slots__ = ("kernel", "grid", "args", "slots", "options")
+    __slots__ = ("kernel", "grid", "args", "slots", "options", "rest")
 
     def __init__(self, kernel, grid: tuple, args: list, slots: tuple[int, ...], options: dict):
-        self.kernel, self.grid, self.args, self.slots, self.options = kernel, grid, list(args), slots, options
+        self.kernel, self.grid, self.args, self.slots, self.options = kernel, grid, list(args), tuple(slots), options
+        # The usual case, per-call values first: no per-call copy of the argument list.
+        self.rest = tuple(args[len(slots):]) if self.slots == tuple(range(len(slots))) else None
 
     def __call__(self, *values) -> None:
+        if self.rest is not None:
+            self.kernel[self.grid](*values, *self.rest, **self.options)
+            return
         args = self.args.copy()
         for slot, value in zip(self.slots, values):
             args[slot] = value

@@ -19,7 +19,7 @@ from .fp8 import load_scale, scale_operand
 
 __all__ = [
     "merge_partials", "merge_partials_launch", "prepare_tree_decode", "tree_decode", "tree_decode_stage1",
-    "tree_decode_stage1_launch", "two_stage",
+    "tree_decode_stage1_launch", "step_runner", "tensor_scales",
 ]
 
 
@@ -142,8 +142,7 @@ def tree_decode_stage1_launch(
     num_stages: int = 2,
 ) -> Launch | None:
     """The stage-1 launch over every work item, for tensors shaped and strided like these; call it with
-    ``(q, k_cache, v_cache, out, lse, k_scale_pointer, v_scale_pointer)`` (a scale pointer is the scale tensor,
-    or any tensor when the scale is a float or None). None when the plan has no work item.
+    ``(q, k_cache, v_cache, out, lse, *tensor_scales(k_scale, v_scale))``. None when the plan has no work item.
 
     q: ``[n, Hq, D]``; k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; out: ``[n, Hq, D]``;
     lse: fp32 ``[n, Hq]``; partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]``.
@@ -166,8 +165,9 @@ def tree_decode_stage1_launch(
         block_n = 64 if head_dim_pad <= 128 else 32
     if num_warps is None:
         num_warps = 4 if block_m <= 64 else 8
-    k_scale_ptr, stride_k_scale, k_factor, has_k_scale = scale_operand(k_scale, lse)
-    v_scale_ptr, stride_v_scale, v_factor, has_v_scale = scale_operand(v_scale, lse)
+    # A float (or no) scale is folded into the float arguments; its pointer is any tensor the launch keeps.
+    k_scale_ptr, stride_k_scale, k_factor, has_k_scale = scale_operand(k_scale, partial_lse)
+    v_scale_ptr, stride_v_scale, v_factor, has_v_scale = scale_operand(v_scale, partial_lse)
     args = [
         q, k_cache, v_cache,
         out, lse, partial_o, partial_lse,
@@ -187,7 +187,8 @@ def tree_decode_stage1_launch(
         partial_o.stride(0), partial_o.stride(1),
         partial_lse.stride(0),
     ]
-    return Launch(_tree_decode_stage1_kernel, (num_items, num_kv_heads), args, (0, 1, 2, 3, 4, k_scale_slot, v_scale_slot), dict(
+    slots = (0, 1, 2, 3, 4) + ((k_scale_slot,) if has_k_scale else ()) + ((v_scale_slot,) if has_v_scale else ())
+    return Launch(_tree_decode_stage1_kernel, (num_items, num_kv_heads), args, slots, dict(
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
@@ -204,7 +205,7 @@ def tree_decode_stage1(q, k_cache, v_cache, kv_indices, item_page_ptr, item_num_
         out, lse, partial_o, partial_lse, sm_scale, max_queries_per_item, **options,
     )
     if launch is not None:
-        launch(q, k_cache, v_cache, out, lse, *scale_pointers(lse, options.get("k_scale"), options.get("v_scale")))
+        launch(q, k_cache, v_cache, out, lse, *tensor_scales(options.get("k_scale"), options.get("v_scale")))
 
 
 @triton.jit
@@ -257,8 +258,8 @@ def merge_partials_launch(
     out: torch.Tensor,
     lse: torch.Tensor,
 ) -> Launch | None:
-    """The stage-2 launch, for tensors shaped and strided like these; call it with ``(out, lse)``. None when
-    no query needs a merge.
+    """The stage-2 launch, for tensors shaped and strided like these; call it with
+    ``(partial_o, partial_lse, out, lse)``. None when no query needs a merge.
 
     Stage 2: ``out[merge_query[i]]`` = merge of partial rows ``merge_ptr[i]:merge_ptr[i+1]``.
     partial_o: fp32 ``[P, H, D]``; partial_lse: fp32 ``[P, H]``; out: ``[n, H, D]``; lse: fp32 ``[n, H]``.
@@ -274,7 +275,7 @@ def merge_partials_launch(
         out.stride(0), out.stride(1), lse.stride(0),
         num_heads,
     ]
-    return Launch(_merge_partials_kernel, (num_merge, triton.cdiv(num_heads, head_block)), args, (2, 3),
+    return Launch(_merge_partials_kernel, (num_merge, triton.cdiv(num_heads, head_block)), args, (0, 1, 2, 3),
                   dict(HEAD_BLOCK=head_block, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim)))
 
 
@@ -282,26 +283,27 @@ def merge_partials(partial_o, partial_lse, merge_query, merge_ptr, out, lse) -> 
     """Stage 2 (arguments as in :func:`merge_partials_launch`)."""
     launch = merge_partials_launch(partial_o, partial_lse, merge_query, merge_ptr, out, lse)
     if launch is not None:
-        launch(out, lse)
+        launch(partial_o, partial_lse, out, lse)
 
 
-def scale_pointers(placeholder: torch.Tensor, *scales) -> list[torch.Tensor]:
-    """What a prepared stage-1 launch takes for each FP8 scale: the tensor, or ``placeholder`` for a float
-    scale or None (those are folded into the launch's float arguments)."""
-    return [scale if isinstance(scale, torch.Tensor) else placeholder for scale in scales]
+def tensor_scales(*scales) -> tuple[torch.Tensor, ...]:
+    """The FP8 scales a prepared stage-1 launch takes per call: the tensor ones (a float scale, or None, is
+    folded into the launch's float arguments)."""
+    return tuple(scale for scale in scales if isinstance(scale, torch.Tensor))
 
 
-def two_stage(stage1: Launch | None, plan, partial_o, partial_lse, out, lse):
-    """``run(out, lse, *stage1_values)`` for a prepared step: stage 1 with its per-call values (the layer's
-    tensors and scale pointers), then stage 2 over the plan's merge queries into ``out, lse``. Shared by the
-    GQA and MLA steps."""
-    merge = merge_partials_launch(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)
+def step_runner(stage1: Launch | None, merge: Launch | None, partial_o, partial_lse, scales_are_tensors: bool):
+    """``run(out, lse, *tensors, scales=(...))`` of a prepared step: stage 1 with the layer's tensors (ending
+    with ``out, lse``) and, when they are tensors, its FP8 scales; then stage 2 into ``out, lse``. Shared by
+    the GQA and MLA steps."""
 
-    def run(out, lse, *values) -> None:
-        if stage1 is not None:
-            stage1(*values)
+    def run(out, lse, *tensors, scales=()) -> None:
+        if stage1 is not None and scales_are_tensors:
+            stage1(*tensors, *tensor_scales(*scales))
+        elif stage1 is not None:
+            stage1(*tensors)
         if merge is not None:
-            merge(out, lse)
+            merge(partial_o, partial_lse, out, lse)
 
     return run
 
@@ -334,10 +336,11 @@ def prepare_tree_decode(
         out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item,
         k_scale=k_scale, v_scale=v_scale, **stage1_options,
     )
-    steps = two_stage(stage1, plan, partial_o, partial_lse, out, lse)
+    merge = merge_partials_launch(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)
+    steps = step_runner(stage1, merge, partial_o, partial_lse, bool(tensor_scales(k_scale, v_scale)))
 
     def run(q, k_cache, v_cache, out, lse, k_scale=None, v_scale=None) -> None:
-        steps(out, lse, q, k_cache, v_cache, out, lse, *scale_pointers(lse, k_scale, v_scale))
+        steps(out, lse, q, k_cache, v_cache, out, lse, scales=(k_scale, v_scale))
 
     return run
 

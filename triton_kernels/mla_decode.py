@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ._utils import LOG2E, Launch, dot_precision, next_pow2
 from .fp8 import load_scale, scale_operand
-from .gqa_decode import scale_pointers, two_stage
+from .gqa_decode import merge_partials_launch, step_runner, tensor_scales
 
 __all__ = [
     "mla_tile_config", "mla_tree_decode", "mla_tree_decode_stage1", "mla_tree_decode_stage1_launch",
@@ -170,8 +170,7 @@ def mla_tree_decode_stage1_launch(
     num_stages: int = 2,
 ) -> Launch | None:
     """The MLA stage-1 launch over every work item, for tensors shaped and strided like these; call it with
-    ``(q, kv_cache, out, lse, kv_scale_pointer)`` (the scale tensor, or any tensor when the scale is a float or
-    None). None when the plan has no work item.
+    ``(q, kv_cache, out, lse, *tensor_scales(kv_scale))``. None when the plan has no work item.
 
     q: ``[n, H, D]``; kv_cache: ``[num_pages, page_size, D]``; out: ``[n, H, Dv]`` (``Dv <= D``, V is
     ``kv_cache[..., :Dv]``); lse: fp32 ``[n, H]``; partial_o: fp32 ``[P, H, Dv]``; partial_lse: fp32 ``[P, H]``.
@@ -192,7 +191,8 @@ def mla_tree_decode_stage1_launch(
     rows = head_block * block_q
     if num_warps is None:
         num_warps = 4 if rows <= 32 else 8
-    kv_scale_ptr, _, kv_factor, has_kv_scale = scale_operand(kv_scale, lse)
+    # A float (or no) scale is folded into the float arguments; its pointer is any tensor the launch keeps.
+    kv_scale_ptr, _, kv_factor, has_kv_scale = scale_operand(kv_scale, partial_lse)
     args = [
         q, kv_cache,
         out, lse, partial_o, partial_lse,
@@ -211,7 +211,8 @@ def mla_tree_decode_stage1_launch(
         partial_lse.stride(0),
     ]
     grid = (num_items * num_q_blocks * num_head_blocks,)
-    return Launch(_mla_tree_decode_stage1_kernel, grid, args, (0, 1, 2, 3, kv_scale_slot), dict(
+    slots = (0, 1, 2, 3) + ((kv_scale_slot,) if has_kv_scale else ())
+    return Launch(_mla_tree_decode_stage1_kernel, grid, args, slots, dict(
         HEAD_BLOCK=head_block, BLOCK_Q=block_q,
         V_DIM=v_dim, V_DIM_PAD=max(16, next_pow2(v_dim)),
         PE_DIM=pe_dim, PE_DIM_PAD=max(16, next_pow2(pe_dim)) if pe_dim > 0 else 16,
@@ -229,7 +230,7 @@ def mla_tree_decode_stage1(q, kv_cache, kv_indices, item_page_ptr, item_num_toke
         out, lse, partial_o, partial_lse, sm_scale, max_queries_per_item, **options,
     )
     if launch is not None:
-        launch(q, kv_cache, out, lse, *scale_pointers(lse, options.get("kv_scale")))
+        launch(q, kv_cache, out, lse, *tensor_scales(options.get("kv_scale")))
 
 
 def prepare_mla_tree_decode(
@@ -256,10 +257,11 @@ def prepare_mla_tree_decode(
         plan.item_page_ptr, plan.item_num_tokens, plan.item_row_ptr, plan.row_query, plan.row_dest,
         out, lse, partial_o, partial_lse, sm_scale, plan.max_queries_per_item, kv_scale=kv_scale, **stage1_options,
     )
-    steps = two_stage(stage1, plan, partial_o, partial_lse, out, lse)
+    merge = merge_partials_launch(partial_o, partial_lse, plan.merge_query, plan.merge_ptr, out, lse)
+    steps = step_runner(stage1, merge, partial_o, partial_lse, bool(tensor_scales(kv_scale)))
 
     def run(q, kv_cache, out, lse, kv_scale=None) -> None:
-        steps(out, lse, q, kv_cache, out, lse, *scale_pointers(lse, kv_scale))
+        steps(out, lse, q, kv_cache, out, lse, scales=(kv_scale,))
 
     return run
 
