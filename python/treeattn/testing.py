@@ -29,7 +29,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 @dataclass
 class PagedTable:
-    """A decode step's CSR page table (DESIGN §1) plus the pool size it needs."""
+    """A decode step's CSR page table (docs/design.md, semantics) plus the pool size it needs."""
 
     kv_indptr: torch.Tensor  # int32 [n + 1]
     kv_indices: torch.Tensor  # int32 [nnz]
@@ -234,7 +234,7 @@ def assert_same_plan(a, b) -> None:
         assert getattr(a, name) == getattr(b, name), name
 
 
-# DESIGN §4 workloads: name -> (level_tokens, fanout). GQA rows use 32 q / 8 kv heads, head_dim 128, page 16.
+# The benchmark workloads of docs/design.md (targets): name -> (level_tokens, fanout). GQA rows use 32 q / 8 kv heads, head_dim 128, page 16.
 WORKLOADS: dict[str, tuple[list[int], list[int]]] = {
     "bestofN_P4k_N64_S256": ([4096, 256], [1, 64]),
     "tree_2k_4x1k_4x512_4x128": ([2048, 1024, 512, 128], [1, 4, 4, 4]),
@@ -244,7 +244,7 @@ WORKLOADS: dict[str, tuple[list[int], list[int]]] = {
 
 
 def workload_table(name: str, page_size: int = 16, *, scale: float = 1.0, generator=None) -> PagedTable:
-    """Table of a named DESIGN §4 workload; ``scale`` < 1 shrinks every level's tokens (for CPU tests)."""
+    """Table of a named benchmark workload; ``scale`` < 1 shrinks every level's tokens (for CPU tests)."""
     level_tokens, fanout = WORKLOADS[name]
     tokens = [max(1, int(t * scale)) for t in level_tokens]
     return tree_table(tokens, fanout, page_size, generator=generator)
