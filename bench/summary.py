@@ -56,8 +56,10 @@ def _attention_lines(bench: str, payload: dict) -> list[dict]:
             vs = [f"{us / row['floor_us']:.2f}× the floor ({row['floor_us']:.1f} µs, {row.get('bound', '?')}-bound)"]
             for peer in sorted(k[: -len("_us")] for k in row if k.endswith("_us") and k not in
                                ("treeattn_us", "floor_us", "floor_memory_us", "floor_compute_us", "plan_host_us")):
-                if row.get(f"{peer}_us"):
-                    vs.append(f"{row[f'{peer}_us'] / us:.2f}× faster than {peer}")
+                peer_us = row.get(f"{peer}_us")
+                if peer_us:
+                    vs.append(f"{peer_us / us:.2f}× faster than {peer}" if peer_us >= us
+                              else f"{us / peer_us:.2f}× SLOWER than {peer}")
             lines.append({"benchmark": bench, "case": case, "measure": "kernel time (GPU)", "value": _fmt(us, "µs"),
                           "vs": "; ".join(vs)})
     return lines
@@ -104,13 +106,31 @@ def markdown(env: dict, lines: list[dict]) -> str:
     return "\n".join(head + table) + "\n"
 
 
-def plots(results: Path) -> list[Path]:
-    """PNG plots next to the JSON: bytes per method (every attention row) and, on a GPU, µs against the floor."""
+def _grouped_barh(path: Path, labels: list[str], series: dict[str, list[float]], xlabel: str, title: str) -> Path:
+    """One horizontal bar per (label, series), log scale: labels stay readable however long they are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.2 * len(labels) * len(series)))
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        ax.barh([y + (i - (len(series) - 1) / 2) * width for y in range(len(labels))], values, width, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plots(results: Path) -> list[Path]:
+    """PNG plots next to the JSON: bytes per method (every attention row) and, on a GPU, µs against the floor."""
     rows = []
     for path in sorted(results.glob("*.json")):
         try:
@@ -119,45 +139,21 @@ def plots(results: Path) -> list[Path]:
             continue
         if isinstance(payload, dict):
             rows += [(path.stem, r) for r in payload.get("rows", []) if "unique_bytes" in r]
-    written = []
     if not rows:
-        return written
+        return []
     labels = [f"{b}: {r['workload']}" + (f", {r['heads']} heads" if "heads" in r else "") for b, r in rows]
-    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.6 * len(rows)))
-    width = 0.27
-    for i, (key, name) in enumerate((("unique_bytes", "unique KV (floor)"), ("treeattn_bytes", "treeattn"),
-                                     ("per_branch_bytes", "per-branch decode"))):
-        ax.barh([y + (i - 1) * width for y in range(len(rows))], [r[key] / MB for _, r in rows], width, label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("MB read per layer (model)")
-    ax.set_yticks(range(len(rows)), labels, fontsize=8)
-    ax.invert_yaxis()
-    ax.legend(fontsize=8)
-    ax.set_title("Bytes each method reads per decode step and layer")
-    fig.tight_layout()
-    written.append(results / "bytes.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
+    series = {name: [r[key] / MB for _, r in rows] for key, name in (
+        ("unique_bytes", "unique KV (floor)"), ("treeattn_bytes", "treeattn"), ("per_branch_bytes", "per-branch decode"))}
+    written = [_grouped_barh(results / "bytes.png", labels, series, "MB read per layer (model)",
+                             "Bytes each method reads per decode step and layer")]
     timed = [(label, r) for label, (_, r) in zip(labels, rows) if r.get("treeattn_us")]
     if timed:
-        fig, ax = plt.subplots(figsize=(9, 1.5 + 0.3 * len(timed) * len(methods) / 2 + 0.5 * len(timed)))
         methods = sorted({k[:-3] for _, r in timed for k in r if k.endswith("_us") and k not in
                           ("floor_memory_us", "floor_compute_us", "plan_host_us")})
-        width = 0.8 / len(methods)
-        for i, m in enumerate(methods):
-            ax.barh([y + (i - len(methods) / 2) * width for y in range(len(timed))],
-                    [r.get(f"{m}_us") or 0 for _, r in timed], width, label=m)
-        ax.set_xscale("log")
-        ax.set_xlabel("µs (median, CUDA-graph replay)")
-        ax.set_yticks(range(len(timed)), [label for label, _ in timed], fontsize=8)
-        ax.invert_yaxis()
-        ax.legend(fontsize=7)
-        ax.set_title("Kernel time per decode step and layer (floor = unique bytes / copy bandwidth or FLOPs / matmul rate)")
-        fig.tight_layout()
-        written.append(results / "kernel_us.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        series = {m: [r.get(f"{m}_us") or 0 for _, r in timed] for m in methods}
+        written.append(_grouped_barh(
+            results / "kernel_us.png", [label for label, _ in timed], series, "µs (median, CUDA-graph replay)",
+            "Kernel time per decode step and layer (floor: unique bytes / copy bandwidth or FLOPs / matmul rate)"))
     return written
 
 
