@@ -153,7 +153,7 @@ def plots(results: Path) -> list[Path]:
         series = {m: [r.get(f"{m}_us") or 0 for _, r in timed] for m in methods}
         written.append(_grouped_barh(
             results / "kernel_us.png", [label for label, _ in timed], series, "µs (median, CUDA-graph replay)",
-            "Kernel time per decode step and layer (floor: unique bytes / copy bandwidth or FLOPs / matmul rate)"))
+            "Kernel time per decode step and layer (floor: the larger of bytes/bandwidth and FLOPs/rate)"))
     return written
 
 
