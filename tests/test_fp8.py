@@ -426,3 +426,123 @@ def test_torch_compile_fullgraph_with_fp8_cache(device):
     o_ref, _ = reference.tree_decode(q, cache, cache, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
                                      k_scale=scale, v_scale=0.5)
     assert_close(compiled(q, cache, scale), 2.0 * o_ref, torch.float16)
+
+
+# --- TreeKVCache: FP8 pools, quantizing writes, copy on write, write -> decode round trips ----------------------
+
+
+def _decode_layer(cache, layer, q, plan):
+    k, v, k_scale, v_scale = cache.layer(layer)
+    return treeattn.tree_decode(q, k, v, plan, k_scale=k_scale, v_scale=v_scale, return_lse=True)
+
+
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=FP8_IDS)
+def test_cache_write_decode_round_trip_with_copy_on_write(dtype, device):
+    """A prompt ending mid-page, three branches (copy on write of the shared partial page), two steps; the pool
+    holds reference.quantize of every row written (bit for bit, saturating), and decode on it matches the
+    reference on the dequantized pool."""
+    g = torch.Generator().manual_seed(5)
+    num_layers, heads, head_dim = 2, 2, 32
+    k_scale = (torch.rand(num_layers, heads, generator=g) + 0.5) / 64  # per layer and KV head
+    cache = treeattn.TreeKVCache(num_layers, heads, head_dim, page_size=16, num_pages=16, dtype=dtype,
+                                 device=device, k_scale=k_scale.to(device), v_scale=0.02)
+    written = {layer: [] for layer in range(num_layers)}  # per layer: (k, v) rows of each write, in order
+
+    def write(slots):
+        for layer in range(num_layers):
+            k = torch.randn(slots.numel(), heads, head_dim, generator=g)
+            k[0, 0, :4] = torch.tensor([1e5, -1e5, 1e-12, 0.0])  # ±inf in fp16 (saturate), underflow, zero
+            v = torch.randn(slots.numel(), heads, head_dim, generator=g)
+            k, v = k.half().to(device), v.half().to(device)
+            cache.write(layer, slots, k, v)
+            written[layer].append((k.float(), v.float()))
+
+    root = cache.add(21)
+    write(cache.slots(root))
+    leaves = cache.fork(root, 3)
+    for _ in range(2):
+        write(cache.append(leaves))
+    assert cache.stats()["pages_copied"] > 0 and cache.stats()["bytes_per_page"] == 2 * 2 * 16 * heads * head_dim
+    plan = cache.plan(leaves)
+    q = torch.randn(3, 4, head_dim, generator=g).half().to(device)
+    for layer in range(num_layers):
+        k_cache, v_cache, ks, vs = cache.layer(layer)
+        assert ks.shape == (heads,) and torch.equal(ks.cpu(), k_scale[layer]) and (vs == 0.02).all()
+        (root_k, root_v), *steps = written[layer]
+        for j, leaf in enumerate(leaves):  # each path holds the quantized rows written along it (copies included)
+            path = cache.path_slots(leaf)
+            k_rows = torch.cat([root_k, *(k[j:j + 1] for k, _ in steps)])
+            v_rows = torch.cat([root_v, *(v[j:j + 1] for _, v in steps)])
+            assert torch.equal(k_cache.flatten(0, 1)[path].view(torch.uint8),
+                               reference.quantize(k_rows, ks, dtype).view(torch.uint8))
+            assert torch.equal(v_cache.flatten(0, 1)[path].view(torch.uint8),
+                               reference.quantize(v_rows, vs, dtype).view(torch.uint8))
+        top = torch.finfo(dtype).max
+        assert k_cache.flatten(0, 1)[cache.slots(root)[0], 0, :2].float().tolist() == [top, -top]  # saturated
+        o, lse = _decode_layer(cache, layer, q, plan)
+        table = (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
+        o_ref, lse_ref = reference.tree_decode(q, k_cache, v_cache, *table, k_scale=ks, v_scale=vs)
+        assert_close(o, o_ref, torch.float16)
+        assert_close(lse, lse_ref, torch.float16, what="lse")
+
+
+@pytest.mark.parametrize("dtype", FP8_DTYPES, ids=FP8_IDS)
+def test_mla_cache_write_decode_round_trip(dtype, device):
+    g = torch.Generator().manual_seed(6)
+    cache = treeattn.TreeKVCache.mla(2, kv_lora_rank=64, rope_dim=16, page_size=16, num_pages=8, dtype=dtype,
+                                     device=device, kv_scale=torch.tensor([0.01, 0.03], device=device))
+    root = cache.add(19)
+    leaves = cache.fork(root, 2)
+    for layer in range(2):
+        cache.write(layer, cache.slots(root), torch.randn(19, 80, generator=g).to(device))
+    slots = cache.append(leaves)
+    for layer in range(2):
+        cache.write(layer, slots, torch.randn(2, 80, generator=g).half().to(device))
+    plan = cache.plan(leaves, num_qo_heads=3)
+    q = torch.randn(2, 3, 80, generator=g).half().to(device)
+    for layer in range(2):
+        kv, kv_scale = cache.layer(layer)
+        assert kv_scale.shape == (1,) and kv_scale.item() == pytest.approx([0.01, 0.03][layer])
+        o = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.15, v_head_dim=64, kv_scale=kv_scale)
+        o_ref, _ = reference.mla_tree_decode(q, kv, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
+                                             sm_scale=0.15, v_head_dim=64, kv_scale=kv_scale)
+        assert_close(o, o_ref, torch.float16)
+
+
+def test_cache_fp8_write_backends_agree(device):
+    """The Triton write (encode in the kernel) and the reference write store the same bytes."""
+    g = torch.Generator().manual_seed(8)
+    pools = []
+    for backend in ("triton", "reference"):
+        cache = treeattn.TreeKVCache(1, 3, 24, page_size=16, num_pages=4, dtype=torch.float8_e4m3fn, device=device,
+                                     k_scale=torch.tensor([0.5, 0.01, 3.0], device=device), v_scale=0.25)
+        slots = cache.slots(cache.add(40))
+        k = (torch.randn(40, 3, 24, generator=g.manual_seed(1)) * 50).to(device)
+        v = (torch.randn(40, 3, 24, generator=g) * 50).half().to(device)
+        padded = torch.cat([slots, torch.tensor([-1], device=device)])  # a negative slot is skipped
+        with treeattn._dispatch.force(backend):
+            cache.write(0, padded, torch.cat([k, k[:1]]), torch.cat([v, v[:1]]))
+        pools.append(torch.stack([c.flatten(0, 1)[slots] for c in cache.layer(0)[:2]]).view(torch.uint8))
+    assert torch.equal(pools[0], pools[1])
+
+
+def test_cache_fp8_argument_errors():
+    make = lambda **kw: treeattn.TreeKVCache(2, 3, 16, num_pages=4, device="cpu", **kw)  # noqa: E731
+    fp8 = torch.float8_e4m3fn
+    with pytest.raises(ValueError, match=r"k_scale: expected a float or an fp32 tensor of shape \[\] or \[1\] or \[3\] or \[2,3\] for the torch.float8_e4m3fn cache, got None"):
+        make(dtype=fp8, v_scale=1.0)
+    with pytest.raises(ValueError, match=r"v_scale: expected .*, got shape \[3, 3\]"):
+        make(dtype=fp8, k_scale=1.0, v_scale=torch.ones(3, 3))
+    with pytest.raises(ValueError, match=r"k_scale: expected finite positive values"):
+        make(dtype=fp8, k_scale=torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0]]), v_scale=1.0)
+    with pytest.raises(ValueError, match=r"k_scale: expected None for a torch.bfloat16 cache"):
+        make(k_scale=1.0)
+    with pytest.raises(ValueError, match=r"kv_scale: expected .* or \[5\] for the torch.float8_e5m2 cache, got None"):
+        treeattn.TreeKVCache.mla(5, num_pages=2, dtype=torch.float8_e5m2, device="cpu")
+    cache = make(dtype=fp8, k_scale=1.0, v_scale=1.0)
+    slots = cache.slots(cache.add(3))
+    rows = torch.randn(3, 3, 16)
+    with pytest.raises(ValueError, match=r"k: expected dtype float16, bfloat16 or float32, got torch.float8_e4m3fn"):
+        cache.write(0, slots, rows.to(fp8), rows)
+    with pytest.raises(ValueError, match=r"v: expected shape \[3, 3, 16\]"):
+        cache.write(0, slots, rows, rows[:, :2])

@@ -5,6 +5,10 @@ copy-on-write page copy.
 the pool at flat slots ``page * page_size + offset``, in one launch. ``copy_pages`` copies page prefixes
 inside a stacked pool ``[C, num_layers, num_pages, page_size, ...]`` for every layer (and K and V) in one
 launch: the copies one ``append`` needs when branches leave a shared, partially filled page.
+
+Into an FP8 pool, ``kv_write`` quantizes in the same launch (``fp8.round_to_fp8``: ``x / scale``, saturating,
+round to nearest even, bit for bit ``treeattn.reference.quantize``); ``copy_pages`` moves bytes whatever
+the dtype.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._utils import next_pow2
+from .fp8 import fp8_format, round_to_fp8
 
 __all__ = ["kv_write", "copy_pages"]
 
@@ -28,10 +33,12 @@ def _kv_write_kernel(
     num_tokens, num_slots,
     stride_k_n, stride_k_h, stride_v_n, stride_v_h,
     stride_kp_slot, stride_kp_h, stride_vp_slot, stride_vp_h,
+    k_scale_ptr, v_scale_ptr, stride_scale_h,
     ROW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK: tl.constexpr, HAS_V: tl.constexpr,
+    QUANTIZE: tl.constexpr, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_EXP: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     """One program per (block of new tokens, block of the ``heads x head_dim`` row); a slot outside
-    ``[0, num_slots)`` is skipped."""
+    ``[0, num_slots)`` is skipped. ``QUANTIZE``: encode into the FP8 pool with one scale per head."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     t_valid = t < num_tokens
@@ -41,10 +48,18 @@ def _kv_write_kernel(
     d = e % HEAD_DIM
     slot = tl.maximum(slot, 0)
     k = tl.load(k_ptr + t[:, None] * stride_k_n + (h * stride_k_h + d)[None, :], mask=mask)
-    tl.store(k_pool_ptr + slot[:, None] * stride_kp_slot + (h * stride_kp_h + d)[None, :], k, mask=mask)
+    if QUANTIZE:
+        k_scale = tl.load(k_scale_ptr + h * stride_scale_h, mask=e < ROW, other=1.0)
+        k = round_to_fp8(k, k_scale[None, :], FP8_MANTISSA_BITS, FP8_MIN_EXP, FP8_MAX)
+    tl.store(k_pool_ptr + slot[:, None] * stride_kp_slot + (h * stride_kp_h + d)[None, :],
+             k.to(k_pool_ptr.dtype.element_ty), mask=mask)
     if HAS_V:
         v = tl.load(v_ptr + t[:, None] * stride_v_n + (h * stride_v_h + d)[None, :], mask=mask)
-        tl.store(v_pool_ptr + slot[:, None] * stride_vp_slot + (h * stride_vp_h + d)[None, :], v, mask=mask)
+        if QUANTIZE:
+            v_scale = tl.load(v_scale_ptr + h * stride_scale_h, mask=e < ROW, other=1.0)
+            v = round_to_fp8(v, v_scale[None, :], FP8_MANTISSA_BITS, FP8_MIN_EXP, FP8_MAX)
+        tl.store(v_pool_ptr + slot[:, None] * stride_vp_slot + (h * stride_vp_h + d)[None, :],
+                 v.to(v_pool_ptr.dtype.element_ty), mask=mask)
 
 
 def _heads_view(t: torch.Tensor) -> torch.Tensor:
@@ -58,6 +73,9 @@ def kv_write(
     k_pool: torch.Tensor,
     v: torch.Tensor | None = None,
     v_pool: torch.Tensor | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """``k_pool.view(-1, *row)[slots[i]] = k[i]`` (and the same for ``v``) for every ``i`` with
     ``0 <= slots[i] < num_pages * page_size``: a negative slot is padding, and no slot writes outside the pool.
@@ -65,6 +83,8 @@ def kv_write(
     slots: int64 ``[n]`` flat slots, contiguous; k, v: ``[n, H, D]`` (GQA) or ``[n, D]`` (MLA, ``v`` None), last dim
     contiguous; k_pool, v_pool: ``[num_pages, page_size, H, D]`` or ``[num_pages, page_size, D]`` whose
     page and slot dims flatten (any view of one layer of a stacked pool does). One launch for K and V.
+    FP8 pools: ``k_scale`` (and ``v_scale``), fp32 ``[H]`` or ``[1]``, and the stored value is
+    ``quantize(k[i], k_scale)`` (see ``treeattn.reference.quantize``).
     """
     n = slots.shape[0]
     if n == 0:
@@ -83,12 +103,20 @@ def kv_write(
         v3, vp = k3, kp
     block = min(next_pow2(row), _MAX_BLOCK)
     block_t = max(1, _TILE // block)  # a fixed tile per row width: no recompile per token count
+    quantize = k_scale is not None
+    if quantize:
+        encode = fp8_format(k_pool.dtype)
+        scales = (k_scale, k_scale if v_scale is None else v_scale, 1 if k_scale.numel() > 1 else 0)
+    else:
+        encode = dict(FP8_MANTISSA_BITS=0, FP8_MIN_EXP=0, FP8_MAX=0.0)
+        scales = (slots, slots, 0)  # unused pointers
     _kv_write_kernel[(triton.cdiv(n, block_t), triton.cdiv(row, block))](
         slots, k3, v3, kp, vp,
         n, kp.shape[0],
         k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
         kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-        ROW=row, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK=block, HAS_V=has_v,
+        *scales,
+        ROW=row, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK=block, HAS_V=has_v, QUANTIZE=quantize, **encode,
     )
 
 

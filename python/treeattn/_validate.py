@@ -130,14 +130,18 @@ def check_cache_dtype(name: str, cache: torch.Tensor, ref_name: str, ref: torch.
         raise ValueError(f"{name}: expected device {ref.device} (same as {ref_name}), got {cache.device}")
 
 
-def check_kv_scale(name: str, scale, cache: torch.Tensor, cache_name: str, num_heads: int | None) -> None:
+def check_kv_scale(
+    name: str, scale, cache: torch.Tensor, cache_name: str, num_heads: int | None, *,
+    num_layers: int | None = None, read_device_values: bool = False,
+) -> None:
     """Validate the dequantization scale of ``cache``: true values are ``cache.to(float32) * scale``.
 
     An FP8 cache needs a scale; a 16/32-bit cache takes none. A scale is a finite positive Python float or
     an fp32 tensor on the cache's device with one element or, when ``num_heads`` is given (GQA),
-    ``[num_heads]`` (one per KV head). Values are checked where that costs no device sync (Python floats,
-    CPU tensors outside torch.compile); the kernels turn any other bad scale into NaN output, never a
-    plausible answer.
+    ``[num_heads]`` (one per KV head); with ``num_layers`` (a cache's scales for all its layers) also
+    ``[num_layers, num_heads]`` (MLA: ``[num_layers]``). Values are checked where that costs no device sync
+    (Python floats, CPU tensors outside torch.compile) or when ``read_device_values``; the kernels turn any
+    other bad scale into NaN output, never a plausible answer.
     """
     if not is_fp8(cache.dtype):
         if scale is not None:
@@ -146,7 +150,10 @@ def check_kv_scale(name: str, scale, cache: torch.Tensor, cache_name: str, num_h
                 f"got {type(scale).__name__}"
             )
         return
-    shapes = "a float or an fp32 tensor of shape [] or [1]" + (f" or [{num_heads}]" if num_heads is not None else "")
+    allowed = [(), (1,)] + ([(num_heads,)] if num_heads is not None else [])
+    if num_layers is not None:
+        allowed.append((num_layers, num_heads) if num_heads is not None else (num_layers,))
+    shapes = "a float or an fp32 tensor of shape " + " or ".join(str(list(s)).replace(" ", "") for s in allowed)
     if scale is None:
         raise ValueError(f"{name}: expected {shapes} for the {cache.dtype} {cache_name}, got None")
     if isinstance(scale, torch.Tensor):
@@ -154,11 +161,10 @@ def check_kv_scale(name: str, scale, cache: torch.Tensor, cache_name: str, num_h
             raise ValueError(f"{name}: expected dtype torch.float32, got {scale.dtype}")
         if scale.device != cache.device:
             raise ValueError(f"{name}: expected device {cache.device} (same as {cache_name}), got {scale.device}")
-        allowed = [(), (1,)] + ([(num_heads,)] if num_heads is not None else [])
         if tuple(scale.shape) not in allowed:
             raise ValueError(f"{name}: expected {shapes}, got shape {list(scale.shape)}")
         # Values only where reading them costs no device sync and no graph break (not under torch.compile).
-        readable = scale.device.type == "cpu" and not torch.compiler.is_compiling()
+        readable = (scale.device.type == "cpu" or read_device_values) and not torch.compiler.is_compiling()
         if readable and not bool(torch.isfinite(scale).all() & (scale > 0).all()):
             raise ValueError(f"{name}: expected finite positive values, got {scale.tolist()}")
         return

@@ -15,6 +15,10 @@ The pool lives on the device, all layers in one tensor:
   returns the ``(k_cache, v_cache)`` views ``tree_decode`` takes;
 - MLA: ``[1, num_layers, num_pages, page_size, kv_lora_rank + rope_dim]``, ``layer(i)`` the ``kv_cache``.
 
+An FP8 pool (``dtype=torch.float8_e4m3fn`` / ``float8_e5m2``, half the bytes of bf16) holds ``value / scale``
+with fixed fp32 scales given at construction (per tensor, per KV head, or per layer and KV head); ``write``
+takes 16/32-bit K/V and quantizes them in its one launch, and ``layer(i)`` also returns the layer's scales.
+
 All copies one ``append`` needs happen in one launch (every layer, K and V); ``write`` is one launch per
 layer. Writes must follow the order a decode loop has anyway: write a node's KV (``add``/``append`` slots,
 every layer) before a child appends past a shared partially filled page, since the copy on write copies what
@@ -33,9 +37,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import _dispatch
+from . import _dispatch, reference
 from ._dispatch import register
-from ._validate import check_float_tensor, check_int
+from ._validate import check_float_tensor, check_int, check_kv_scale, is_fp8
 from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
 from .tree import NodeTree
@@ -57,12 +61,23 @@ def _kv_write_triton(slots, k, v, pool, layer):
 
 
 @register("kv_write", "reference")
-def _kv_write_reference(slots, k, v, pool, layer):
+def _kv_write_reference(slots, k, v, pool, layer, k_scale=None, v_scale=None):
     keep = (slots >= 0) & (slots < pool.shape[2] * pool.shape[3])  # out-of-range slots are skipped, as in the kernels
     dst = slots[keep]
-    pool[0, layer].flatten(0, 1)[dst] = k[keep]
-    if v is not None:
-        pool[1, layer].flatten(0, 1)[dst] = v[keep]
+    for plane, rows, scale in ((0, k, k_scale), (1, v, v_scale)):
+        if rows is not None:
+            rows = rows[keep] if scale is None else reference.quantize(rows[keep], scale[layer], pool.dtype)
+            pool[plane, layer].flatten(0, 1)[dst] = rows
+
+
+# FP8 pools: the write quantizes (fp32 scales [num_layers, H]); no CUDA-extension kernel does that.
+@register("kv_write_fp8", "triton")
+def _kv_write_fp8_triton(slots, k, v, pool, layer, k_scale, v_scale):
+    _dispatch.triton_kernels.kv_write(slots, k, pool[0, layer], v, None if v is None else pool[1, layer],
+                                      k_scale=k_scale[layer], v_scale=None if v is None else v_scale[layer])
+
+
+register("kv_write_fp8", "reference")(_kv_write_reference)
 
 
 @register("copy_pages", "triton")
@@ -80,14 +95,21 @@ def _copy_pages_reference(pool, src, dst, num_slots):
 
 
 @torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))
-def _kv_write_run(slots: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], pool: torch.Tensor, layer: int) -> None:
+def _kv_write_run(
+    slots: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], pool: torch.Tensor, layer: int,
+    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+) -> None:
     """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA). Slots outside
-    ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer."""
-    _dispatch.run("kv_write", slots.device, slots, k, v, pool, layer)
+    ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer.
+    An FP8 pool comes with fp32 ``k_scale`` (``v_scale``) ``[num_layers, H]``: the rows are quantized."""
+    if k_scale is None:
+        _dispatch.run("kv_write", slots.device, slots, k, v, pool, layer)
+    else:
+        _dispatch.run("kv_write_fp8", slots.device, slots, k, v, pool, layer, k_scale, v_scale)
 
 
 @_kv_write_run.register_fake
-def _(slots, k, v, pool, layer):
+def _(slots, k, v, pool, layer, k_scale=None, v_scale=None):
     return None
 
 
@@ -171,8 +193,11 @@ class TreeKVCache:
         num_layers, num_kv_heads, head_dim: the model's KV shape.
         page_size: tokens per page.
         num_pages: pool size (every layer has this many pages; a page id names the same page in all layers).
-        dtype: of the pool (a floating dtype).
+        dtype: of the pool (a floating dtype; ``torch.float8_e4m3fn`` / ``torch.float8_e5m2`` store FP8).
         device: of the pool; default: the current CUDA device when CUDA is available, else the CPU.
+        k_scale, v_scale: FP8 pools only (required there): the true K is ``pool.to(float32) * k_scale``. A
+            finite positive float, or an fp32 tensor ``[]`` / ``[1]`` (every layer and head), ``[num_kv_heads]``
+            (per head, every layer) or ``[num_layers, num_kv_heads]``. Fixed for the cache's life.
 
     Nodes are ints. Typical decode loop::
 
@@ -201,10 +226,13 @@ class TreeKVCache:
         num_pages: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        k_scale: torch.Tensor | float | None = None,
+        v_scale: torch.Tensor | float | None = None,
     ):
         num_kv_heads = check_int("num_kv_heads", num_kv_heads, 1)
         head_dim = check_int("head_dim", head_dim, 1)
-        self._setup(num_layers, (num_kv_heads, head_dim), 2, page_size, num_pages, dtype, device)
+        self._setup(num_layers, (num_kv_heads, head_dim), 2, page_size, num_pages, dtype, device,
+                    (("k_scale", k_scale), ("v_scale", v_scale)), num_kv_heads)
         self.is_mla = False
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -220,14 +248,18 @@ class TreeKVCache:
         num_pages: int,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        kv_scale: torch.Tensor | float | None = None,
     ) -> "TreeKVCache":
         """MLA cache (absorbed form): one latent row ``c_kv (kv_lora_rank) ‖ k_pe (rope_dim)`` per token.
         ``layer(i)`` returns the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
-        ``treeattn.mla_tree_decode`` takes; ``write(layer, slots, kv)`` takes ``kv [n, kv_lora_rank + rope_dim]``."""
+        ``treeattn.mla_tree_decode`` takes; ``write(layer, slots, kv)`` takes ``kv [n, kv_lora_rank + rope_dim]``.
+        An FP8 ``dtype`` needs ``kv_scale``: a finite positive float or an fp32 tensor ``[]`` / ``[1]`` (every
+        layer) or ``[num_layers]``; ``layer(i)`` then returns ``(kv_cache, kv_scale)``."""
         kv_lora_rank = check_int("kv_lora_rank", kv_lora_rank, 1)
         rope_dim = check_int("rope_dim", rope_dim, 0)
         self = cls.__new__(cls)
-        self._setup(num_layers, (kv_lora_rank + rope_dim,), 1, page_size, num_pages, dtype, device)
+        self._setup(num_layers, (kv_lora_rank + rope_dim,), 1, page_size, num_pages, dtype, device,
+                    (("kv_scale", kv_scale),), None)
         self.is_mla = True
         self.num_kv_heads = 1
         self.head_dim = kv_lora_rank + rope_dim
@@ -235,7 +267,7 @@ class TreeKVCache:
         self.rope_dim = rope_dim
         return self
 
-    def _setup(self, num_layers, row_shape, planes, page_size, num_pages, dtype, device):
+    def _setup(self, num_layers, row_shape, planes, page_size, num_pages, dtype, device, scales, num_heads):
         self.num_layers = check_int("num_layers", num_layers, 1)
         # Flat slots and page ids travel as int32 in plans: a page id must fit, and so must a slot.
         self.page_size = check_int("page_size", page_size, 1, 2**31 - 1)
@@ -247,9 +279,28 @@ class TreeKVCache:
             (planes, self.num_layers, self.num_pages, self.page_size, *row_shape), dtype=self.dtype, device=device
         )
         self.device = self._pool.device
+        self._scales = self._check_scales(scales, num_heads)
         self.tree = NodeTree(self.page_size)
         self.allocator = PageAllocator(self.num_pages, self.page_size)
         self._known_slots = _KnownSlots()
+
+    def _check_scales(self, scales, num_heads: int | None) -> tuple[torch.Tensor, ...] | None:
+        """FP8 pools: each scale as an fp32 tensor ``[num_layers, H]`` on the pool's device (``H``: KV heads, 1
+        for MLA), values checked once here; None for 16/32-bit pools (which take no scales)."""
+        layer0 = self._pool[0, 0]
+        for name, scale in scales:
+            check_kv_scale(name, scale, layer0, "cache", num_heads, num_layers=self.num_layers,
+                           read_device_values=True)
+        if not is_fp8(self.dtype):
+            return None
+        out = []
+        for _, scale in scales:
+            t = torch.as_tensor(scale, dtype=torch.float32, device=self.device)
+            if t.dim() < 2:  # one value, per head (GQA [H]) or per layer (MLA [num_layers])
+                t = t.reshape(-1, 1) if num_heads is None else t.reshape(1, -1)
+            rows = torch.empty(self.num_layers, num_heads or 1, dtype=torch.float32, device=self.device)
+            out.append(rows.copy_(t.expand_as(rows)))  # a copy: the scales are fixed for the cache's life
+        return tuple(out)
 
     @staticmethod
     def _check_dtype(dtype) -> torch.dtype:
@@ -336,16 +387,23 @@ class TreeKVCache:
 
     def layer(self, i: int):
         """Layer ``i``'s pool views: ``(k_cache, v_cache)`` ``[num_pages, page_size, num_kv_heads, head_dim]``
-        for GQA, ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` for MLA."""
+        for GQA, ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` for MLA.
+
+        FP8 pools also return the layer's scales, as the decode ops take them: ``(k_cache, v_cache, k_scale,
+        v_scale)`` with fp32 ``[num_kv_heads]`` scales (``tree_decode(q, k, v, plan, k_scale=ks, v_scale=vs)``),
+        and ``(kv_cache, kv_scale)`` with ``kv_scale [1]`` for MLA."""
         i = self._check_layer(i)
-        if self.is_mla:
-            return self._pool[0, i]
-        return self._pool[0, i], self._pool[1, i]
+        caches = (self._pool[0, i],) if self.is_mla else (self._pool[0, i], self._pool[1, i])
+        if self._scales is not None:
+            caches += tuple(scale[i] for scale in self._scales)
+        return caches[0] if len(caches) == 1 else caches
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
         """One launch scattering ``k, v [len(slots), num_kv_heads, head_dim]`` into layer ``layer`` at ``slots``
         (MLA: ``write(layer, slots, kv)`` with ``kv [len(slots), kv_lora_rank + rope_dim]``). A negative slot
-        is skipped (padding); a slot ``>= num_pages * page_size`` is an error.
+        is skipped (padding); a slot ``>= num_pages * page_size`` is an error. Into an FP8 pool, 16/32-bit
+        rows are quantized in the same launch: ``x / scale`` saturated to the format's range, rounded to
+        nearest even (``treeattn.reference.quantize``).
 
         Slots this cache returned (``append``/``slots``/``path_slots``) are known to be in range and are not
         checked again, nor is a tensor already checked (until it changes in place). Other slots are checked
@@ -365,7 +423,10 @@ class TreeKVCache:
                 raise ValueError("v: expected a tensor (GQA caches take write(layer, slots, k, v))")
             self._check_rows("k", k, n)
             self._check_rows("v", v, n)
-        torch.ops.treeattn.kv_write_run(slots, k, v, self._pool, layer)
+        scales = self._scales or ()
+        k_scale = scales[0] if scales else None
+        v_scale = scales[1] if len(scales) > 1 else None
+        torch.ops.treeattn.kv_write_run(slots, k, v, self._pool, layer, k_scale, v_scale)
 
     def _check_slots(self, slots) -> None:
         if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
@@ -393,7 +454,7 @@ class TreeKVCache:
         check_float_tensor(name, t, len(shape))
         if tuple(t.shape) != shape:
             raise ValueError(f"{name}: expected shape {list(shape)} ([len(slots), ...] of the cache), got {list(t.shape)}")
-        if t.dtype != self.dtype:
+        if not is_fp8(self.dtype) and t.dtype != self.dtype:  # (an FP8 pool takes any 16/32-bit rows)
             raise ValueError(f"{name}: expected dtype {self.dtype} (the cache's), got {t.dtype}")
         if t.device != self.device:
             raise ValueError(f"{name}: expected device {self.device} (the cache's), got {t.device}")
