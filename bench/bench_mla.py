@@ -36,7 +36,8 @@ ROWS = {
     "bestofN_P4k_N64_S256": lambda g: workload_table("bestofN_P4k_N64_S256", PAGE_SIZE, generator=g),
     "plain_B128_L4k": lambda g: tree_table([4096], [128], PAGE_SIZE, generator=g),  # no sharing
 }
-SWEEP = [(bm, bn, w, s) for bm in (16, 32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+SWEEP = [(bm, bn, w, s, vs) for bm in (16, 32, 64) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2)
+         for vs in (1, 2)]
 
 
 def _plan(table: PagedTable, num_heads: int, **kw):
@@ -101,14 +102,27 @@ def _stage1_config_fn(q, kv_cache, plan, out, lse, config):
     """The Triton path (stage 1 + shared merge) with one stage-1 tile config, bypassing dispatch."""
     from treeattn import triton_kernels as tk
 
-    block_m, block_n, warps, stages = config
+    block_m, block_n, warps, stages, v_split = config
     part_o, part_lse = plan.workspace(q.shape[1], KV_LORA)
 
     def run():
-        tk.mla_tree_decode(q, kv_cache, plan, out, lse, part_o, part_lse, SM_SCALE,
-                           block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        tk.mla_tree_decode(q, kv_cache, plan, out, lse, part_o, part_lse, SM_SCALE, block_m=block_m,
+                           block_n=block_n, num_warps=warps, num_stages=stages, v_split=v_split)
 
     return run
+
+
+def _table_row(plan, num_heads: int, config, device) -> str:
+    """A sweep winner as a row of the tile table (triton_kernels/configs.py), ready to paste in. (A winning
+    block_m below the default caps the tile rows; the row keys on the rows it ran.)"""
+    from treeattn.triton_kernels._utils import next_pow2
+    from treeattn.triton_kernels.configs import TileConfig, device_arch, format_row
+    from treeattn.triton_kernels.mla_decode import mla_tile_config
+
+    block_m, block_n, warps, stages, v_split = config
+    head_block, block_q = mla_tile_config(num_heads, plan.max_queries_per_item, block_m)
+    return format_row("mla_decode", device_arch(device), next_pow2(KV_LORA), next_pow2(num_heads), "bf16",
+                      head_block * block_q, TileConfig(block_n, warps, stages, v_split))
 
 
 def run_gpu(bandwidth_gbs: float, sweep: bool, device: str = "cuda") -> list[dict]:
@@ -143,7 +157,9 @@ def run_gpu(bandwidth_gbs: float, sweep: bool, device: str = "cuda") -> list[dic
                     if best is None or us < best[1]:
                         best = (config, us)
                 if best:
-                    row["sweep_best"] = {"block_m_n_warps_stages": best[0], "us": best[1]}
+                    row["sweep_best"] = {"block_m_n_warps_stages_vsplit": best[0], "us": best[1]}
+                    row["sweep_best"]["table_row"] = _table_row(shared, num_heads, best[0], device)
+                    print(row["sweep_best"]["table_row"])
             o_shared = treeattn.mla_tree_decode(q, kv_cache, shared, sm_scale=SM_SCALE)
             o_branch = treeattn.mla_tree_decode(q, kv_cache, per_branch, sm_scale=SM_SCALE)
             row["rel_err_shared_vs_per_branch"] = relative_error(o_shared, o_branch)

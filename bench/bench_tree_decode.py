@@ -114,6 +114,15 @@ def sweep_stage1(row, q, k_cache, v_cache, plan, out) -> None:
     if row["sweep_us"]:
         best = min(row["sweep_us"], key=row["sweep_us"].get)
         row["sweep_best"] = {"block_n_warps_stages": best, "us": row["sweep_us"][best]}
+        # The winner as a row of the tile table (triton_kernels/configs.py), ready to paste in.
+        from treeattn.triton_kernels.configs import TileConfig, device_arch, format_row
+        from treeattn.triton_kernels.gqa_decode import stage1_tile
+
+        tile = stage1_tile(NUM_QO_HEADS // NUM_KV_HEADS, HEAD_DIM, plan.max_queries_per_item)
+        config = TileConfig(*next(c for c in SWEEP if str(c) == best))
+        row["sweep_best"]["table_row"] = format_row(
+            "gqa_decode", device_arch(q.device), tile.head_dim_pad, tile.group_pad, "bf16", tile.rows, config)
+        print(row["sweep_best"]["table_row"])
 
 
 def run_gpu(names, bandwidth_gbs, sweep: bool = False) -> list[dict]:

@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
-# One short run on the GPU machine (DESIGN §6): build the CUDA extension, run the tests on the GPU (the `gpu`
-# tests included), run the benchmark suite, write everything into RESULTS_DIR.
+# One short run on the GPU machine, at most ~8 minutes on an H200: build the CUDA extension, run the `gpu`
+# tests, then the benchmark suite (bench/run_all.py), which on a GPU starts with the device side of the
+# static sm_90a check (registers and spills of every kernel the ops compiled, as the driver reports them:
+# static_device.json) and writes JSON, summary.md and plots into RESULTS_DIR.
 #   bash bench/gpu_check.sh RESULTS_DIR
+# Each step gets what is left of the budget (TREEATTN_GPU_BUDGET_S, default 470 s) and a cap of its own;
+# steps.txt records how long each took.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh RESULTS_DIR}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${TREEATTN_GPU_BUDGET_S:-470}))
+# budget CAP: seconds this step may run (its cap, or what is left of the budget if less; at least 10)
+budget() { local left=$((deadline - SECONDS)); [ "$left" -lt "$1" ] || left=$1; [ "$left" -gt 10 ] || left=10; echo "$left"; }
+step_start=$SECONDS
+done_step() { echo "$1 rc=$2 seconds=$((SECONDS - step_start))" | tee -a "$out/steps.txt"; step_start=$SECONDS; }
+
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/gpu.txt" 2>&1
 python3 -c 'import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)' >> "$out/gpu.txt"
 git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null
 # setup.py finds the toolkit root itself (also behind a wrapper nvcc).
-start=$(date +%s)
-TREEATTN_BUILD_CUDA=1 MAX_JOBS=16 python3 -m pip install -e . --no-build-isolation --no-deps 2>&1 | tail -n 30 > "$out/build.log"
-echo "build rc=${PIPESTATUS[0]} seconds=$(( $(date +%s) - start ))" | tee -a "$out/build.log"
+TREEATTN_BUILD_CUDA=1 MAX_JOBS=16 timeout "$(budget 200)" python3 -m pip install -e . --no-build-isolation --no-deps \
+  2>&1 | tail -n 30 > "$out/build.log"
+done_step build "${PIPESTATUS[0]}"
 python3 -c 'import treeattn._ext as e; print("HAS_CUDA_EXT", e.HAS_CUDA_EXT, getattr(e, "load_error", None))' 2>&1 | tee -a "$out/build.log"
 # The `gpu` tests (bf16, CUDA ops, CUDA graphs); CI already runs the rest on CPU, and each distinct
 # Triton config costs a compile here.
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests --junitxml="$out/tests.xml" 2>&1 | tail -n 40 | tee "$out/tests.log"
-timeout 300 python3 bench/run_all.py --out "$out" 2>&1 | tee "$out/bench.log"
-# Optional tile sweeps (a few more minutes): TREEATTN_SWEEP=1 bash bench/gpu_check.sh DIR
+timeout "$(budget 150)" python3 -m pytest -q -p no:cacheprovider -m gpu tests --junitxml="$out/tests.xml" 2>&1 \
+  | tail -n 40 | tee "$out/tests.log"
+done_step tests "${PIPESTATUS[0]}"
+timeout "$(budget 400)" python3 bench/run_all.py --out "$out" 2>&1 | tee "$out/bench.log"
+done_step suite "${PIPESTATUS[0]}"
+# Optional tile sweeps, outside the budget (a few more minutes): TREEATTN_SWEEP=1 bash bench/gpu_check.sh DIR.
+# Each prints its winner as a row of triton_kernels/configs.py's TABLE.
 if [ "${TREEATTN_SWEEP:-0}" = 1 ]; then
   timeout 300 python3 bench/bench_tree_decode.py --sweep --out "$out/sweep" 2>&1 | tail -n 20 | tee "$out/sweep.log"
   timeout 300 python3 bench/bench_mla.py --sweep --out "$out/sweep" 2>&1 | tail -n 20 | tee -a "$out/sweep.log"

@@ -267,3 +267,18 @@ def test_tree_example_and_int32_buffers():
         plan_from_tree(**_tree(pages=[np.array([4, 5, 6]), array("i", [6, 7]), array("i"), array("i", [9])]), **_KW)
     with pytest.raises(TypeError, match="pages: expected contiguous 1-D int32 buffers"):
         plan_from_tree(**_tree(pages=[np.arange(6, dtype=np.int32)[::2], array("i", [6, 7]), array("i"), array("i", [9])]), **_KW)
+
+
+def test_num_sms_defaults_to_the_device(monkeypatch):
+    """No ``num_sms``: the CUDA device's SM count (asked of the device), 132 elsewhere."""
+    import importlib
+
+    from treeattn.testing import assert_same_plan
+
+    plan_module = importlib.import_module("treeattn.plan")  # (treeattn.plan is the function)
+    table = tree_table([700, 30], [1, 5], 16)
+    args = (table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    assert_same_plan(treeattn.plan(*args, page_size=16), treeattn.plan(*args, page_size=16, num_sms=132))
+    assert plan_module._sm_count(torch.device("cpu")) == 132
+    monkeypatch.setattr(plan_module, "_cuda_sm_count", lambda index: 78 + index)
+    assert plan_module._sm_count(torch.device("cuda", 2)) == 80

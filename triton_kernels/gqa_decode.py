@@ -10,20 +10,28 @@ the plan's root→leaf order: deterministic, no atomics.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import LOG2E, Launch, dot_precision, next_pow2
+from .configs import MAX_TILE_ROWS, device_arch, tile_config
 from .fp8 import load_scale, scale_operand
 
 __all__ = [
-    "merge_partials", "merge_partials_launch", "prepare_tree_decode", "tree_decode", "tree_decode_stage1",
+    "Stage1Tile", "merge_partials", "merge_partials_launch", "prepare_tree_decode", "stage1_tile", "tree_decode", "tree_decode_stage1",
     "tree_decode_stage1_launch", "step_runner", "tensor_scales",
 ]
 
 
-@triton.jit
+# The plan's index arrays are views into one packed buffer, at offsets that move with the plan's sizes: not
+# specialising on their alignment keeps a new plan from compiling a new kernel (their loads gain nothing).
+_PLAN_POINTERS = ("kv_indices_ptr", "item_page_ptr", "item_num_tokens_ptr", "item_row_ptr", "row_query_ptr", "row_dest_ptr")
+
+
+@triton.jit(do_not_specialize_on_alignment=_PLAN_POINTERS)
 def _tree_decode_stage1_kernel(
     q_ptr, k_ptr, v_ptr,
     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -43,22 +51,25 @@ def _tree_decode_stage1_kernel(
 ):
     item = tl.program_id(0)
     kv_head = tl.program_id(1)
+    q_block = tl.program_id(2)
     row_begin = tl.load(item_row_ptr + item)
     num_rows = tl.load(item_row_ptr + item + 1) - row_begin
-    if num_rows == 0:  # padding item of a fixed-capacity plan
+    # A padding item of a fixed-capacity plan, or a query block past the item's queries: nothing to do.
+    if q_block * BLOCK_Q >= num_rows:
         return
     first_page = tl.load(item_page_ptr + item)
     num_tokens = tl.load(item_num_tokens_ptr + item)
 
-    # Row m of the tile is (query m // GROUP_PAD of the item, head m % GROUP_PAD of this KV head's group).
+    # Row m of the tile is (query m // GROUP_PAD of this query block, head m % GROUP_PAD of this KV head's group).
     m = tl.arange(0, BLOCK_Q * GROUP_PAD)
-    local_query = m // GROUP_PAD
+    local_query = q_block * BLOCK_Q + m // GROUP_PAD
     group_head = m % GROUP_PAD
     row_valid = (local_query < num_rows) & (group_head < GROUP)
     query = tl.load(row_query_ptr + row_begin + local_query, mask=local_query < num_rows, other=0)
     head = kv_head * GROUP + group_head
     d = tl.arange(0, HEAD_DIM_PAD)
-    d_valid = d < HEAD_DIM
+    # A power-of-two head dim needs no column mask: masks cost registers and block vectorised loads.
+    d_valid = (d < HEAD_DIM) if HEAD_DIM != HEAD_DIM_PAD else tl.full([HEAD_DIM_PAD], 1, tl.int1)
 
     q = tl.load(
         q_ptr + query[:, None].to(tl.int64) * stride_q_n + head[:, None] * stride_q_h + d[None, :],
@@ -74,6 +85,9 @@ def _tree_decode_stage1_kernel(
     m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    # Offsets inside one page (slot, KV head, column) fit in int32; only the page base needs 64 bits.
+    k_head = kv_head * stride_k_head
+    v_head = kv_head * stride_v_head
 
     for start in range(0, num_tokens, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
@@ -82,20 +96,17 @@ def _tree_decode_stage1_kernel(
         page = tl.load(kv_indices_ptr + first_page + t // PAGE_SIZE, mask=t_valid, other=0).to(tl.int64)
         slot = t % PAGE_SIZE
         kv_mask = t_valid[:, None] & d_valid[None, :]
-        k = tl.load(
-            k_ptr + (page * stride_k_page + slot * stride_k_slot + kv_head * stride_k_head)[:, None] + d[None, :],
-            mask=kv_mask, other=0.0,
-        ).to(q.dtype)
+        # One 64-bit base pointer per token row; the columns are int32 offsets from it.
+        k_rows = k_ptr + page * stride_k_page + (slot * stride_k_slot + k_head)
+        k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(t_valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + (page * stride_v_page + slot * stride_v_slot + kv_head * stride_v_head)[:, None] + d[None, :],
-            mask=kv_mask, other=0.0,
-        ).to(q.dtype)
+        v_rows = v_ptr + page * stride_v_page + (slot * stride_v_slot + v_head)
+        v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -116,6 +127,30 @@ def _tree_decode_stage1_kernel(
         o, mask=partial[:, None] & d_valid[None, :],
     )
     tl.store(part_lse_ptr + dest64 * stride_part_lse_n + head, lse, mask=partial)
+
+
+class Stage1Tile(NamedTuple):
+    """Shape of a stage-1 tile: ``block_q`` queries x ``group_pad`` heads (``rows``) by ``head_dim_pad``."""
+
+    block_q: int
+    group_pad: int
+    head_dim_pad: int
+    num_q_blocks: int  # query blocks per item (1 unless the plan was sized for a smaller group)
+
+    @property
+    def rows(self) -> int:
+        return self.block_q * self.group_pad
+
+
+def stage1_tile(group: int, head_dim: int, max_queries_per_item: int) -> Stage1Tile:
+    """The stage-1 tile for a GQA group and a plan's largest item. One program holds all of an item's
+    queries when the plan sized items for this group (the usual case); a plan sized for a smaller group is
+    split into query blocks of at most MAX_TILE_ROWS rows. tl.dot needs M >= 16: tiny groups pad the block."""
+    group_pad = next_pow2(group)
+    block_q = min(next_pow2(max_queries_per_item), max(1, MAX_TILE_ROWS // group_pad))
+    block_q = max(block_q, 16 // min(group_pad, 16))
+    num_q_blocks = triton.cdiv(max(1, max_queries_per_item), block_q)
+    return Stage1Tile(block_q, group_pad, max(16, next_pow2(head_dim)), num_q_blocks)
 
 
 def tree_decode_stage1_launch(
@@ -139,7 +174,7 @@ def tree_decode_stage1_launch(
     v_scale: torch.Tensor | float | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> Launch | None:
     """The stage-1 launch over every work item, for tensors shaped and strided like these; call it with
     ``(q, k_cache, v_cache, out, lse, *tensor_scales(k_scale, v_scale))``. None when the plan has no work item.
@@ -147,8 +182,8 @@ def tree_decode_stage1_launch(
     q: ``[n, Hq, D]``; k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``; out: ``[n, Hq, D]``;
     lse: fp32 ``[n, Hq]``; partial_o: fp32 ``[P, Hq, D]``; partial_lse: fp32 ``[P, Hq]``.
     The caches may be FP8 (``float8_e4m3fn`` / ``float8_e5m2``) with ``k_scale`` / ``v_scale``: true K is
-    ``k_cache * k_scale`` (a float, or an fp32 tensor ``[]`` / ``[1]`` / ``[Hkv]``). ``block_n`` (KV tokens per tile, a power of two >= 16), ``num_warps`` and ``num_stages`` are tuning knobs
-    (defaults: 64 tokens for head dims up to 128, 4 warps up to 64 rows).
+    ``k_cache * k_scale`` (a float, or an fp32 tensor ``[]`` / ``[1]`` / ``[Hkv]``). ``block_n`` (KV tokens per tile, a power of two >= 16), ``num_warps`` and ``num_stages`` override the
+    tile table (:mod:`.configs`) for tile sweeps.
     """
     num_items = item_page_ptr.shape[0]
     if num_items == 0:
@@ -156,15 +191,8 @@ def tree_decode_stage1_launch(
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_qo_heads // num_kv_heads
-    group_pad = next_pow2(group)
-    # tl.dot needs M >= 16: pad the query block so the tile is GPU-legal even for tiny groups.
-    block_q = max(next_pow2(max_queries_per_item), 16 // min(group_pad, 16))
-    block_m = block_q * group_pad
-    head_dim_pad = max(16, next_pow2(head_dim))
-    if block_n is None:
-        block_n = 64 if head_dim_pad <= 128 else 32
-    if num_warps is None:
-        num_warps = 4 if block_m <= 64 else 8
+    tile = stage1_tile(group, head_dim, max_queries_per_item)
+    config = tile_config("gqa_decode", device_arch(q.device), tile.head_dim_pad, tile.group_pad, q.dtype, tile.rows)
     # A float (or no) scale is folded into the float arguments; its pointer is any tensor the launch keeps.
     k_scale_ptr, stride_k_scale, k_factor, has_k_scale = scale_operand(k_scale, partial_lse)
     v_scale_ptr, stride_v_scale, v_factor, has_v_scale = scale_operand(v_scale, partial_lse)
@@ -188,12 +216,12 @@ def tree_decode_stage1_launch(
         partial_lse.stride(0),
     ]
     slots = (0, 1, 2, 3, 4) + ((k_scale_slot,) if has_k_scale else ()) + ((v_scale_slot,) if has_v_scale else ())
-    return Launch(_tree_decode_stage1_kernel, (num_items, num_kv_heads), args, slots, dict(
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q,
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+    return Launch(_tree_decode_stage1_kernel, (num_items, num_kv_heads, tile.num_q_blocks), args, slots, dict(
+        GROUP=group, GROUP_PAD=tile.group_pad, BLOCK_Q=tile.block_q,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=tile.head_dim_pad,
+        PAGE_SIZE=page_size, BLOCK_N=block_n or config.block_n, DOT_PRECISION=dot_precision(q.dtype),
         HAS_K_SCALE=has_k_scale, HAS_V_SCALE=has_v_scale,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps or config.num_warps, num_stages=num_stages or config.num_stages,
     ))
 
 
@@ -208,7 +236,7 @@ def tree_decode_stage1(q, k_cache, v_cache, kv_indices, item_page_ptr, item_num_
         launch(q, k_cache, v_cache, out, lse, *tensor_scales(options.get("k_scale"), options.get("v_scale")))
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=("merge_query_ptr", "merge_ptr"))
 def _merge_partials_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, lse_ptr, merge_query_ptr, merge_ptr,
     stride_part_n, stride_part_h, stride_part_lse_n,
@@ -241,9 +269,7 @@ def _merge_partials_kernel(
         acc = acc * alpha[:, None] + o_r * w[:, None]
         l_run = l_run * alpha + w
         m_run = m_new
-    # l_run is 0 only when every partial is empty (lse = -inf); a NaN partial makes it NaN, which must reach
-    # the output (a NaN compares False to everything, so test for emptiness, not for "l_run > 0").
-    has_kv = l_run != 0
+    has_kv = l_run > 0
     o = tl.where(has_kv[:, None], acc / tl.where(has_kv, l_run, 1.0)[:, None], 0.0)
     lse = tl.where(has_kv, m_run + tl.log(tl.where(has_kv, l_run, 1.0)), float("-inf"))
     tl.store(out_ptr + query * stride_out_n + h[:, None] * stride_out_h + d[None, :], o.to(out_ptr.dtype.element_ty), mask=mask)
@@ -268,7 +294,9 @@ def merge_partials_launch(
     if num_merge == 0:
         return None
     num_heads, head_dim = out.shape[1], out.shape[2]
-    head_block = min(next_pow2(num_heads), 4)
+    head_dim_pad = next_pow2(head_dim)
+    config = tile_config("merge_partials", device_arch(out.device), head_dim_pad, None, out.dtype, None)
+    head_block = min(next_pow2(num_heads), config.block_n)
     args = [
         partial_o, partial_lse, out, lse, merge_query, merge_ptr,
         partial_o.stride(0), partial_o.stride(1), partial_lse.stride(0),
@@ -276,7 +304,8 @@ def merge_partials_launch(
         num_heads,
     ]
     return Launch(_merge_partials_kernel, (num_merge, triton.cdiv(num_heads, head_block)), args, (0, 1, 2, 3),
-                  dict(HEAD_BLOCK=head_block, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim)))
+                  dict(HEAD_BLOCK=head_block, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+                       num_warps=config.num_warps, num_stages=config.num_stages))
 
 
 def merge_partials(partial_o, partial_lse, merge_query, merge_ptr, out, lse) -> None:

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._utils import LOG2E, Launch, dot_precision, next_pow2
+from .configs import MAX_TILE_ROWS, device_arch, tile_config
 from .fp8 import load_scale, scale_operand
 from .gqa_decode import merge_partials_launch, step_runner, tensor_scales
 
@@ -29,7 +30,12 @@ __all__ = [
 ]
 
 
-@triton.jit
+# The plan's index arrays move inside one packed buffer with its sizes, and the block counts follow its query
+# blocks: specialising on either would compile a new kernel for a new plan, for nothing.
+_PLAN_POINTERS = ("kv_indices_ptr", "item_page_ptr", "item_num_tokens_ptr", "item_row_ptr", "row_query_ptr", "row_dest_ptr")
+
+
+@triton.jit(do_not_specialize=("num_head_blocks", "num_sub_blocks"), do_not_specialize_on_alignment=_PLAN_POINTERS)
 def _mla_tree_decode_stage1_kernel(
     q_ptr, kv_ptr,
     out_ptr, lse_ptr, part_o_ptr, part_lse_ptr,
@@ -43,16 +49,19 @@ def _mla_tree_decode_stage1_kernel(
     stride_part_n, stride_part_h,
     stride_part_lse_n,
     HEAD_BLOCK: tl.constexpr, BLOCK_Q: tl.constexpr,
-    V_DIM: tl.constexpr, V_DIM_PAD: tl.constexpr,
+    V_DIM: tl.constexpr, V_DIM_PAD: tl.constexpr, V_SPLIT: tl.constexpr,
     PE_DIM: tl.constexpr, PE_DIM_PAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_KV_SCALE: tl.constexpr,
 ):
-    # Flat grid, item-major: the programs that read one item's chunk run next to each other (L2 reuse).
+    # Flat grid, item-major, V part innermost: the programs that read one item's chunk run next to each
+    # other (L2 reuse). num_sub_blocks = query blocks x head blocks x V_SPLIT.
     pid = tl.program_id(0)
     item = pid // num_sub_blocks
-    q_block = (pid % num_sub_blocks) // num_head_blocks
-    h_block = pid % num_head_blocks
+    v_part = pid % V_SPLIT
+    tile = (pid % num_sub_blocks) // V_SPLIT
+    q_block = tile // num_head_blocks
+    h_block = tile % num_head_blocks
     row_begin = tl.load(item_row_ptr + item)
     num_rows = tl.load(item_row_ptr + item + 1) - row_begin
     first_page = tl.load(item_page_ptr + item)
@@ -69,14 +78,22 @@ def _mla_tree_decode_stage1_kernel(
     row_valid = query_valid & (head < num_heads)
     query = tl.load(row_query_ptr + row_begin + local_query, mask=query_valid, other=0).to(tl.int64)
 
-    # K = [V part (c_kv, V_DIM wide) ‖ rest (k_pe, PE_DIM wide)]; V = the V part.
-    dv = tl.arange(0, V_DIM_PAD)
-    dv_valid = dv < V_DIM
+    # K = [V part (c_kv, V_DIM wide) ‖ rest (k_pe, PE_DIM wide)]; V = the V part. With V_SPLIT = 2 this
+    # program owns half of V's columns (``dv``) and also reads the other half (``dv_other``) for Q·Kᵀ, so
+    # its fp32 accumulator is [rows, V_DIM_PAD / 2]; the two programs of a tile share the K tile via L2.
+    V_PART: tl.constexpr = V_DIM_PAD // V_SPLIT
+    dv = v_part * V_PART + tl.arange(0, V_PART)
+    # Power-of-two widths need no column masks (masks cost registers and block vectorised loads).
+    dv_valid = (dv < V_DIM) if V_DIM != V_DIM_PAD else tl.full([V_PART], 1, tl.int1)
     q_rows = q_ptr + query[:, None] * stride_q_n + head[:, None] * stride_q_h
     q_nope = tl.load(q_rows + dv[None, :], mask=row_valid[:, None] & dv_valid[None, :], other=0.0)
+    if V_SPLIT == 2:
+        dv_other = (1 - v_part) * V_PART + tl.arange(0, V_PART)
+        dv_other_valid = (dv_other < V_DIM) if V_DIM != V_DIM_PAD else tl.full([V_PART], 1, tl.int1)
+        q_other = tl.load(q_rows + dv_other[None, :], mask=row_valid[:, None] & dv_other_valid[None, :], other=0.0)
     if PE_DIM > 0:
         dp = tl.arange(0, PE_DIM_PAD)
-        dp_valid = dp < PE_DIM
+        dp_valid = (dp < PE_DIM) if PE_DIM != PE_DIM_PAD else tl.full([PE_DIM_PAD], 1, tl.int1)
         q_pe = tl.load(q_rows + V_DIM + dp[None, :], mask=row_valid[:, None] & dp_valid[None, :], other=0.0)
 
     # FP8 cache: the scale folds into the softmax scale (K) and the output (V); tiles are converted to q's
@@ -88,19 +105,25 @@ def _mla_tree_decode_stage1_kernel(
         out_scale = out_scale * kv_scale
     m_i = tl.full([BLOCK_Q * HEAD_BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q * HEAD_BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * HEAD_BLOCK, V_DIM_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * HEAD_BLOCK, V_PART], dtype=tl.float32)
 
     for start in range(0, num_tokens, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         t_valid = t < num_tokens
         # Masked lanes never touch memory: slots past the item's last token may hold garbage (or NaN).
         page = tl.load(kv_indices_ptr + first_page + t // PAGE_SIZE, mask=t_valid, other=0).to(tl.int64)
+        # One 64-bit base pointer per token row; the in-row columns are int32 offsets from it.
         kv_rows = kv_ptr + page * stride_kv_page + (t % PAGE_SIZE) * stride_kv_slot
-        # The V part, loaded once: K's first V_DIM columns and V itself.
+        # This program's V columns, loaded once: part of K and all of its V.
         c_kv = tl.load(
             kv_rows[:, None] + dv[None, :], mask=t_valid[:, None] & dv_valid[None, :], other=0.0
         ).to(q_nope.dtype)
         scores = tl.dot(q_nope, tl.trans(c_kv), input_precision=DOT_PRECISION)
+        if V_SPLIT == 2:
+            c_other = tl.load(
+                kv_rows[:, None] + dv_other[None, :], mask=t_valid[:, None] & dv_other_valid[None, :], other=0.0
+            ).to(q_nope.dtype)
+            scores += tl.dot(q_other, tl.trans(c_other), input_precision=DOT_PRECISION)
         if PE_DIM > 0:
             k_pe = tl.load(
                 kv_rows[:, None] + V_DIM + dp[None, :], mask=t_valid[:, None] & dp_valid[None, :], other=0.0
@@ -122,20 +145,21 @@ def _mla_tree_decode_stage1_kernel(
     dest = tl.load(row_dest_ptr + row_begin + local_query, mask=query_valid, other=-1)
     direct = row_valid & (dest < 0)
     partial = row_valid & (dest >= 0)
+    # Both programs of a split tile computed the same lse: the first stores it.
     tl.store(
         out_ptr + query[:, None] * stride_out_n + head[:, None] * stride_out_h + dv[None, :],
         o.to(out_ptr.dtype.element_ty), mask=direct[:, None] & dv_valid[None, :],
     )
-    tl.store(lse_ptr + query * stride_lse_n + head, lse, mask=direct)
+    tl.store(lse_ptr + query * stride_lse_n + head, lse, mask=direct & (v_part == 0))
     dest64 = tl.maximum(dest, 0).to(tl.int64)
     tl.store(
         part_o_ptr + dest64[:, None] * stride_part_n + head[:, None] * stride_part_h + dv[None, :],
         o, mask=partial[:, None] & dv_valid[None, :],
     )
-    tl.store(part_lse_ptr + dest64 * stride_part_lse_n + head, lse, mask=partial)
+    tl.store(part_lse_ptr + dest64 * stride_part_lse_n + head, lse, mask=partial & (v_part == 0))
 
 
-def mla_tile_config(num_heads: int, max_queries_per_item: int, block_m: int = 64) -> tuple[int, int]:
+def mla_tile_config(num_heads: int, max_queries_per_item: int, block_m: int = MAX_TILE_ROWS) -> tuple[int, int]:
     """``(head_block, block_q)`` of the stage-1 M tile: ``head_block`` heads of ``block_q`` queries.
 
     Heads fill the tile first (up to ``block_m``), then queries of the item; the tile has at least 16 rows
@@ -164,19 +188,22 @@ def mla_tree_decode_stage1_launch(
     max_queries_per_item: int,
     *,
     kv_scale: torch.Tensor | float | None = None,
-    block_m: int = 64,
-    block_n: int = 32,
+    block_m: int = MAX_TILE_ROWS,
+    block_n: int | None = None,
     num_warps: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
+    v_split: int | None = None,
 ) -> Launch | None:
     """The MLA stage-1 launch over every work item, for tensors shaped and strided like these; call it with
     ``(q, kv_cache, out, lse, *tensor_scales(kv_scale))``. None when the plan has no work item.
 
     q: ``[n, H, D]``; kv_cache: ``[num_pages, page_size, D]``; out: ``[n, H, Dv]`` (``Dv <= D``, V is
     ``kv_cache[..., :Dv]``); lse: fp32 ``[n, H]``; partial_o: fp32 ``[P, H, Dv]``; partial_lse: fp32 ``[P, H]``.
+    ``block_m`` (rows per program, a power of two >= 16) caps the tile; ``block_n`` (tokens per KV tile),
+    ``num_warps``, ``num_stages`` and ``v_split`` (1, or 2 programs per tile each owning half of V's
+    columns) override the tile table (:mod:`.configs`) for tile sweeps.
     An FP8 ``kv_cache`` (``float8_e4m3fn`` / ``float8_e5m2``) comes with ``kv_scale`` (a float or an fp32
     tensor ``[]`` / ``[1]``): the true latent row is ``kv_cache * kv_scale``.
-    ``block_m`` (rows per program, a power of two >= 16) and ``block_n`` (tokens per KV tile) are tuning knobs.
     """
     num_items = item_page_ptr.shape[0]
     if num_items == 0:
@@ -186,11 +213,14 @@ def mla_tree_decode_stage1_launch(
     pe_dim = head_dim - v_dim
     page_size = kv_cache.shape[1]
     head_block, block_q = mla_tile_config(num_heads, max_queries_per_item, block_m)
+    v_dim_pad = max(16, next_pow2(v_dim))
+    config = tile_config("mla_decode", device_arch(q.device), v_dim_pad, next_pow2(num_heads), q.dtype,
+                         head_block * block_q)
+    v_split = v_split or config.v_split
+    if v_split not in (1, 2) or (v_split == 2 and v_dim_pad < 32):
+        raise ValueError(f"v_split: expected 1, or 2 for a V of 32 columns or more, got {v_split} (V {v_dim})")
     num_head_blocks = triton.cdiv(num_heads, head_block)
-    num_q_blocks = triton.cdiv(max(1, max_queries_per_item), block_q)
-    rows = head_block * block_q
-    if num_warps is None:
-        num_warps = 4 if rows <= 32 else 8
+    num_sub_blocks = triton.cdiv(max(1, max_queries_per_item), block_q) * num_head_blocks * v_split
     # A float (or no) scale is folded into the float arguments; its pointer is any tensor the launch keeps.
     kv_scale_ptr, _, kv_factor, has_kv_scale = scale_operand(kv_scale, partial_lse)
     args = [
@@ -202,7 +232,7 @@ def mla_tree_decode_stage1_launch(
     kv_scale_slot = len(args)
     args += [
         kv_scale_ptr, kv_factor,
-        num_heads, num_head_blocks, num_q_blocks * num_head_blocks,
+        num_heads, num_head_blocks, num_sub_blocks,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
         out.stride(0), out.stride(1),
@@ -210,15 +240,15 @@ def mla_tree_decode_stage1_launch(
         partial_o.stride(0), partial_o.stride(1),
         partial_lse.stride(0),
     ]
-    grid = (num_items * num_q_blocks * num_head_blocks,)
+    grid = (num_items * num_sub_blocks,)
     slots = (0, 1, 2, 3) + ((kv_scale_slot,) if has_kv_scale else ())
     return Launch(_mla_tree_decode_stage1_kernel, grid, args, slots, dict(
         HEAD_BLOCK=head_block, BLOCK_Q=block_q,
-        V_DIM=v_dim, V_DIM_PAD=max(16, next_pow2(v_dim)),
+        V_DIM=v_dim, V_DIM_PAD=v_dim_pad, V_SPLIT=v_split,
         PE_DIM=pe_dim, PE_DIM_PAD=max(16, next_pow2(pe_dim)) if pe_dim > 0 else 16,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
+        PAGE_SIZE=page_size, BLOCK_N=block_n or config.block_n, DOT_PRECISION=dot_precision(q.dtype),
         HAS_KV_SCALE=has_kv_scale,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps or config.num_warps, num_stages=num_stages or config.num_stages,
     ))
 
 

@@ -461,7 +461,7 @@ class TreeKVCache:
 
     # ---- planning ----
 
-    def plan(self, nodes, num_tokens: int = 1, *, num_qo_heads: int | None = None, num_sms: int = 132,
+    def plan(self, nodes, num_tokens: int = 1, *, num_qo_heads: int | None = None, num_sms: int | None = None,
              capacity: PlanCapacity | None = None, into: TreePlan | None = None) -> TreePlan:
         """The decode step's :class:`TreePlan`, built from the tree the cache already knows (no re-detection).
 

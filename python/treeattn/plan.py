@@ -19,6 +19,7 @@ nothing.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,7 +184,7 @@ def plan(
     num_kv_heads: int | None = None,
     num_pages: int | None = None,
     device: torch.device | str | None = None,
-    num_sms: int = 132,
+    num_sms: int | None = None,
     share_prefixes: bool = True,
     capacity: PlanCapacity | None = None,
 ) -> TreePlan:
@@ -199,7 +200,8 @@ def plan(
             for MLA pass ``num_kv_heads=1``. Any plan is exact for any head counts.
         num_pages: optional pool size (``>= 0``); page ids must then be ``< num_pages``.
         device: where the plan's tensors live (default: ``kv_indices.device``).
-        num_sms: streaming multiprocessors to fill (split-KV parallelism).
+        num_sms: streaming multiprocessors to fill (split-KV parallelism); default: the CUDA device's
+            count, 132 (an H100/H200) for other devices.
         share_prefixes: False plans every query on its own (plain split-KV decode through the same
             kernels): the per-branch baseline the benchmarks compare against.
         capacity: fixed buffer sizes (:class:`PlanCapacity`) so that later steps can be re-planned in place
@@ -224,7 +226,7 @@ def plan(
         page_size=check_int("page_size", page_size, 1, _INT32_MAX),
         num_pages=None if num_pages is None else check_int("num_pages", num_pages, 0, 2**31),
         share_prefixes=_check_bool("share_prefixes", share_prefixes),
-        **_hints(num_qo_heads, num_kv_heads, num_sms),
+        **_hints(num_qo_heads, num_kv_heads, num_sms, device),
         capacity=_check_capacity(capacity),
     )
     return TreePlan(_planner.plan_table(*tables, options), options.page_size, _check_device(device), capacity,
@@ -243,7 +245,7 @@ def plan_from_tree(
     num_qo_heads: int | None,
     num_kv_heads: int | None,
     device: torch.device,
-    num_sms: int = 132,
+    num_sms: int | None = None,
     capacity: PlanCapacity | None = None,
     into: TreePlan | None = None,
 ) -> TreePlan:
@@ -267,7 +269,7 @@ def plan_from_tree(
     refill in place instead of making a new plan; the hints then only size blocks up to its query block.
     """
     page_size = check_int("page_size", page_size, 1, _INT32_MAX)
-    hints = _hints(num_qo_heads, num_kv_heads, num_sms)
+    hints = _hints(num_qo_heads, num_kv_heads, num_sms, device)
     if into is not None:
         _check_into(into, page_size, device, len(query_end))
         capacity, device = into.capacity, into.device
@@ -288,12 +290,25 @@ def _host_table(kv_indptr, kv_indices, kv_last_page_len) -> tuple[np.ndarray, np
     return kv_indptr.cpu().numpy(), kv_indices.cpu().numpy(), kv_last_page_len.cpu().numpy()
 
 
-def _hints(num_qo_heads, num_kv_heads, num_sms) -> dict:
+def _hints(num_qo_heads, num_kv_heads, num_sms, device) -> dict:
     return dict(
         num_qo_heads=None if num_qo_heads is None else check_int("num_qo_heads", num_qo_heads, 1, _INT32_MAX),
         num_kv_heads=None if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, 1, _INT32_MAX),
-        num_sms=check_int("num_sms", num_sms, 1, _INT32_MAX),
+        num_sms=_sm_count(device) if num_sms is None else check_int("num_sms", num_sms, 1, _INT32_MAX),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device) -> int:
+    """The SMs of a CUDA ``device``; 132 (an H100/H200's count) for other devices."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 132
 
 
 def _check_bool(name: str, value) -> bool:

@@ -1,0 +1,115 @@
+"""Tile configurations of the Triton kernels: the one source of block sizes, warps and stages.
+
+Every launcher asks :func:`tile_config` with the tile it is about to run: kernel, GPU architecture
+(``major * 10 + minor``; on CPU, under the Triton interpreter, the default :data:`DEFAULT_ARCH` so the
+interpreter runs the tiles the GPU would), head dim and GQA group (padded to the powers of two the tile has),
+dtype, and tile rows (queries x heads stacked in the M dimension). The static sm_90a check
+(``bench/static_check.py``) records what the launchers ask, so it covers exactly what runs; the GPU tile
+sweeps (``bench/bench_tree_decode.py --sweep``, ``bench/bench_mla.py --sweep``) print their winners as rows of
+:data:`TABLE` (:func:`format_row`), so a GPU run updates the table by pasting them in.
+
+A row matches a query when each of its key fields is ``None`` (any) or equal; the match with the most
+fields given wins, and among those the first. The catch-all rows at the end keep every query answered.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["TileConfig", "TABLE", "KEY_FIELDS", "DEFAULT_ARCH", "MAX_TILE_ROWS", "tile_config", "device_arch",
+           "format_row"]
+
+# The GPU the tiles are tuned and statically checked for (H100/H200); CPU runs use its rows.
+DEFAULT_ARCH = 90
+# Rows (queries x heads) of a stage-1 tile at most: the planner sizes items to this, and launchers split
+# larger query blocks into tiles of this many rows.
+MAX_TILE_ROWS = 64
+KEY_FIELDS = ("kernel", "arch", "head_dim", "group", "dtype", "rows")
+
+
+class TileConfig(NamedTuple):
+    """Block sizes and launch options of one kernel's tile.
+
+    block_n: KV tokens per tile (stage-1 kernels) or heads per program (``merge_partials``).
+    num_warps, num_stages: Triton launch options.
+    v_split: MLA only: programs that share one tile row's V columns (each computes ``Q·Kᵀ`` and
+        ``1/v_split`` of ``P·V``), so that the fp32 accumulator of a 512-wide V fits in registers.
+    """
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    v_split: int = 1
+
+
+# (kernel, arch, head_dim, group, dtype, rows) -> TileConfig. head_dim/group: padded to powers of two;
+# dtype: "fp16" | "bf16" | "fp32"; rows: the tile's M (a power of two >= 16).
+TABLE: list[tuple[tuple, TileConfig]] = [
+    # GQA stage 1 (gqa_decode). Up to 64 rows x 128 columns, 4 warps hold the fp32 accumulator (~185
+    # registers, 81 KB shared: 2 blocks per SM); 256 columns need 8 warps (~185 registers) and 32-token tiles.
+    (("gqa_decode", None, None, None, None, None), TileConfig(block_n=64, num_warps=4, num_stages=2)),
+    (("gqa_decode", None, 256, None, None, None), TileConfig(block_n=32, num_warps=8, num_stages=2)),
+    # 64 columns: small tiles, a third stage in flight (at two, ptxas spills a few bytes at 32 rows, bf16).
+    (("gqa_decode", None, 64, None, None, None), TileConfig(block_n=64, num_warps=4, num_stages=3)),
+    (("gqa_decode", None, None, None, None, 128), TileConfig(block_n=32, num_warps=8, num_stages=2)),
+    # MLA stage 1 (mla_decode; head_dim = V's padded width, group = heads padded). 16 rows fit 4 warps; 32
+    # and 64 rows take 8 warps (64 x 512 fp32 is 128 registers a thread there). 64 heads of one query stay
+    # one program per tile (~248 registers, no Q·Kᵀ recomputed: 128 heads are compute-bound); 64 rows of
+    # several queries need more index registers and spill (triton 3.6), so they split V's columns over two
+    # programs (~175 registers; each recomputes Q·Kᵀ). 145 KB shared: 1 block per SM either way.
+    (("mla_decode", None, None, None, None, None), TileConfig(block_n=32, num_warps=8, num_stages=2)),
+    (("mla_decode", None, None, None, None, 16), TileConfig(block_n=32, num_warps=4, num_stages=2)),
+    (("mla_decode", None, None, 16, None, 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
+    (("mla_decode", None, None, 32, None, 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
+    # Stage 2 (merge_partials): block_n = heads per program.
+    (("merge_partials", None, None, None, None, None), TileConfig(block_n=4, num_warps=4, num_stages=1)),
+]
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup(key: tuple) -> TileConfig:
+    best, best_score = None, -1
+    for row_key, config in TABLE:
+        if all(want is None or want == got for want, got in zip(row_key, key)):
+            score = sum(want is not None for want in row_key)
+            if score > best_score:
+                best, best_score = config, score
+    if best is None:
+        raise KeyError(f"kernel: expected one of {sorted({k[0] for k, _ in TABLE})}, got {key[0]!r}")
+    return best
+
+
+def tile_config(kernel: str, arch: int, head_dim: int, group: int, dtype, rows: int) -> TileConfig:
+    """The table's config for one tile (see the module docstring for how rows match)."""
+    return _lookup((kernel, arch, head_dim, group, _dtype_name(dtype), rows))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def device_arch(device: torch.device) -> int:
+    """``major * 10 + minor`` of a CUDA device; :data:`DEFAULT_ARCH` elsewhere (the CPU interpreter)."""
+    if device.type == "cuda":
+        return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+    return DEFAULT_ARCH
+
+
+def format_row(kernel: str, arch: int | None, head_dim: int | None, group: int | None, dtype: str | None,
+               rows: int | None, config: TileConfig) -> str:
+    """One :data:`TABLE` row as source text (what the tile sweeps print for their winners)."""
+    key = (kernel, arch, head_dim, group, dtype, rows)
+    fields = ", ".join(f"{name}={value}" for name, value in config._asdict().items()
+                       if name != "v_split" or value != 1)
+    return f"    ({key!r}, TileConfig({fields})),"
