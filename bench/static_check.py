@@ -448,16 +448,17 @@ def compile_all(records: list[dict], jobs: int) -> list[dict]:
 # The CUDA extension
 # ---------------------------------------------------------------------------------------------------------
 
-def cuda_extension_kernels() -> tuple[str | None, list[dict]]:
-    """(path of treeattn._C or None, the sm_90a functions in it with their resources and violations)."""
+def cuda_extension_kernels(library: str | None = None) -> tuple[str | None, list[dict]]:
+    """(path of ``library`` — default treeattn._C — or None when there is none, the sm_90a functions in it
+    with their resources and violations)."""
     import glob
 
     import treeattn
 
-    libs = glob.glob(os.path.join(os.path.dirname(treeattn.__file__), "_C*.so"))
+    libs = [library] if library else glob.glob(os.path.join(os.path.dirname(treeattn.__file__), "_C*.so"))
     if not libs:
         return None, []
-    out = subprocess.run([cuobjdump(), "--dump-resource-usage", libs[0]], capture_output=True, text=True)
+    out = subprocess.run([cuobjdump(), "--dump-resource-usage", libs[0]], capture_output=True, text=True, check=True)
     rows = []
     for name, usage in parse_resource_usage(out.stdout).items():
         if usage["arch"] not in ("sm_90a", "sm_90"):

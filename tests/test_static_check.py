@@ -4,6 +4,7 @@ The full matrix runs as a CI step (``python bench/static_check.py``), not here."
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,32 @@ def test_tile_table_most_specific_row_wins_and_rows_print_as_source():
     assert eval(text.strip().rstrip(","), {"TileConfig": configs.TileConfig}) == (
         ("mla_decode", 90, 512, 16, "bf16", 64), config)
     assert set(configs.KEY_FIELDS) == {"kernel", "arch", "head_dim", "group", "dtype", "rows"}
+
+
+SPILLING_CU = r"""
+__global__ void busy(float* x, int n) {  // 64 live values under a 24-register cap: spills
+  float a[64];
+#pragma unroll
+  for (int j = 0; j < 64; ++j) a[j] = x[j * n + threadIdx.x];
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < 64; ++j) s += a[j] * a[(j * 13 + 5) % 64];
+  x[threadIdx.x] = s;
+}
+__global__ void tiny(float* x) { x[threadIdx.x] += 1.f; }
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CI builds the CUDA extension with it)")
+def test_cuda_library_check_reads_sm90a_kernels_and_flags_spills(tmp_path):
+    """The CUDA extension's check, on a small two-arch library: only the sm_90a ELF counts, spills fail."""
+    (tmp_path / "k.cu").write_text(SPILLING_CU)
+    subprocess.run(["nvcc", "-shared", "-Xcompiler", "-fPIC", "-maxrregcount=24", "-gencode=arch=compute_80,code=sm_80",
+                    "-gencode=arch=compute_90a,code=sm_90a", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.so")],
+                   check=True, capture_output=True, timeout=300)
+    library, rows = static_check.cuda_extension_kernels(str(tmp_path / "k.so"))
+    assert library == str(tmp_path / "k.so")
+    by_name = {r["function"]: r for r in rows}
+    assert set(by_name) == {"_Z4busyPfi", "_Z4tinyPf"} and {r["arch"] for r in rows} == {"sm_90a"}
+    assert by_name["_Z4busyPfi"]["spill"] > 0 and by_name["_Z4busyPfi"]["violations"][0].startswith("spills")
+    assert by_name["_Z4tinyPf"]["violations"] == [] and by_name["_Z4tinyPf"]["registers"] <= 24
