@@ -269,7 +269,9 @@ def _merge_partials_kernel(
         acc = acc * alpha[:, None] + o_r * w[:, None]
         l_run = l_run * alpha + w
         m_run = m_new
-    has_kv = l_run > 0
+    # l_run is 0 only when every partial is empty (lse = -inf); a NaN partial makes it NaN, which must reach
+    # the output (a NaN compares False to everything, so test for emptiness, not for "l_run > 0").
+    has_kv = l_run != 0
     o = tl.where(has_kv[:, None], acc / tl.where(has_kv, l_run, 1.0)[:, None], 0.0)
     lse = tl.where(has_kv, m_run + tl.log(tl.where(has_kv, l_run, 1.0)), float("-inf"))
     tl.store(out_ptr + query * stride_out_n + h[:, None] * stride_out_h + d[None, :], o.to(out_ptr.dtype.element_ty), mask=mask)
