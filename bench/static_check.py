@@ -68,9 +68,13 @@ class Case:
     num_kv_heads: int = 0
     head_dim: int = 0
     hinted: bool = True  # the plan knows the head counts (False: treeattn.plan's defaults, as in a quick start)
+    kv_dtype: str = ""  # an FP8 KV cache ("float8_e4m3fn" / "float8_e5m2") with tensor scales; "": dtype
 
     @property
     def label(self) -> str:
+        return self._label() + (f" kv {self.kv_dtype}" if self.kv_dtype else "")
+
+    def _label(self) -> str:
         if self.op == "tree_decode":
             hint = "" if self.hinted else " unhinted"
             return (f"gqa {self.num_qo_heads}/{self.num_kv_heads}/{self.head_dim} p{self.page_size} {self.tree}"
@@ -81,6 +85,8 @@ class Case:
             return f"merge_state h{self.num_qo_heads} d{self.head_dim} {self.dtype}"
         return f"{self.op} {self.num_kv_heads}x{self.head_dim} p{self.page_size} {self.dtype}"
 
+
+FP8_DTYPES = ("float8_e4m3fn", "float8_e5m2")
 
 # Trees beside the benchmark workloads: a few branches (small query blocks) and one query (split-KV decode).
 SMALL_TREES = {"few_branches": ([300, 40], [1, 3]), "one_query": ([700], [1])}
@@ -128,6 +134,14 @@ def matrix(quick: bool = False) -> list[Case]:
                 cases.append(Case("cache", dtype, page_size=page, num_kv_heads=kv_heads, head_dim=head_dim))
         for page in (64,) if quick else (1, 16, 64):
             cases.append(Case("mla_cache", dtype, page_size=page, num_kv_heads=1, head_dim=576))
+        # FP8 KV caches (16-bit q): the benchmark rows and the cache writes, e4m3fn everywhere, e5m2 once.
+        for kv_dtype in FP8_DTYPES:
+            for tree in workloads if kv_dtype == FP8_DTYPES[0] else workloads[:1]:
+                cases.append(Case("tree_decode", dtype, tree, 16, 32, 8, 128, kv_dtype=kv_dtype))
+                for heads in (16, 128):
+                    cases.append(Case("mla_tree_decode", dtype, tree, 64, heads, 1, 576, kv_dtype=kv_dtype))
+            cases.append(Case("cache", dtype, page_size=16, num_kv_heads=8, head_dim=128, kv_dtype=kv_dtype))
+            cases.append(Case("mla_cache", dtype, page_size=64, num_kv_heads=1, head_dim=576, kv_dtype=kv_dtype))
     return cases
 
 
@@ -158,11 +172,19 @@ def run_case(case: Case, device: str = "cpu") -> None:
             table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=case.page_size, **heads
         )
         q = empty(table.num_queries, case.num_qo_heads, case.head_dim)
+        kv_dtype = getattr(torch, case.kv_dtype) if case.kv_dtype else dtype
         if case.op == "tree_decode":
             shape = (table.num_pages, case.page_size, case.num_kv_heads, case.head_dim)
-            treeattn.tree_decode(q, empty(*shape), empty(*shape), plan)
+            # FP8: per-KV-head scale tensors (float scales compile to the same kernel without the scale loads).
+            scales = {}
+            if case.kv_dtype:
+                scale = torch.ones(case.num_kv_heads, device=device)
+                scales = dict(k_scale=scale, v_scale=scale)
+            treeattn.tree_decode(q, empty(*shape, dtype=kv_dtype), empty(*shape, dtype=kv_dtype), plan, **scales)
         else:
-            treeattn.mla_tree_decode(q, empty(table.num_pages, case.page_size, case.head_dim), plan, sm_scale=192**-0.5)
+            scales = dict(kv_scale=torch.ones((), device=device)) if case.kv_dtype else {}
+            treeattn.mla_tree_decode(q, empty(table.num_pages, case.page_size, case.head_dim, dtype=kv_dtype), plan,
+                                     sm_scale=192**-0.5, **scales)
     elif case.op == "merge_state":
         o = empty(5, case.num_qo_heads, case.head_dim)
         lse = empty(5, case.num_qo_heads, dtype=torch.float32)
@@ -171,12 +193,17 @@ def run_case(case: Case, device: str = "cpu") -> None:
         # Prefill a prompt ending mid-page, fork, append one token per branch (copy-on-write of the shared
         # partial page), write the step's rows: every write/copy launch a decode loop makes.
         page = case.page_size
+        # An FP8 cache quantizes the 16-bit rows it is given in its write launch.
+        cache_dtype = getattr(torch, case.kv_dtype) if case.kv_dtype else dtype
         if case.op == "cache":
+            scales = dict(k_scale=1.0, v_scale=1.0) if case.kv_dtype else {}
             cache = treeattn.TreeKVCache(1, case.num_kv_heads, case.head_dim, page_size=page, num_pages=64,
-                                         dtype=dtype, device=device)
+                                         dtype=cache_dtype, device=device, **scales)
             row = (case.num_kv_heads, case.head_dim)
         else:
-            cache = treeattn.TreeKVCache.mla(1, page_size=page, num_pages=64, dtype=dtype, device=device)
+            scales = dict(kv_scale=1.0) if case.kv_dtype else {}
+            cache = treeattn.TreeKVCache.mla(1, page_size=page, num_pages=64, dtype=cache_dtype, device=device,
+                                             **scales)
             row = (case.head_dim,)
         prompt = page + max(1, page // 2) if page > 1 else 3
         root = cache.add(prompt)

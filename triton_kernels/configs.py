@@ -46,7 +46,8 @@ class TileConfig(NamedTuple):
 
 
 # (kernel, arch, head_dim, group, dtype, rows) -> TileConfig. head_dim/group: padded to powers of two;
-# dtype: "fp16" | "bf16" | "fp32"; rows: the tile's M (a power of two >= 16).
+# dtype: "fp16" | "bf16" | "fp32" (MLA: the cache's, so also "float8_e4m3fn" | "float8_e5m2"); rows: the
+# tile's M (a power of two >= 16).
 TABLE: list[tuple[tuple, TileConfig]] = [
     # GQA stage 1 (gqa_decode). Up to 64 rows x 128 columns, 4 warps hold the fp32 accumulator (~185
     # registers, 81 KB shared: 2 blocks per SM); 256 columns need 8 warps (~185 registers) and 32-token tiles.
@@ -64,6 +65,10 @@ TABLE: list[tuple[tuple, TileConfig]] = [
     (("mla_decode", None, None, None, None, 16), TileConfig(block_n=32, num_warps=4, num_stages=2)),
     (("mla_decode", None, None, 16, None, 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
     (("mla_decode", None, None, 32, None, 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
+    # An FP8 latent cache (the dtype key is the cache's) converts each tile in registers: at 64 heads of one
+    # query that alone spills (255 registers, 312-352 B) unless V's columns are split too (~215 registers).
+    (("mla_decode", None, None, None, "float8_e4m3fn", 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
+    (("mla_decode", None, None, None, "float8_e5m2", 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
     # Stage 2 (merge_partials): block_n = heads per program.
     (("merge_partials", None, None, None, None, None), TileConfig(block_n=4, num_warps=4, num_stages=1)),
 ]

@@ -214,7 +214,8 @@ def mla_tree_decode_stage1_launch(
     page_size = kv_cache.shape[1]
     head_block, block_q = mla_tile_config(num_heads, max_queries_per_item, block_m)
     v_dim_pad = max(16, next_pow2(v_dim))
-    config = tile_config("mla_decode", device_arch(q.device), v_dim_pad, next_pow2(num_heads), q.dtype,
+    # Keyed by the cache's dtype: an FP8 cache's in-register conversion changes what fits.
+    config = tile_config("mla_decode", device_arch(q.device), v_dim_pad, next_pow2(num_heads), kv_cache.dtype,
                          head_block * block_q)
     v_split = v_split or config.v_split
     if v_split not in (1, 2) or (v_split == 2 and v_dim_pad < 32):
