@@ -14,13 +14,14 @@ TORCH_SPEC=${TREEATTN_CI_TORCH:-torch==2.14.1}
 step() { printf '\n=== %s (%ds)\n' "$*" "$SECONDS"; }
 # Runs a long, quiet command with a line every 20 s so that a fresh set-up is never minutes of silence.
 with_progress() {
-  local what=$1 start=$SECONDS pid; shift
+  local what=$1 start=$SECONDS next=$((SECONDS + 20)) pid; shift
   "$@" &
   pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
-    if (( (SECONDS - start) % 20 == 19 )) && kill -0 "$pid" 2>/dev/null; then
-      echo "    ... $what ($((SECONDS - start + 1)) s)"
+    if (( SECONDS >= next )) && kill -0 "$pid" 2>/dev/null; then
+      echo "    ... $what ($((SECONDS - start)) s)"
+      next=$((SECONDS + 20))
     fi
   done
   wait "$pid"
