@@ -201,11 +201,12 @@ def _remember(plan: TreePlan, key: tuple, step: _Step) -> None:
     steps[key] = step
 
 
-def _outputs(q, step: _Step, out, lse_out):
+def _outputs(q, out_shape: tuple, lse_shape: tuple, out, lse_out):
+    """The outputs the caller did not pass: ``out`` in q's dtype, ``lse_out`` in fp32."""
     if out is None:
-        out = q.new_empty(step.out_shape)
+        out = q.new_empty(out_shape)
     if lse_out is None:
-        lse_out = q.new_empty(step.lse_shape, dtype=torch.float32)
+        lse_out = q.new_empty(lse_shape, dtype=torch.float32)
     return out, lse_out
 
 
@@ -213,13 +214,10 @@ def _buffers(q: torch.Tensor, plan: TreePlan, out, lse_out, v_head_dim: int):
     """Checks (or allocates) a decode op's outputs ``out [n, H, v_head_dim]`` (q's dtype) and ``lse_out [n, H]``
     (fp32), and returns them with the plan's fp32 partial-state workspace (allocated once per step)."""
     num_queries, num_heads = q.shape[0], q.shape[1]
-    check_out("out", out, (num_queries, num_heads, v_head_dim), q.dtype, q.device)
-    check_out("lse_out", lse_out, (num_queries, num_heads), torch.float32, q.device)
-    if out is None:
-        out = q.new_empty(num_queries, num_heads, v_head_dim)
-    if lse_out is None:
-        lse_out = q.new_empty(num_queries, num_heads, dtype=torch.float32)
-    return out, lse_out, plan.workspace(num_heads, v_head_dim)
+    out_shape, lse_shape = (num_queries, num_heads, v_head_dim), (num_queries, num_heads)
+    check_out("out", out, out_shape, q.dtype, q.device)
+    check_out("lse_out", lse_out, lse_shape, torch.float32, q.device)
+    return (*_outputs(q, out_shape, lse_shape, out, lse_out), plan.workspace(num_heads, v_head_dim))
 
 
 def _plain(tensors) -> bool:
@@ -296,7 +294,7 @@ def tree_decode(
         except (AttributeError, KeyError, TypeError):  # first call with this layout, or a bad argument
             step = None
         if step is not None and plan.max_page_id < k_cache.shape[0]:
-            out, lse_out = _outputs(q, step, out, lse_out)
+            out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
             step.run(q, k_cache, v_cache, out, lse_out, k_scale, v_scale)
             return (out, lse_out) if return_lse else out
     check_float_tensor("q", q, 3)
@@ -402,7 +400,7 @@ def mla_tree_decode(
         except (AttributeError, KeyError, TypeError):  # first call with this layout, or a bad argument
             step = None
         if step is not None and plan.max_page_id < kv_cache.shape[0]:
-            out, lse_out = _outputs(q, step, out, lse_out)
+            out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
             step.run(q, kv_cache, out, lse_out, kv_scale)
             return (out, lse_out) if return_lse else out
     if sm_scale is None:
