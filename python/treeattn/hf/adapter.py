@@ -59,6 +59,49 @@ def _attention_modules(model) -> list:
     return [m for name, m in model.named_modules() if name.endswith("self_attn")]
 
 
+# transformers' parallel layouts other than tensor parallelism (DistributedConfig sizes); expert parallelism
+# shards MoE experts only, so the attention (and its KV) is what tensor parallelism makes it.
+_UNSUPPORTED_PARALLELISM = {
+    "pp_size": "pipeline parallelism",
+    "fsdp_size": "fully sharded data parallelism (FSDP)",
+    "dp_replicate_size": "replicated data parallelism",
+}
+
+
+def _check_parallel_layout(config) -> None:
+    layout = getattr(config, "distributed_config", None)
+    for name, what in _UNSUPPORTED_PARALLELISM.items():
+        size = getattr(layout, name, None) or 1
+        if size > 1:
+            raise UnsupportedModel(
+                f"distributed_config: expected tensor parallelism only (tp_size; ep_size for MoE experts), got {what} "
+                f"({name}={size}), which treeattn.hf does not support"
+            )
+
+
+def _local_heads(attention, projection: str, heads: int, kind: str) -> int:
+    """How many of ``heads`` this rank holds. Tensor parallelism (transformers' colwise style) makes the
+    projection's weight a DTensor whose local rows are this rank's heads; without it the rank holds them all."""
+    linear = getattr(attention, projection, None)
+    weight = getattr(linear, "weight", None)
+    if weight is None:
+        if any(hasattr(p, "to_local") for p in attention.parameters()):
+            raise UnsupportedModel(
+                f"model: {kind}'s attention is sharded by tensor parallelism but has no {projection} to read the "
+                "rank's heads from; treeattn.hf reads them from q_proj/k_proj (kv_b_proj for MLA)"
+            )
+        return heads
+    if not hasattr(weight, "to_local"):
+        return heads
+    local, full = weight.to_local().shape[0], weight.shape[0]
+    if heads * local % full:
+        raise UnsupportedModel(
+            f"model: expected a tensor-parallel size that divides {kind}'s {heads} heads of {projection}, got "
+            f"{local} of its {full} rows on this rank"
+        )
+    return heads * local // full
+
+
 def inspect_model(model) -> ModelSpec:
     """The model's :class:`ModelSpec`; raises :class:`UnsupportedModel` naming what treeattn cannot serve."""
     config = getattr(model, "config", None)
@@ -92,18 +135,23 @@ def inspect_model(model) -> ModelSpec:
     if getattr(text, "kv_sharing_modes", None) or getattr(text, "num_kv_shared_layers", 0):
         raise UnsupportedModel(f"model: {kind} shares KV between layers, which treeattn.hf does not support")
 
+    _check_parallel_layout(config)
+
+    # Head counts are this rank's under tensor parallelism (the latent row of MLA is replicated, one per token).
     heads = text.num_attention_heads
+    attn = _attention_modules(model)
     if getattr(text, "kv_lora_rank", None):
-        attn = _attention_modules(model)
         if not attn or not all(hasattr(m, "expand_kv") and hasattr(m, "kv_b_proj") for m in attn):
             raise UnsupportedModel(
                 f"model: {kind} has multi-head latent attention that does not cache the latent rows "
                 "(DeepSeek-V3's layout: kv_a_layernorm(c_kv) and roped k_pe); treeattn.hf's MLA path needs that layout"
             )
-        return ModelSpec(num_layers, heads, 1, text.kv_lora_rank + text.qk_rope_head_dim, True,
-                         text.kv_lora_rank, text.qk_rope_head_dim, kind)
+        return ModelSpec(num_layers, _local_heads(attn[0], "kv_b_proj", heads, kind), 1,
+                         text.kv_lora_rank + text.qk_rope_head_dim, True, text.kv_lora_rank, text.qk_rope_head_dim, kind)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    if attn:
+        heads, kv_heads = _local_heads(attn[0], "q_proj", heads, kind), _local_heads(attn[0], "k_proj", kv_heads, kind)
     return ModelSpec(num_layers, heads, kv_heads, head_dim, False, model_type=kind)
 
 
@@ -170,7 +218,10 @@ def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:
     (``c_kv ‖ k_pe``), ``W_UV`` applied to the latent output. ``q [rows, heads, qk_nope + qk_rope]`` ->
     ``[rows, heads, v_head_dim]``."""
     nope, rank = module.qk_nope_head_dim, module.kv_lora_rank
-    w_kv_b = module.kv_b_proj.weight.view(module.num_heads, nope + module.v_head_dim, rank).to(q.device, q.dtype)
+    w_kv_b = module.kv_b_proj.weight
+    if hasattr(w_kv_b, "to_local"):
+        w_kv_b = w_kv_b.to_local()  # tensor parallelism: the rows of this rank's heads
+    w_kv_b = w_kv_b.view(-1, nope + module.v_head_dim, rank).to(q.device, q.dtype)
     w_uk, w_uv = w_kv_b[:, :nope], w_kv_b[:, nope:]
     q_latent = torch.einsum("nhd,hdc->nhc", q[..., :nope], w_uk)
     q_absorbed = torch.cat([q_latent, q[..., nope:]], dim=-1).contiguous()
