@@ -1,10 +1,11 @@
 """One rank of the tensor-parallel check (tests/test_hf_tensor_parallel.py starts two of these on CPU with gloo).
 
-    RANK=r WORLD_SIZE=2 LOCAL_RANK=r MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/tp_worker.py OUT LLAMA DSV3
+    RANK=r WORLD_SIZE=2 LOCAL_RANK=r CUDA_VISIBLE_DEVICES= python tests/tp_worker.py OUT LLAMA DSV3
 
-Loads each saved tiny model with transformers' tensor parallelism and runs every case twice under the same TP,
-``model.generate`` and ``treeattn.hf.generate`` (a seeded case reseeds every rank the same before each), plus a
-``TreeSearch`` expansion; writes what each returned to ``OUT/rank<r>.pt`` for the test to compare (within a rank:
+The ranks meet through a file store in ``OUT`` (no port to pick). Each loads the saved tiny models with
+transformers' tensor parallelism and runs every case twice under the same TP, ``model.generate`` and
+``treeattn.hf.generate`` (every rank reseeded the same before each), plus a ``TreeSearch`` expansion; it writes
+what each returned to ``OUT/rank<r>.pt`` for the test to compare (within a rank:
 treeattn against HF; across ranks: the same tokens). A case that raises records its traceback instead, so the
 ranks stay in step and the test shows the error.
 """
@@ -74,6 +75,9 @@ def _cases(llama: str, dsv3: str):
 
 def main(out_dir: str, llama: str, dsv3: str) -> None:
     rank = int(os.environ["RANK"])
+    # transformers uses a process group that already exists (the same one torchrun's env:// would give)
+    torch.distributed.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "store"), rank=rank,
+                                         world_size=int(os.environ["WORLD_SIZE"]))
     results: dict = {}
     for family, path, load, cases, search in _cases(llama, dsv3):
         try:
