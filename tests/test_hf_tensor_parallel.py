@@ -114,6 +114,14 @@ def test_tree_search_expands_the_same_nodes_on_every_rank(ranks, family):
         assert torch.equal(a, b)
 
 
+def test_tp_generate_example_runs_sharded(ranks):
+    for rank, results in enumerate(ranks):
+        printed = results["example"]
+        assert not printed.startswith("Traceback"), printed
+        assert f"rank {rank} of 2: 2 of 4 query heads, 1 of 2 KV heads" in printed
+    assert "check: the same sequences as model.generate under the same sharding (2 processes)" in ranks[0]["example"]
+
+
 # ---- layouts treeattn.hf does not serve (no process group needed: the check reads the model's config) ----
 
 

@@ -4,7 +4,7 @@
 
 The ranks meet through a file store in ``OUT`` (no port to pick). Each loads the saved tiny models with
 transformers' tensor parallelism and runs every case twice under the same TP, ``model.generate`` and
-``treeattn.hf.generate`` (every rank reseeded the same before each), plus a ``TreeSearch`` expansion; it writes
+``treeattn.hf.generate`` (every rank reseeded the same before each), plus a ``TreeSearch`` expansion, then ``examples/tp_generate.py``; it writes
 what each returned to ``OUT/rank<r>.pt`` for the test to compare (within a rank:
 treeattn against HF; across ranks: the same tokens). A case that raises records its traceback instead, so the
 ranks stay in step and the test shows the error.
@@ -12,6 +12,8 @@ ranks stay in step and the test shows the error.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 import traceback
@@ -21,6 +23,9 @@ import transformers
 from transformers.distributed import DistributedConfig
 
 import treeattn.hf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import tp_generate  # noqa: E402
 
 # DeepSeek-V3's own plan leaves attention replicated (it shards the MLP and the experts); this one also splits
 # its heads the way DeepSeek-V2's plan does (the latent projection kv_a_proj_with_mqa stays whole on every rank).
@@ -67,9 +72,10 @@ def _search(model) -> dict:
 
 
 def _cases(llama: str, dsv3: str):
-    yield "llama", llama, dict(tp_plan="auto"), GENERATE_CASES, True
-    yield "dsv3", dsv3, dict(tp_plan="auto"), {"greedy": GENERATE_CASES["greedy"]}, False
-    split = dict(distributed_config=DistributedConfig(tp_size=2, tp_plan=MLA_HEADS_SPLIT))
+    auto = dict(distributed_config=DistributedConfig(tp_plan="auto"))
+    yield "llama", llama, auto, GENERATE_CASES, True
+    yield "dsv3", dsv3, auto, {"greedy": GENERATE_CASES["greedy"]}, False
+    split = dict(distributed_config=DistributedConfig(tp_plan=MLA_HEADS_SPLIT))
     yield "dsv3_split", dsv3, split, {k: GENERATE_CASES[k] for k in ("greedy", "sampling")}, True
 
 
@@ -97,6 +103,13 @@ def main(out_dir: str, llama: str, dsv3: str) -> None:
                 results[f"{family}/search"] = _search(model)
             except Exception:
                 results[f"{family}/search"] = traceback.format_exc()
+    try:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            tp_generate.main(["--samples", "2", "--new-tokens", "3", "--prompt", "9"])
+        results["example"] = printed.getvalue()
+    except Exception:
+        results["example"] = "Traceback " + traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
