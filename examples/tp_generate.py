@@ -36,7 +36,9 @@ PAD = 0
 def load(model: str | None, seed: int):
     """The model, sharded across the ranks when there is more than one (``torchrun`` sets ``WORLD_SIZE``)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return (tiny_model("llama", seed=seed) if model is None else transformers.AutoModelForCausalLM.from_pretrained(model)).eval()
+        if model is None:
+            return tiny_model("llama", seed=seed)
+        return transformers.AutoModelForCausalLM.from_pretrained(model).eval()
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -83,7 +85,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model = load(args.model, args.seed)
-    out, ref = tp_generate(model, args.samples, args.new_tokens, args.prompt, args.seed)
+    out, _ = tp_generate(model, args.samples, args.new_tokens, args.prompt, args.seed)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     text = model.config.get_text_config(decoder=True)

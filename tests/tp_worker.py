@@ -4,10 +4,10 @@
 
 The ranks meet through a file store in ``OUT`` (no port to pick). Each loads the saved tiny models with
 transformers' tensor parallelism and runs every case twice under the same TP, ``model.generate`` and
-``treeattn.hf.generate`` (every rank reseeded the same before each), plus a ``TreeSearch`` expansion, then ``examples/tp_generate.py``; it writes
-what each returned to ``OUT/rank<r>.pt`` for the test to compare (within a rank:
-treeattn against HF; across ranks: the same tokens). A case that raises records its traceback instead, so the
-ranks stay in step and the test shows the error.
+``treeattn.hf.generate`` (every rank reseeded the same before each), plus a ``TreeSearch`` expansion, then
+``examples/tp_generate.py``; it writes what each returned to ``OUT/rank<r>.pt`` for the test to compare (within
+a rank: treeattn against HF; across ranks: the same tokens). A case that raises records its traceback instead,
+so the ranks stay in step and the test shows the error.
 """
 
 from __future__ import annotations

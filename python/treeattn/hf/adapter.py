@@ -43,7 +43,7 @@ class UnsupportedModel(ValueError):
 @dataclass(frozen=True)
 class ModelSpec:
     """The decoder's KV layout: GQA (``num_kv_heads`` x ``head_dim`` per token) or MLA latent rows
-    (``kv_lora_rank + rope_dim`` per token, one per layer)."""
+    (``kv_lora_rank + rope_dim`` per token, one per layer). Head counts are this rank's under tensor parallelism."""
 
     num_layers: int
     num_qo_heads: int
