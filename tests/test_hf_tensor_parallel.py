@@ -14,9 +14,10 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-pytest.importorskip("transformers.distributed")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("needs torch.distributed with gloo", allow_module_level=True)
+if not hasattr(pytest.importorskip("transformers.distributed").DistributedConfig, "tp_plan"):
+    pytest.skip("needs transformers' DistributedConfig(tp_plan=...) (transformers 5)", allow_module_level=True)
 
 import treeattn.hf  # noqa: E402
 from treeattn.hf import adapter  # noqa: E402
