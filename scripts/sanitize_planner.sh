@@ -16,9 +16,10 @@ cp -r triton_kernels "$work/treeattn/triton_kernels"
 rm -f "$work"/treeattn/_planner*.so "$work"/treeattn/_C*.so
 suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 start=$SECONDS
+# Flags, includes and sources from csrc/build_config.py, as every build of the planner takes them.
 # shellcheck disable=SC2046  # (word splitting of the flag lists is wanted)
-"$CXX" -std=c++17 -O0 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
-  -shared -fPIC $(python csrc/build_config.py planner-includes) $(python csrc/build_config.py planner-sources) \
+"$CXX" $(python csrc/build_config.py planner-sanitize-flags) -shared -fPIC \
+  $(python csrc/build_config.py planner-includes) $(python csrc/build_config.py planner-sources) \
   -o "$work/treeattn/_planner$suffix"
 echo "sanitized planner built in $((SECONDS - start)) s"
 
