@@ -4,6 +4,7 @@ setup.py imports, CMakeLists.txt reads (``python csrc/build_config.py cmake``) a
     python csrc/build_config.py cuda-home                # the toolkit root (exit 1 and the reason on stderr if none)
     python csrc/build_config.py cmake                    # set(...) lines for CMakeLists.txt
     python csrc/build_config.py planner-sources          # sources of treeattn._planner
+    python csrc/build_config.py planner-core-sources     # the planner core's alone (no pybind11)
     python csrc/build_config.py planner-sanitize-flags   # compile flags of its ASan/UBSan build
     python csrc/build_config.py planner-includes         # -I flags for treeattn._planner (pybind11, Python)
 
@@ -27,7 +28,8 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 # Hopper (H100/H200) only, with the arch-specific features (wgmma, TMA) of sm_90a.
 CUDA_ARCHS = ["90a"]
 # treeattn._planner: the host planner, a plain C++ core (planner.h, planner.cpp) and its pybind11 binding.
-PLANNER_SOURCES = ["csrc/planner.cpp", "csrc/planner_bindings.cpp"]
+PLANNER_CORE_SOURCES = ["csrc/planner.cpp"]  # (no Python: tests/cpp/test_planner_core.cpp links these alone)
+PLANNER_SOURCES = [*PLANNER_CORE_SOURCES, "csrc/planner_bindings.cpp"]
 PLANNER_HEADERS = ["csrc/planner.h"]
 PLANNER_STD_FLAGS = ["-std=c++17"]
 PLANNER_CXX_FLAGS = [*PLANNER_STD_FLAGS, "-O3"]
@@ -135,6 +137,8 @@ def main(argv: list[str]) -> int:
         print(f'set(TREEATTN_PYBIND11_INCLUDE "{pybind11_include() or ""}")')
     elif command == "planner-sources":
         print(" ".join(PLANNER_SOURCES))
+    elif command == "planner-core-sources":
+        print(" ".join(PLANNER_CORE_SOURCES))
     elif command == "planner-sanitize-flags":
         print(" ".join(PLANNER_SANITIZE_FLAGS))
     elif command == "planner-includes":

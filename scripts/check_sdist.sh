@@ -8,9 +8,10 @@
 #   with only pyproject.toml's build requirements (so a missing build file or requirement fails here), which
 #   has no torch, hence TREEATTN_BUILD_CUDA=0: the wheel holds the C++ planner and the Python packages; the
 #   CUDA extension's build is checked by the main install (setup_env.sh, TREEATTN_BUILD_CUDA=1 in CI).
-# - The fresh venv sees this environment's packages through a .pth file (torch, triton: several GB not
-#   installed twice), after its own site-packages, so its treeattn is the wheel's; `pip check` then holds
-#   treeattn's declared dependency ranges against the installed torch and triton.
+# - The fresh venv (no pip, no setuptools of its own: this environment's pip installs into it) sees this
+#   environment's packages through a .pth file (torch, triton: several GB not installed twice), after its own
+#   site-packages, so its treeattn is the wheel's; `pip check` then holds treeattn's declared dependency
+#   ranges against the installed torch and triton.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -24,17 +25,17 @@ sdist=$(ls "$work"/dist/treeattn-*.tar.gz)
 echo "sdist: $(basename "$sdist") ($(du -k "$sdist" | cut -f1) KiB, $(tar tzf "$sdist" | wc -l) entries)"
 
 deps_site=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-python -m venv "$work/venv"
+python -m venv --without-pip "$work/venv"
 venv_site=$("$work/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$deps_site" >"$venv_site/_treeattn_deps.pth"
 
-TREEATTN_BUILD_CUDA=0 "$work/venv/bin/python" -m pip wheel -q --no-deps --wheel-dir "$work/wheels" "$sdist"
+TREEATTN_BUILD_CUDA=0 python -m pip wheel -q --no-deps --wheel-dir "$work/wheels" "$sdist"
 wheel=$(ls "$work"/wheels/treeattn-*.whl)
 echo "wheel: $(basename "$wheel")"
 # --no-index: every dependency must already be installed (nothing downloads); --force-reinstall: a treeattn
 # visible through the .pth file is not taken for this one (pip leaves that one alone: outside this venv).
-"$work/venv/bin/python" -m pip install -q --no-index --no-deps --force-reinstall "$wheel"
-"$work/venv/bin/python" -m pip check
+python -m pip --python "$work/venv/bin/python" install -q --no-index --no-deps --force-reinstall "$wheel"
+python -m pip --python "$work/venv/bin/python" check
 
 cd "$work"  # not the source tree: the installed package must stand alone
 TRITON_INTERPRET=1 "$work/venv/bin/python" - "$venv_site" <<'EOF'
