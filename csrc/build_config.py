@@ -24,7 +24,10 @@ import sysconfig
 # need: torch's BuildExtension passes it to setup.py's build, CMakeLists.txt sets it (C++20).
 CUDA_SOURCES = ["csrc/registration.cpp", "csrc/merge_state.cu", "csrc/kv_write.cu"]
 CUDA_CXX_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+# nvcc: besides -O3, the flags torch's BuildExtension adds to every .cu (no implicit half / bfloat16 operators and
+# conversions, constexpr host functions in device code), so that the CMake build compiles the same code.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 # Hopper (H100/H200) only, with the arch-specific features (wgmma, TMA) of sm_90a.
 CUDA_ARCHS = ["90a"]
 # treeattn._planner: the host planner, a plain C++ core (planner.h, planner.cpp) and its pybind11 binding.
