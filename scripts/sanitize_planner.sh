@@ -13,6 +13,7 @@ trap 'rm -rf "$work"' EXIT
 
 # A copy of the package laid out as installed (treeattn, treeattn.triton_kernels), with the sanitized planner.
 cp -r python/treeattn "$work/treeattn"
+rm -rf "$work/treeattn/triton_kernels"  # (a development checkout may link it there)
 cp -r triton_kernels "$work/treeattn/triton_kernels"
 rm -f "$work"/treeattn/_planner*.so "$work"/treeattn/_C*.so
 suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
