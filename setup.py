@@ -11,7 +11,8 @@ TREEATTN_BUILD_CUDA selects the CUDA extension build:
   1               build it or fail
 torch must be importable at build time for the extension, so install with
 ``pip install [-e] . --no-build-isolation`` (an isolated build has no torch: no CUDA extension).
-Sources, target archs and toolkit discovery come from csrc/build_config.py (CMakeLists.txt reads the same).
+Sources, compile flags, target archs and toolkit discovery come from csrc/build_config.py (CMakeLists.txt and
+scripts/sanitize_planner.sh read the same).
 """
 
 import os
@@ -21,7 +22,8 @@ from setuptools import Extension, find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "csrc"))
-import build_config  # noqa: E402  (csrc/build_config.py: sources, archs, toolkit discovery)
+import build_config  # noqa: E402  (csrc/build_config.py: sources, flags, archs, toolkit discovery)
+import setuptools  # noqa: E402
 
 
 def _log(msg):
@@ -67,12 +69,11 @@ def cuda_extension():
         name="treeattn._C",
         sources=build_config.CUDA_SOURCES,
         extra_compile_args={
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", *build_config.nvcc_arch_flags()],
+            "cxx": build_config.CUDA_CXX_FLAGS,
+            "nvcc": [*build_config.NVCC_FLAGS, *build_config.nvcc_arch_flags()],
         },
-        # The library has no Python bindings (only an empty PyInit): it needs neither
-        # libtorch_python nor a particular CPython ABI.
-        py_limited_api=True,
+        # Not py_limited_api: the wheel also holds treeattn._planner, a pybind11 module built for one CPython, so
+        # an abi3 treeattn._C would make no wheel portable across Pythons.
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
@@ -92,6 +93,15 @@ def planner_extension():
     )
 
 
+def license_metadata():
+    """Apache-2.0 as the SPDX expression (License-Expression) where setuptools reads one (>= 77), else as the
+    plain license field: pyproject.toml cannot say both, and an older setuptools (as a ``--no-build-isolation``
+    install may find) rejects the SPDX string there."""
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "Apache-2.0", "license_files": ["LICENSE"]}
+    return {"license": "Apache-2.0"}
+
+
 ext_modules, cmdclass = cuda_extension()
 ext_modules.append(planner_extension())
 
@@ -105,4 +115,5 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
+    **license_metadata(),
 )

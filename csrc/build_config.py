@@ -1,10 +1,12 @@
 """What treeattn's compiled modules are built from, and where the CUDA toolkit is: the one definition that
 setup.py imports, CMakeLists.txt reads (``python csrc/build_config.py cmake``) and scripts call.
 
-    python csrc/build_config.py cuda-home         # the toolkit root (exit 1 and the reason on stderr if none)
-    python csrc/build_config.py cmake             # set(...) lines for CMakeLists.txt
-    python csrc/build_config.py planner-sources   # sources of treeattn._planner
-    python csrc/build_config.py planner-includes  # -I flags for treeattn._planner (pybind11, Python)
+    python csrc/build_config.py cuda-home                # the toolkit root (exit 1 and the reason on stderr if none)
+    python csrc/build_config.py cmake                    # set(...) lines for CMakeLists.txt
+    python csrc/build_config.py planner-sources          # sources of treeattn._planner
+    python csrc/build_config.py planner-core-sources     # the planner core's alone (no pybind11)
+    python csrc/build_config.py planner-sanitize-flags   # compile flags of its ASan/UBSan build
+    python csrc/build_config.py planner-includes         # -I flags for treeattn._planner (pybind11, Python)
 
 Standard library only: it runs before anything is installed.
 """
@@ -18,13 +20,26 @@ import shutil
 import sys
 import sysconfig
 
-# treeattn._C: the CUDA ops (TORCH_LIBRARY registrations and kernels).
+# treeattn._C: the CUDA ops (TORCH_LIBRARY registrations and kernels). Its C++ dialect is the one torch's headers
+# need: torch's BuildExtension passes it to setup.py's build, CMakeLists.txt sets it (C++20).
 CUDA_SOURCES = ["csrc/registration.cpp", "csrc/merge_state.cu", "csrc/kv_write.cu"]
+CUDA_CXX_FLAGS = ["-O3"]
+# nvcc: besides -O3, the flags torch's BuildExtension adds to every .cu (no implicit half / bfloat16 operators and
+# conversions, constexpr host functions in device code), so that the CMake build compiles the same code.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 # Hopper (H100/H200) only, with the arch-specific features (wgmma, TMA) of sm_90a.
 CUDA_ARCHS = ["90a"]
-# treeattn._planner: the host planner (pybind11, CPU).
-PLANNER_SOURCES = ["csrc/planner.cpp"]
-PLANNER_CXX_FLAGS = ["-O3", "-std=c++17"]
+# treeattn._planner: the host planner, a plain C++ core (planner.h, planner.cpp) and its pybind11 binding.
+PLANNER_CORE_SOURCES = ["csrc/planner.cpp"]  # (no Python: tests/cpp/test_planner_core.cpp links these alone)
+PLANNER_SOURCES = [*PLANNER_CORE_SOURCES, "csrc/planner_bindings.cpp"]
+PLANNER_HEADERS = ["csrc/planner.h"]
+PLANNER_STD_FLAGS = ["-std=c++17"]
+PLANNER_CXX_FLAGS = [*PLANNER_STD_FLAGS, "-O3"]
+# The sanitizer build of the planner (scripts/sanitize_planner.sh): the same dialect, no optimisation, and any
+# AddressSanitizer / UndefinedBehaviorSanitizer finding aborts.
+PLANNER_SANITIZE_FLAGS = [*PLANNER_STD_FLAGS, "-O0", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+                          "-fno-sanitize-recover=all"]
 
 
 def nvcc_arch_flags() -> list[str]:
@@ -118,10 +133,17 @@ def main(argv: list[str]) -> int:
     elif command == "cmake":
         print(_cmake_list("TREEATTN_CUDA_SOURCES", CUDA_SOURCES))
         print(_cmake_list("TREEATTN_PLANNER_SOURCES", PLANNER_SOURCES))
+        print(_cmake_list("TREEATTN_CUDA_CXX_FLAGS", CUDA_CXX_FLAGS))
+        print(_cmake_list("TREEATTN_NVCC_FLAGS", NVCC_FLAGS))
+        print(_cmake_list("TREEATTN_PLANNER_CXX_FLAGS", PLANNER_CXX_FLAGS))
         print(f'set(TREEATTN_TORCH_CUDA_ARCH_LIST "{torch_cuda_arch_list()}")')
         print(f'set(TREEATTN_PYBIND11_INCLUDE "{pybind11_include() or ""}")')
     elif command == "planner-sources":
         print(" ".join(PLANNER_SOURCES))
+    elif command == "planner-core-sources":
+        print(" ".join(PLANNER_CORE_SOURCES))
+    elif command == "planner-sanitize-flags":
+        print(" ".join(PLANNER_SANITIZE_FLAGS))
     elif command == "planner-includes":
         include = pybind11_include()
         if include is None:

@@ -3,8 +3,9 @@
 // Launchers take at::TensorBase so that the .cu files only need ATen/core/TensorBase.h
 // (cheap to compile) instead of the full at::Tensor API; at::Tensor converts implicitly.
 // To add an op: declare its launcher here, define it in a new csrc/<op>.cu, add the schema
-// (m.def) and the CUDA impl (m.impl) in registration.cpp, add the .cu to setup.py and
-// CMakeLists.txt, and a register_fake in python/treeattn/_ext.py.
+// (m.def) and the CUDA impl (m.impl) in registration.cpp, the .cu to CUDA_SOURCES in
+// csrc/build_config.py (setup.py and CMakeLists.txt read it), and the op's name to OPS and a
+// register_fake in python/treeattn/_ext.py.
 #pragma once
 
 #include <ATen/core/TensorBase.h>

@@ -1,24 +1,7 @@
-// Host planner of treeattn (pybind11 module treeattn._planner): a decode step's paged table -> work items.
-//
-// Two entry points, one back end:
-// - plan_table (treeattn.plan): validate the CSR table; key every page slot by (page id, tokens used); sort
-//   queries lexicographically by key lists (multikey sort that skips common runs with memcmp); LCPs of
-//   neighbours; LCP-interval stack walk -> compressed-trie edges.
-// - plan_tree (TreeKVCache.plan): the cache knows its tree, so the edges come from a walk of the queried
-//   subtree (O(nodes + queries): no sorting, no page comparisons) and the table is written from the nodes'
-//   page lists.
-// Back end (build_items): edges -> chunks x query blocks -> work items, rows, partial-state rows
-// (root->leaf per query) and the stage-2 merge CSR. pack() writes the table and those arrays into one int32
-// buffer, laid out as kPieces says (padded to a fixed capacity when one is given); python/treeattn/plan.py
-// splits it by the returned piece sizes and never restates the layout.
-//
-// This module is the only place that defines the packed layout and the sizing policy (kSizing). Every input
-// is validated here (bad input raises ValueError/TypeError, never reads out of bounds); the plan owns copies
-// of everything it keeps. Cost: O(nnz + n log n) time and O(nnz + n) memory, whatever the page ids are.
+// treeattn's host planner, the core (declared, with the packed layout and the sizing policy, in planner.h).
+// Plain C++: the Python binding (argument conversion, the result as a dict) is planner_bindings.cpp.
 
-#include <pybind11/numpy.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include "planner.h"
 
 #include <algorithm>
 #include <array>
@@ -27,80 +10,17 @@
 #include <cstdint>
 #include <cstring>
 #include <numeric>
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
-namespace py = pybind11;
-using i64 = int64_t;
+namespace treeattn::planner {
 
 namespace {
 
-using Int32Array = py::array_t<int32_t, py::array::c_style>;
-
-// ---- the sizing policy (what the work items look like; never what they compute) ----
-
-struct SizingPolicy {
-  // Stage-1 M tile (queries x GQA group heads of one KV head) the planner aims for; 64 rows keep the fp32
-  // accumulator of a 128-wide head in registers.
-  i64 target_rows_per_item = 64;
-  // An item's partial-state traffic is ~2 * rows / chunk_tokens of its KV traffic: 16 tokens per row keeps
-  // it near 12%.
-  i64 tokens_per_partial_row = 16;
-  i64 min_chunk_tokens = 128;
-  // Stage-1 programs per SM to aim for, so that uneven items still fill the machine.
-  i64 programs_per_sm = 4;
-  // Head counts assumed when the caller gives no hints (GQA 32 query / 8 KV heads).
-  i64 default_group = 4;
-  i64 default_kv_heads = 8;
-};
-constexpr SizingPolicy kSizing{};
-
-// ---- the packed plan layout ----
-
-// The plan's int32 arrays, in buffer order. Under a capacity each piece has a fixed size and is padded so
-// that padding reads and writes nothing: padding items have no tokens and repeat the last row pointer
-// (no rows), padding rows write nowhere (-1), padding merge entries have query -1 and no partials.
-enum class Pad { kNone, kZero, kMinusOne, kLast };
-struct PieceSpec {
-  const char* name;
-  Pad pad;
-};
-constexpr PieceSpec kPieces[] = {
-    {"kv_indptr", Pad::kNone},          // [n + 1] the table, as validated and copied
-    {"kv_indices", Pad::kZero},         // [nnz] page ids
-    {"kv_last_page_len", Pad::kNone},   // [n]
-    {"item_page_ptr", Pad::kZero},      // [items] offset into kv_indices of the item's first page
-    {"item_num_tokens", Pad::kZero},    // [items] KV tokens the item reads
-    {"item_row_ptr", Pad::kLast},       // [items + 1] the item's rows
-    {"row_query", Pad::kZero},          // [rows] query of each (item, query) row
-    {"row_dest", Pad::kMinusOne},       // [rows] partial row it writes, -1: the output directly
-    {"merge_query", Pad::kMinusOne},    // [merges] queries stage 2 writes (several partials, or empty KV)
-    {"merge_ptr", Pad::kLast},          // [merges + 1] each merge query's partial rows, root->leaf
-};
-constexpr size_t kNumPieces = sizeof(kPieces) / sizeof(kPieces[0]);
-
-// Fixed piece sizes (treeattn.PlanCapacity): items, rows, partial_rows, merge_queries, nnz.
-struct Capacity {
-  i64 items, rows, partial_rows, merge_queries, nnz;
-};
-
 std::string str(i64 v) { return std::to_string(v); }
-std::string type_name(const py::handle& obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
-
-// What a plan is asked for, beyond its table.
-struct Options {
-  i64 page_size = 0;
-  i64 num_pages = -1;  // pool size bounding page ids; -1: no bound
-  bool share_prefixes = true;
-  i64 group = kSizing.default_group;  // query heads per KV head (rows per query)
-  i64 kv_heads = kSizing.default_kv_heads;
-  i64 num_sms = 132;
-  std::optional<Capacity> capacity;
-  i64 max_queries_per_item = 0;  // > 0: no item holds more queries (refill of a fixed-capacity plan)
-};
 
 i64 checked(const char* name, i64 value, i64 low, i64 high) {
   if (value < low || value > high)
@@ -109,28 +29,11 @@ i64 checked(const char* name, i64 value, i64 low, i64 high) {
   return value;
 }
 
-// An int (or anything with __index__ but bool) as int64, else TypeError / ValueError naming `name`
-// (`name[index]` for an element of a sequence).
-i64 int_value(const py::handle& obj, const char* name, i64 index = -1) {
-  const auto where = [&] { return std::string(name) + (index >= 0 ? "[" + str(index) + "]" : ""); };
-  if (PyLong_CheckExact(obj.ptr())) {  // the usual case, without a new reference
-    int overflow = 0;
-    const long long value = PyLong_AsLongLongAndOverflow(obj.ptr(), &overflow);
-    if (!overflow) return value;
-    throw std::invalid_argument(where() + ": expected an int that fits int64, got " + std::string(py::repr(obj)));
-  }
-  if (PyBool_Check(obj.ptr())) throw py::type_error(where() + ": expected an int, got bool");
-  const py::object number = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
-  if (!number) {
-    PyErr_Clear();
-    throw py::type_error(where() + ": expected an int, got " + type_name(obj));
-  }
-  return int_value(number, name, index);
-}
+}  // namespace
 
 Options make_options(i64 page_size, std::optional<i64> num_pages, bool share_prefixes,
                      std::optional<i64> num_qo_heads, std::optional<i64> num_kv_heads, i64 num_sms,
-                     const py::object& capacity, std::optional<i64> max_queries_per_item) {
+                     std::optional<Capacity> capacity, std::optional<i64> max_queries_per_item) {
   Options o;
   o.page_size = checked("page_size", page_size, 1, INT32_MAX);
   // Page ids are int32: a pool of 2^31 pages holds every one of them.
@@ -141,41 +44,19 @@ Options make_options(i64 page_size, std::optional<i64> num_pages, bool share_pre
   if (num_qo_heads && num_kv_heads) o.group = std::max<i64>(1, *num_qo_heads / *num_kv_heads);
   o.num_sms = checked("num_sms", num_sms, 1, INT32_MAX);
   if (max_queries_per_item) o.max_queries_per_item = checked("max_queries_per_item", *max_queries_per_item, 1, INT32_MAX);
-  if (!capacity.is_none()) {
-    Capacity c{};
-    const std::pair<const char*, i64*> fields[] = {{"items", &c.items}, {"rows", &c.rows},
-                                                   {"partial_rows", &c.partial_rows},
-                                                   {"merge_queries", &c.merge_queries}, {"nnz", &c.nnz}};
-    for (auto [name, value] : fields) {
-      if (!py::hasattr(capacity, name))
-        throw py::type_error("capacity: expected a PlanCapacity (items, rows, partial_rows, merge_queries, nnz), "
-                             "got " + type_name(capacity));
-      const std::string field = std::string("capacity.") + name;
-      *value = checked(field.c_str(), int_value(capacity.attr(name), field.c_str()), 1, INT32_MAX - 1);
-    }
+  if (capacity) {
+    Capacity& c = *capacity;
+    const std::pair<const char*, i64*> fields[] = {{"capacity.items", &c.items}, {"capacity.rows", &c.rows},
+                                                   {"capacity.partial_rows", &c.partial_rows},
+                                                   {"capacity.merge_queries", &c.merge_queries},
+                                                   {"capacity.nnz", &c.nnz}};
+    for (auto [name, value] : fields) checked(name, *value, 1, INT32_MAX - 1);
     o.capacity = c;
   }
   return o;
 }
 
-// A 1-D int32 numpy array, C-contiguous: a strided or broadcast (stride-0) view is copied, so the planner
-// and the plan read exactly the values it was given. Other dtypes are refused, never cast (an int64 2^32 + 1
-// must not become page 1).
-Int32Array int32_array(const py::handle& obj, const char* name) {
-  if (!py::isinstance<py::array>(obj))
-    throw py::type_error(std::string(name) + ": expected a 1-D int32 numpy array, got " + type_name(obj));
-  const auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (arr.dtype().kind() != 'i' || arr.dtype().itemsize() != 4)
-    throw py::type_error(std::string(name) + ": expected dtype int32, got " + std::string(py::str(arr.dtype())));
-  if (arr.ndim() != 1) {
-    std::string shape;
-    for (py::ssize_t d = 0; d < arr.ndim(); ++d) shape += (d ? ", " : "") + str(arr.shape(d));
-    throw std::invalid_argument(std::string(name) + ": expected a 1-D array, got shape [" + shape + "]");
-  }
-  auto out = Int32Array::ensure(arr);
-  if (!out) throw py::error_already_set();
-  return out;
-}
+namespace {
 
 struct Table {
   const int32_t* indptr;
@@ -464,7 +345,7 @@ struct PieceData {
 
 // The plan: table + items packed into one int32 buffer in kPieces order (padded to the capacity, if any),
 // with its stats. The caller adds unique_tokens and naive_tokens.
-py::dict pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64 max_page, const Options& o) {
+Plan pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64 max_page, const Options& o) {
   const i64 nnz = table[1].size, num_items = static_cast<i64>(it.item_page_ptr.size());
   const i64 num_rows = static_cast<i64>(it.row_query.size()), num_merges = static_cast<i64>(it.merge_query.size());
   const PieceData pieces[kNumPieces] = {
@@ -492,8 +373,11 @@ py::dict pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64
   }
   i64 total = 0;
   for (i64 s : sizes) total += s;
-  Int32Array packed(total);
-  int32_t* out = packed.mutable_data();
+  Plan plan;
+  // Every entry is written below: no zero fill first.
+  plan.packed.reset(new int32_t[total]);
+  plan.packed_size = total;
+  int32_t* out = plan.packed.get();
   for (size_t p = 0; p < kNumPieces; ++p) {
     const PieceData& d = pieces[p];
     if (d.i32) {
@@ -512,40 +396,34 @@ py::dict pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64
     out += sizes[p];
   }
 
-  py::dict stats;
-  stats["num_queries"] = num_queries;
-  stats["planned_tokens"] = it.planned_tokens;
-  stats["work_items"] = num_items;
-  stats["trie_edges"] = it.num_edges;
-  stats["partial_rows"] = it.partial_rows;
-  stats["direct_queries"] = it.direct;
-  stats["max_queries_per_item"] = std::max<i64>(1, it.max_queries);
-  stats["rows"] = num_rows;
-  stats["merge_queries"] = num_merges;
-  stats["nnz"] = nnz;
-  py::dict result;
-  result["packed"] = packed;
-  result["piece_sizes"] = std::vector<i64>(sizes, sizes + kNumPieces);
-  result["stats"] = stats;
-  result["max_item_tokens"] = it.max_item_tokens;
-  result["max_page_id"] = max_page;
-  // The kernels' query block: the plan's largest item, or under a capacity the largest any refill can make.
-  result["max_queries_per_item"] = o.capacity ? it.block_queries : std::max<i64>(1, it.max_queries);
-  return result;
+  PlanStats& stats = plan.stats;
+  stats.num_queries = num_queries;
+  stats.planned_tokens = it.planned_tokens;
+  stats.work_items = num_items;
+  stats.trie_edges = it.num_edges;
+  stats.partial_rows = it.partial_rows;
+  stats.direct_queries = it.direct;
+  stats.max_queries_per_item = std::max<i64>(1, it.max_queries);
+  stats.rows = num_rows;
+  stats.merge_queries = num_merges;
+  stats.nnz = nnz;
+  std::copy(sizes, sizes + kNumPieces, plan.piece_sizes.begin());
+  plan.max_item_tokens = it.max_item_tokens;
+  plan.max_page_id = max_page;
+  plan.max_queries_per_item = o.capacity ? it.block_queries : std::max<i64>(1, it.max_queries);
+  return plan;
 }
 
-py::dict plan_table(const py::handle& indptr_obj, const py::handle& indices_obj, const py::handle& last_len_obj,
-                    const Options& o) {
-  const Int32Array kv_indptr = int32_array(indptr_obj, "kv_indptr");
-  const Int32Array kv_indices = int32_array(indices_obj, "kv_indices");
-  const Int32Array kv_last_page_len = int32_array(last_len_obj, "kv_last_page_len");
-  const i64 n = kv_last_page_len.shape(0), ps = o.page_size;
-  if (kv_indptr.shape(0) != n + 1)
+}  // namespace
+
+Plan plan_table(const TableView& input, const Options& o) {
+  const i64 n = input.num_queries, ps = o.page_size;
+  if (input.indptr_size != n + 1)
     throw std::invalid_argument("kv_indptr: expected shape [" + str(n + 1) + "] (len(kv_last_page_len) + 1), got [" +
-                                str(kv_indptr.shape(0)) + "]");
-  if (kv_indices.shape(0) > INT32_MAX)
-    throw std::invalid_argument("kv_indices: expected at most 2^31 - 1 page slots, got " + str(kv_indices.shape(0)));
-  const Table t{kv_indptr.data(), kv_indices.data(), kv_last_page_len.data(), n, kv_indices.shape(0), ps};
+                                str(input.indptr_size) + "]");
+  if (input.nnz > INT32_MAX)
+    throw std::invalid_argument("kv_indices: expected at most 2^31 - 1 page slots, got " + str(input.nnz));
+  const Table t{input.kv_indptr, input.kv_indices, input.kv_last_page_len, n, input.nnz, ps};
   check_offsets(t);
 
   const Keys keys{t};
@@ -608,75 +486,19 @@ py::dict plan_table(const py::handle& indptr_obj, const py::handle& indices_obj,
   }
   const Items items = build_items(order, e, o);
   const PieceData table[3] = {{t.indptr, nullptr, n + 1}, {t.indices, nullptr, t.nnz}, {t.last_len, nullptr, n}};
-  py::dict result = pack(table, items, n, max_page, o);
-  py::dict stats = result["stats"];
-  stats["unique_tokens"] = unique_tokens;
-  stats["naive_tokens"] = naive_tokens;
-  return result;
+  Plan plan = pack(table, items, n, max_page, o);
+  plan.stats.unique_tokens = unique_tokens;
+  plan.stats.naive_tokens = naive_tokens;
+  return plan;
 }
 
-// Borrowed views of int32 buffers (array('i'), numpy int32: anything with the buffer protocol), so the cache's
-// page lists are read in place; released on destruction. Reserved up front: PyBuffer_Release must get the
-// Py_buffer that PyObject_GetBuffer filled, so the views never move.
-class Int32Views {
- public:
-  explicit Int32Views(const py::list& objects) {
-    views_.reserve(objects.size());
-    for (py::handle obj : objects) {
-      views_.emplace_back();
-      // PyBUF_ND: only a C-contiguous exporter succeeds (a strided view raises BufferError).
-      if (PyObject_GetBuffer(obj.ptr(), &views_.back(), PyBUF_ND | PyBUF_FORMAT) != 0) {
-        PyErr_Clear();
-        views_.pop_back();
-        release();
-        throw py::type_error("pages: expected contiguous 1-D int32 buffers (array('i') or numpy int32), got " +
-                             type_name(obj));
-      }
-      const Py_buffer& v = views_.back();
-      const std::string format = v.format ? v.format : "B";
-      const char kind = format.back();
-      const bool native = format.size() == 1 || format[0] == '@' || format[0] == '=' ||
-                          (format[0] == '<' && PY_LITTLE_ENDIAN) || (format[0] == '>' && PY_BIG_ENDIAN);
-      if (v.ndim != 1 || v.itemsize != 4 || (kind != 'i' && kind != 'l') || format.size() > 2 || !native) {
-        std::string got = "format '" + format + "' with " + str(v.ndim) + " dims and itemsize " + str(v.itemsize);
-        release();
-        throw py::type_error("pages: expected 1-D int32 buffers (array('i') or numpy int32), got " + got);
-      }
-    }
-  }
-  ~Int32Views() { release(); }
-  Int32Views(const Int32Views&) = delete;
-  Int32Views& operator=(const Int32Views&) = delete;
-
-  const int32_t* data(i64 i) const { return static_cast<const int32_t*>(views_[i].buf); }
-  i64 size(i64 i) const { return views_[i].len / 4; }
-
- private:
-  void release() {
-    for (Py_buffer& v : views_) PyBuffer_Release(&v);
-    views_.clear();
-  }
-  std::vector<Py_buffer> views_;
-};
-
-// A sequence of ints (TreeKVCache.plan passes lists) as int64s: PySequence_Fast, then int_value per item, a few
-// ns each (pybind's generic list caster costs several times that per item).
-std::vector<i64> int64s(const py::handle& seq, const char* name) {
-  py::object fast = py::reinterpret_steal<py::object>(
-      PySequence_Fast(seq.ptr(), (std::string(name) + ": expected a sequence of ints").c_str()));
-  if (!fast) throw py::error_already_set();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
-  PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
-  std::vector<i64> out(n);
-  for (Py_ssize_t i = 0; i < n; ++i) out[i] = int_value(items[i], name, i);
-  return out;
-}
+namespace {
 
 // A forest of nodes (the part of a TreeKVCache that a step's queries reach) and the queries on it; see
 // plan_from_tree in python/treeattn/plan.py for the contract.
 struct Tree {
   const std::vector<i64>&parent, &start, &end;
-  const Int32Views& pages;
+  const std::vector<Int32Span>& pages;
   const std::vector<i64>&owner, &query_end;
   i64 ps;
 
@@ -705,7 +527,7 @@ struct Tree {
       if (end[m] < start[m])
         throw std::invalid_argument("end: expected >= start=" + str(start[m]) + " for node " + str(m) + ", got " +
                                     str(end[m]));
-      const i64 want = end[m] > start[m] ? ceil_div(end[m], ps) - first_page(m) : 0, count = pages.size(m);
+      const i64 want = end[m] > start[m] ? ceil_div(end[m], ps) - first_page(m) : 0, count = pages[m].size;
       if (count != want)
         throw std::invalid_argument("pages: expected " + str(want) + " page ids for node " + str(m) +
                                     " (path positions [" + str(start[m]) + ", " + str(end[m]) + ") at page_size " +
@@ -873,23 +695,23 @@ struct TreeWalk {
   }
 };
 
-// TreeKVCache.plan's planner: the plan of the table the tree's paths give, with the stats plan_table finds on
-// that table.
-py::dict plan_tree(const std::vector<i64>& parent, const std::vector<i64>& start, const std::vector<i64>& end,
-                   const py::list& page_lists, const std::vector<i64>& owner, const std::vector<i64>& query_end,
-                   const Options& o) {
+}  // namespace
+
+Plan plan_tree(const TreeView& tree, const Options& o) {
+  const std::vector<i64>&parent = tree.parent, &start = tree.start, &end = tree.end;
+  const std::vector<i64>&owner = tree.query_owner, &query_end = tree.query_end;
+  const std::vector<Int32Span>& pages = tree.pages;
   const i64 m_count = static_cast<i64>(parent.size()), ps = o.page_size;
   if (static_cast<i64>(start.size()) != m_count || static_cast<i64>(end.size()) != m_count ||
-      static_cast<i64>(page_lists.size()) != m_count)
+      static_cast<i64>(pages.size()) != m_count)
     throw std::invalid_argument("tree: expected parent, start, end and pages of one length (one entry per node), got " +
                                 str(m_count) + ", " + str(start.size()) + ", " + str(end.size()) + ", " +
-                                str(page_lists.size()));
+                                str(pages.size()));
   if (query_end.size() != owner.size())
     throw std::invalid_argument("query_end: expected one entry per query (" + str(owner.size()) + "), got " +
                                 str(query_end.size()));
   if (static_cast<i64>(owner.size()) >= INT32_MAX)
     throw std::invalid_argument("query_owner: expected fewer than 2^31 - 1 queries, got " + str(owner.size()));
-  const Int32Views pages(page_lists);
   const Tree t{parent, start, end, pages, owner, query_end, ps};
   t.check();
   const i64 n = t.num_queries();
@@ -910,9 +732,9 @@ py::dict plan_tree(const std::vector<i64>& parent, const std::vector<i64>& start
   for (i64 q = 0; q < n; ++q) {
     i64 limit = indptr[q + 1] - indptr[q];  // pages of the row still to write, from index 0
     for (i64 m = owner[q]; m >= 0 && limit > 0; m = parent[m]) {
-      if (pages.size(m) == 0) continue;  // a node without tokens: its path is its parent's
+      if (pages[m].size == 0) continue;  // a node without tokens: its path is its parent's
       const i64 a = t.first_page(m);
-      if (limit > a) std::memcpy(indices.data() + indptr[q] + a, pages.data(m), (limit - a) * sizeof(int32_t));
+      if (limit > a) std::memcpy(indices.data() + indptr[q] + a, pages[m].data, (limit - a) * sizeof(int32_t));
       limit = std::min(limit, a);
     }
   }
@@ -932,8 +754,8 @@ py::dict plan_tree(const std::vector<i64>& parent, const std::vector<i64>& start
   i64 unique_tokens = 0, max_page = -1;
   std::vector<std::pair<i64, i64>> boundary;  // (page id, tokens read) of first / last pages
   for (i64 m = 0; m < m_count; ++m) {
-    const int32_t* ids = pages.data(m);
-    const i64 a = t.first_page(m), count = pages.size(m), reach = own_reach[m];
+    const int32_t* ids = pages[m].data;
+    const i64 a = t.first_page(m), count = pages[m].size, reach = own_reach[m];
     const i64 full_run = std::max<i64>(0, (has_kids[m] ? end[m] : reach) / ps - a);
     const i64 part = full_run < count ? std::max<i64>(0, reach - (a + full_run) * ps) : 0;
     const i64 read = full_run + (part > 0);
@@ -966,51 +788,10 @@ py::dict plan_tree(const std::vector<i64>& parent, const std::vector<i64>& start
   const Items items = build_items(walk.order, e, o);
   const PieceData table[3] = {{indptr.data(), nullptr, n + 1}, {indices.data(), nullptr, nnz},
                               {last_len.data(), nullptr, n}};
-  py::dict result = pack(table, items, n, max_page, o);
-  py::dict stats = result["stats"];
-  stats["unique_tokens"] = unique_tokens;
-  stats["naive_tokens"] = naive_tokens;
-  return result;
+  Plan plan = pack(table, items, n, max_page, o);
+  plan.stats.unique_tokens = unique_tokens;
+  plan.stats.naive_tokens = naive_tokens;
+  return plan;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(_planner, m) {
-  m.doc() = "treeattn host planner: a decode step's paged table (or the tree behind it) -> one packed plan buffer";
-  py::tuple pieces(kNumPieces);
-  for (size_t p = 0; p < kNumPieces; ++p) pieces[p] = kPieces[p].name;
-  m.attr("PIECES") = pieces;
-  py::dict sizing;
-  sizing["target_rows_per_item"] = kSizing.target_rows_per_item;
-  sizing["tokens_per_partial_row"] = kSizing.tokens_per_partial_row;
-  sizing["min_chunk_tokens"] = kSizing.min_chunk_tokens;
-  sizing["programs_per_sm"] = kSizing.programs_per_sm;
-  sizing["default_group"] = kSizing.default_group;
-  sizing["default_kv_heads"] = kSizing.default_kv_heads;
-  m.attr("SIZING") = sizing;
-
-  py::class_<Options>(m, "Options",
-                      "What a plan is asked for beyond its table; validated on construction (ValueError).")
-      .def(py::init(&make_options), py::kw_only(), py::arg("page_size"), py::arg("num_pages") = py::none(),
-           py::arg("share_prefixes") = true, py::arg("num_qo_heads") = py::none(),
-           py::arg("num_kv_heads") = py::none(), py::arg("num_sms") = 132, py::arg("capacity") = py::none(),
-           py::arg("max_queries_per_item") = py::none())
-      .def_readonly("page_size", &Options::page_size)
-      .def_property_readonly("has_capacity", [](const Options& o) { return o.capacity.has_value(); });
-
-  const char* returns =
-      "Returns a dict: packed (int32 buffer, pieces in PIECES order), piece_sizes, stats, max_item_tokens, "
-      "max_page_id, max_queries_per_item (the kernels' query-block bound).";
-  m.def("plan_table", &plan_table, py::arg("kv_indptr"), py::arg("kv_indices"), py::arg("kv_last_page_len"),
-        py::arg("options"), (std::string("Plan a CSR page table (1-D int32 numpy arrays). ") + returns).c_str());
-  m.def(
-      "plan_tree",
-      [](const py::handle& parent, const py::handle& start, const py::handle& end, const py::list& pages,
-         const py::handle& query_owner, const py::handle& query_end, const Options& options) {
-        return plan_tree(int64s(parent, "parent"), int64s(start, "start"), int64s(end, "end"), pages,
-                         int64s(query_owner, "query_owner"), int64s(query_end, "query_end"), options);
-      },
-      py::arg("parent"), py::arg("start"), py::arg("end"), py::arg("pages"), py::arg("query_owner"),
-      py::arg("query_end"), py::arg("options"),
-      (std::string("Plan a known tree (TreeKVCache.plan; contract: treeattn.plan.plan_from_tree). ") + returns).c_str());
-}
+}  // namespace treeattn::planner

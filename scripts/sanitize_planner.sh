@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The host planner under AddressSanitizer + UndefinedBehaviorSanitizer: builds treeattn._planner with
-# -fsanitize=address,undefined (any finding aborts), puts it into a copy of the package and runs the planner
-# tests (oracle, regression and fuzz tests; the fuzz sandboxes load the same build) against it.
+# -fsanitize=address,undefined (any finding aborts; flags from csrc/build_config.py), runs the core's own C++
+# test (tests/cpp/test_planner_core.cpp, no Python), puts the module into a copy of the package and runs the
+# planner tests (oracle, regression and fuzz tests; the fuzz sandboxes load the same build) against it.
 #   bash scripts/sanitize_planner.sh [extra pytest args]      (in an environment with treeattn's deps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,15 +13,22 @@ trap 'rm -rf "$work"' EXIT
 
 # A copy of the package laid out as installed (treeattn, treeattn.triton_kernels), with the sanitized planner.
 cp -r python/treeattn "$work/treeattn"
+rm -rf "$work/treeattn/triton_kernels"  # (a development checkout may link it there)
 cp -r triton_kernels "$work/treeattn/triton_kernels"
 rm -f "$work"/treeattn/_planner*.so "$work"/treeattn/_C*.so
 suffix=$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 start=$SECONDS
+# Flags, includes and sources from csrc/build_config.py, as every build of the planner takes them.
 # shellcheck disable=SC2046  # (word splitting of the flag lists is wanted)
-"$CXX" -std=c++17 -O0 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all \
-  -shared -fPIC $(python csrc/build_config.py planner-includes) $(python csrc/build_config.py planner-sources) \
+"$CXX" $(python csrc/build_config.py planner-sanitize-flags) -shared -fPIC \
+  $(python csrc/build_config.py planner-includes) $(python csrc/build_config.py planner-sources) \
   -o "$work/treeattn/_planner$suffix"
 echo "sanitized planner built in $((SECONDS - start)) s"
+# The core without Python: its own test program, same flags.
+# shellcheck disable=SC2046
+"$CXX" $(python csrc/build_config.py planner-sanitize-flags) -Icsrc $(python csrc/build_config.py planner-core-sources) \
+  tests/cpp/test_planner_core.cpp -o "$work/test_planner_core"
+ASAN_OPTIONS=abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 "$work/test_planner_core"
 
 export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
 # libasan first; libstdc++ with it, so that ASan's __cxa_throw interceptor finds the real one (python itself

@@ -19,14 +19,16 @@ from typing import NamedTuple
 
 import torch
 
+from treeattn import _planner
+
 __all__ = ["TileConfig", "TABLE", "KEY_FIELDS", "DEFAULT_ARCH", "MAX_TILE_ROWS", "tile_config", "device_arch",
            "format_row"]
 
 # The GPU the tiles are tuned and statically checked for (H100/H200); CPU runs use its rows.
 DEFAULT_ARCH = 90
-# Rows (queries x heads) of a stage-1 tile at most: the planner sizes items to this, and launchers split
-# larger query blocks into tiles of this many rows.
-MAX_TILE_ROWS = 64
+# Rows (queries x heads) of a stage-1 tile at most: the planner sizes items to this (its one definition is the
+# C++ planner's sizing policy), and launchers split larger query blocks into tiles of this many rows.
+MAX_TILE_ROWS = _planner.SIZING["target_rows_per_item"]
 KEY_FIELDS = ("kernel", "arch", "head_dim", "group", "dtype", "rows")
 
 

@@ -6,6 +6,8 @@
     cache = treeattn.TreeKVCache(...); plan = cache.plan(leaves)                   # paged tree cache
 """
 
+from importlib import metadata as _metadata
+
 from . import reference
 from ._dispatch import backend_for, backends
 from .cache import OutOfPages, TreeKVCache
@@ -17,4 +19,7 @@ __all__ = [
     "PlanCapacity", "TreePlan", "plan", "tree_decode", "mla_tree_decode", "merge_state", "reference", "TreeKVCache",
     "OutOfPages", "backends", "backend_for",
 ]
-__version__ = "0.1.0"
+try:  # the one version is pyproject.toml's, read from the installed distribution
+    __version__ = _metadata.version("treeattn")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"

@@ -308,7 +308,7 @@ def _sm_count(device) -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 132
+    return _planner.SIZING["default_num_sms"]
 
 
 def _check_bool(name: str, value) -> bool:
