@@ -303,8 +303,8 @@ def check_decode(
     from . import mla_tree_decode, tree_decode
 
     if (num_kv_heads is None) == (v_head_dim is None):
-        raise ValueError(
-            f"num_kv_heads, v_head_dim: expected exactly one (tree_decode or mla_tree_decode), got {num_kv_heads}, {v_head_dim}")
+        raise ValueError("num_kv_heads, v_head_dim: expected exactly one (tree_decode or mla_tree_decode), "
+                         f"got {num_kv_heads}, {v_head_dim}")
     mla = v_head_dim is not None
     g = None if seed is None else torch.Generator().manual_seed(seed)
     cache_dtype = cache_dtype or dtype
