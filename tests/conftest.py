@@ -45,5 +45,6 @@ def device() -> torch.device:
 def pytest_collection_modifyitems(config, items):
     missing = {name: reason for name, reason in _missing().items() if reason}
     for item in items:
-        for name in {mark.name for mark in item.iter_markers()} & missing.keys():
-            item.add_marker(pytest.mark.skip(reason=missing[name]))
+        reasons = [missing[name] for name in missing if item.get_closest_marker(name)]
+        if reasons:
+            item.add_marker(pytest.mark.skip(reason="; ".join(reasons)))
