@@ -35,12 +35,12 @@ _FALLBACK_SCRIPT = """
 import warnings
 import torch
 import treeattn
-from treeattn.testing import tree_table
+from treeattn.testing import assert_close, tree_table
 
 print(treeattn.backends("cpu")["triton"])
 print(treeattn.backend_for("tree_decode", "cpu"))
 table = tree_table([20, 5], [1, 2], 16)
-plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16, device="cpu")
+plan = table.plan(device="cpu")
 q, k = torch.randn(2, 4, 64), torch.randn(table.num_pages, 16, 2, 64)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -48,8 +48,8 @@ with warnings.catch_warnings(record=True) as caught:
         o = treeattn.tree_decode(q, k, k, plan)
         treeattn.mla_tree_decode(q, k[:, :, 0], plan, sm_scale=0.1, v_head_dim=32)
         treeattn.merge_state(o, torch.zeros(2, 4), o, torch.zeros(2, 4))
-ref, _ = treeattn.reference.tree_decode(q, k, k, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-print(bool(torch.allclose(o, ref, atol=1e-5)))
+assert_close(o, table.reference(q, k, k)[0])
+print(True)
 print(len(caught))
 print(caught[0].message)
 """

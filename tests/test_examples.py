@@ -4,9 +4,6 @@ teacher-forced log-probabilities)."""
 import os
 import sys
 
-import pytest
-
-pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 import beam_search  # noqa: E402

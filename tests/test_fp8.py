@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import treeattn
 from treeattn import reference
-from treeattn.testing import FP8_NAN_BYTE, PagedTable, assert_close, fp8_cache, random_table, tree_table
+from treeattn.testing import FP8_NAN_BYTE, PagedTable, assert_close, check_decode, fp8_cache, random_table, tree_table
 from treeattn.triton_kernels.fp8 import fp8_format, round_to_fp8
 
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -150,19 +150,17 @@ BAD_SCALES = [
 def test_reference_rejects_bad_k_scale(bad, match):
     table, q, cache, scale = _gqa_step()
     with pytest.raises(ValueError, match=match):
-        reference.tree_decode(q, cache, cache, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
-                              k_scale=bad, v_scale=scale)
+        reference.tree_decode(q, cache, cache, *table.arrays, k_scale=bad, v_scale=scale)
 
 
 def test_reference_rejects_scales_for_16_bit_caches_and_per_head_mla_scales():
     table, q, cache, scale = _gqa_step()
     half = cache.half()
     with pytest.raises(ValueError, match=r"v_scale: expected None for a torch.float16 v_cache \(scales apply to float8 caches\), got Tensor"):
-        reference.tree_decode(q, cache, half, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
-                              k_scale=scale, v_scale=scale)
+        reference.tree_decode(q, cache, half, *table.arrays, k_scale=scale, v_scale=scale)
     kv, kv_scale = fp8_cache(table, (40,), torch.float8_e5m2, "cpu")
     q_mla = torch.randn(table.num_queries, 3, 40, dtype=torch.float16)
-    args = (q_mla, kv, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    args = (q_mla, kv, *table.arrays)
     with pytest.raises(ValueError, match=r"kv_scale: expected a float or an fp32 tensor of shape \[\] or \[1\], got shape \[2\]"):
         reference.mla_tree_decode(*args, sm_scale=0.1, v_head_dim=32, kv_scale=torch.ones(2))
     with pytest.raises(ValueError, match=r"kv_scale: expected .* for the torch.float8_e5m2 kv_cache, got None"):
@@ -176,7 +174,7 @@ def test_reference_attends_the_dequantized_cache(dtype):
     """Scales of every accepted form give the attention of ``cache * scale`` (per head for GQA)."""
     table, q, k, k_scale = _gqa_step(dtype)
     v, v_scale = fp8_cache(table, (2, 32), dtype, "cpu")
-    ptrs = (table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    ptrs = table.arrays
     o_deq, lse_deq = reference.tree_decode(q, reference.dequantize(k, k_scale), reference.dequantize(v, v_scale), *ptrs)
     for v_form in (v_scale, v_scale.reshape(1), float(v_scale)):
         o, lse = reference.tree_decode(q, k, v, *ptrs, k_scale=k_scale, v_scale=v_form)
@@ -191,60 +189,6 @@ def test_reference_attends_the_dequantized_cache(dtype):
 # --- decode against the reference on the dequantized cache (fp16 q) ---------------------------------------------
 
 
-def _plan(table: PagedTable, **plan_kw):
-    return treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size,
-                         num_pages=table.num_pages, **plan_kw)
-
-
-def _compare(o, lse, o_ref, lse_ref, table: PagedTable):
-    """fp16 output within the fp16 tolerance of the fp32 reference; empty queries give 0 / -inf; no NaN (a
-    NaN-poisoned slot read shows up as NaN on the GPU and as a large error in the interpreter)."""
-    assert not torch.isnan(o).any(), "NaN: a poisoned slot was read"
-    empty = (table.kv_indptr[1:] == table.kv_indptr[:-1]).to(o.device)
-    assert (o[empty] == 0).all() and torch.isneginf(lse[empty]).all()
-    assert_close(o, o_ref, torch.float16)
-    if bool((~empty).any()):
-        assert_close(lse[~empty], lse_ref[~empty], torch.float16, what="lse")
-
-
-def _check_gqa(table, num_qo_heads, num_kv_heads, head_dim, dtype, device, *, per_head, plan_kw=None,
-               sm_scale=None, float_scales=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    table = table.to(device)
-    q = torch.randn(table.num_queries, num_qo_heads, head_dim, generator=g).to(dtype=torch.float16, device=device)
-    k, k_scale = fp8_cache(table, (num_kv_heads, head_dim), dtype, device, per_head=per_head, generator=g)
-    v, v_scale = fp8_cache(table, (num_kv_heads, head_dim), dtype, device, per_head=per_head, generator=g)
-    if float_scales:
-        k_scale, v_scale = float(k_scale), float(v_scale)
-    plan = _plan(table, **(plan_kw or {}))
-    o, lse = treeattn.tree_decode(q, k, v, plan, sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale,
-                                  return_lse=True)
-    assert o.dtype == torch.float16 and o.shape == q.shape
-    o_ref, lse_ref = reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
-                                           sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
-    _compare(o, lse, o_ref, lse_ref, table)
-    return plan
-
-
-def _check_mla(table, num_heads, dims, dtype, device, *, plan_kw=None, float_scale=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    head_dim, v_head_dim = dims
-    table = table.to(device)
-    q = torch.randn(table.num_queries, num_heads, head_dim, generator=g).to(dtype=torch.float16, device=device)
-    kv, kv_scale = fp8_cache(table, (head_dim,), dtype, device, generator=g)
-    if float_scale:
-        kv_scale = float(kv_scale)
-    sm_scale = 192 ** -0.5
-    plan = _plan(table, num_qo_heads=num_heads, num_kv_heads=1, **(plan_kw or {}))
-    o, lse = treeattn.mla_tree_decode(q, kv, plan, sm_scale=sm_scale, v_head_dim=v_head_dim, kv_scale=kv_scale,
-                                      return_lse=True)
-    assert o.dtype == torch.float16 and o.shape == (table.num_queries, num_heads, v_head_dim)
-    o_ref, lse_ref = reference.mla_tree_decode(q, kv, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
-                                               sm_scale=sm_scale, v_head_dim=v_head_dim, kv_scale=kv_scale)
-    _compare(o, lse, o_ref, lse_ref, table)
-    return plan
-
-
 # Page sizes x GQA groups, each case in one of the two formats (alternating) to keep the interpreter time small.
 _TREE_CASES = [(page_size, heads) for page_size in (1, 16, 64) for heads in ((4, 4), (8, 2), (16, 2))]
 
@@ -255,22 +199,25 @@ def test_gqa_three_level_tree(case, device):
     page_size, heads = _TREE_CASES[case]
     dtype = FP8_DTYPES[case % 2]
     table = tree_table([53, 21, 7], [1, 3, 2], page_size, spare_pages=3)
-    _check_gqa(table, *heads, 64, dtype, device, per_head=case % 3 != 0, seed=case)
+    check_decode(table, heads[0], 64, torch.float16, device, num_kv_heads=heads[1], cache_dtype=dtype,
+                 per_head_scales=case % 3 != 0, seed=case)
 
 
 @pytest.mark.parametrize("dtype", FP8_DTYPES, ids=FP8_IDS)
 def test_gqa_head_dims_odd_heads_chunks_split_kv_and_empty_queries(dtype, device):
+    fp8 = dict(cache_dtype=dtype, per_head_scales=True)
     for head_dim in (64, 128):
-        _check_gqa(tree_table([40, 9], [1, 3], 16), 3, 1, head_dim, dtype, device, per_head=True, float_scales=False)
+        check_decode(tree_table([40, 9], [1, 3], 16), 3, head_dim, torch.float16, device, num_kv_heads=1, **fp8)
     # A prompt cut into several chunks (partial states merged in stage 2), with Python-float scales.
-    plan = _check_gqa(tree_table([300, 20], [1, 9], 16), 8, 2, 64, dtype, device, per_head=False,
-                      float_scales=True, plan_kw={"num_sms": 2, "num_kv_heads": 2})
+    plan = check_decode(tree_table([300, 20], [1, 9], 16), 8, 64, torch.float16, device, num_kv_heads=2,
+                        cache_dtype=dtype, float_scales=True, plan_kw={"num_sms": 2}).plan
     assert plan.stats["partial_rows"] > 0
-    _check_gqa(tree_table([0, 300], [1, 3], 16), 8, 2, 64, dtype, device, per_head=True, plan_kw={"num_sms": 4})
+    check_decode(tree_table([0, 300], [1, 3], 16), 8, 64, torch.float16, device, num_kv_heads=2, plan_kw={"num_sms": 4},
+                 **fp8)
     table = PagedTable(torch.tensor([0, 3, 3, 6, 6, 7], dtype=torch.int32),
                        torch.tensor([4, 1, 2, 4, 1, 2, 0], dtype=torch.int32),
                        torch.tensor([5, 1, 5, 16, 16], dtype=torch.int32), 16, 6)
-    _check_gqa(table, 4, 1, 64, dtype, device, per_head=False, sm_scale=0.3)
+    check_decode(table, 4, 64, torch.float16, device, num_kv_heads=1, cache_dtype=dtype, sm_scale=0.3)
 
 
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -285,7 +232,8 @@ def test_gqa_head_dims_odd_heads_chunks_split_kv_and_empty_queries(dtype, device
 def test_gqa_random_tables(num_queries, page_size, heads, dtype, per_head, seed, device):
     g = torch.Generator().manual_seed(seed)
     table = random_table(num_queries, page_size, max_pages=4 if page_size > 1 else 24, pool_pages=24, generator=g)
-    _check_gqa(table, *heads, 64, dtype, device, per_head=per_head, plan_kw={"num_sms": 2}, seed=seed)
+    check_decode(table, heads[0], 64, torch.float16, device, num_kv_heads=heads[1], cache_dtype=dtype,
+                 per_head_scales=per_head, plan_kw={"num_sms": 2}, seed=seed)
 
 
 @pytest.mark.parametrize("dtype, num_heads", [(torch.float8_e4m3fn, 1), (torch.float8_e5m2, 16),
@@ -293,21 +241,23 @@ def test_gqa_random_tables(num_queries, page_size, heads, dtype, per_head, seed,
 def test_mla_deepseek_shapes(num_heads, dtype, device):
     levels = ([45, 20, 7], [1, 3, 2]) if num_heads < 128 else ([30, 7], [1, 2])
     table = tree_table(*levels, 16, spare_pages=2)
-    _check_mla(table, num_heads, (576, 512), dtype, device, seed=num_heads)
+    check_decode(table, num_heads, 576, torch.float16, device, v_head_dim=512, cache_dtype=dtype, seed=num_heads)
 
 
 @pytest.mark.parametrize("dtype", FP8_DTYPES, ids=FP8_IDS)
 def test_mla_page_sizes_small_dims_chunks_and_empty_queries(dtype, device):
     for page_size in (1, 64):
-        _check_mla(tree_table([70, 9], [1, 3], page_size, spare_pages=1), 16, (80, 64), dtype, device,
-                   float_scale=page_size == 1)
-    for dims, num_heads in (((288, 256), 17), ((72, 40), 63), ((64, 64), 3)):
-        _check_mla(tree_table([33, 17], [1, 4], 16, spare_pages=1), num_heads, dims, dtype, device)
-    plan = _check_mla(tree_table([300, 5], [1, 2], 16), 16, (80, 64), dtype, device, plan_kw={"num_sms": 4})
+        check_decode(tree_table([70, 9], [1, 3], page_size, spare_pages=1), 16, 80, torch.float16, device,
+                     v_head_dim=64, cache_dtype=dtype, float_scales=page_size == 1)
+    for (head_dim, v_head_dim), num_heads in (((288, 256), 17), ((72, 40), 63), ((64, 64), 3)):
+        check_decode(tree_table([33, 17], [1, 4], 16, spare_pages=1), num_heads, head_dim, torch.float16, device,
+                     v_head_dim=v_head_dim, cache_dtype=dtype)
+    plan = check_decode(tree_table([300, 5], [1, 2], 16), 16, 80, torch.float16, device, v_head_dim=64,
+                        cache_dtype=dtype, plan_kw={"num_sms": 4}).plan
     assert plan.stats["partial_rows"] > 0
     g = torch.Generator().manual_seed(7)
     table = random_table(9, 16, max_pages=5, pool_pages=12, empty_prob=0.25, generator=g)
-    _check_mla(table, 3, (80, 64), dtype, device)
+    check_decode(table, 3, 80, torch.float16, device, v_head_dim=64, cache_dtype=dtype)
 
 
 # --- the format's edges: every finite code, both zeros, subnormals, the largest values ----------------------------
@@ -331,17 +281,20 @@ def _edge_cache(table: PagedTable, shape_tail, dtype, device, generator):
 def test_values_at_the_format_edges(dtype, device):
     g = torch.Generator().manual_seed(3)
     table = tree_table([40, 11], [1, 3], 16, spare_pages=1).to(device)
-    ptrs = (table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+    plan = table.plan()
     q = (torch.randn(table.num_queries, 8, 64, generator=g) * 4).to(dtype=torch.float16, device=device)
     k, scale = _edge_cache(table, (2, 64), dtype, device, g)
     v, _ = _edge_cache(table, (2, 64), dtype, device, g)
-    o, lse = treeattn.tree_decode(q, k, v, _plan(table), k_scale=scale, v_scale=scale, return_lse=True)
-    _compare(o, lse, *reference.tree_decode(q, k, v, *ptrs, k_scale=scale, v_scale=scale), table)
+    o, lse = treeattn.tree_decode(q, k, v, plan, k_scale=scale, v_scale=scale, return_lse=True)
+    o_ref, lse_ref = table.reference(q, k, v, k_scale=scale, v_scale=scale)
+    assert_close(o, o_ref, torch.float16)
+    assert_close(lse, lse_ref, torch.float16, "lse")
     kv, scale = _edge_cache(table, (80,), dtype, device, g)
     q = (torch.randn(table.num_queries, 3, 80, generator=g) * 4).to(dtype=torch.float16, device=device)
-    o, lse = treeattn.mla_tree_decode(q, kv, _plan(table), sm_scale=0.2, v_head_dim=64, kv_scale=scale,
-                                      return_lse=True)
-    _compare(o, lse, *reference.mla_tree_decode(q, kv, *ptrs, sm_scale=0.2, v_head_dim=64, kv_scale=scale), table)
+    o, lse = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.2, v_head_dim=64, kv_scale=scale, return_lse=True)
+    o_ref, lse_ref = table.reference(q, kv, sm_scale=0.2, v_head_dim=64, kv_scale=scale)
+    assert_close(o, o_ref, torch.float16)
+    assert_close(lse, lse_ref, torch.float16, "lse")
 
 
 # --- ops: bad input -----------------------------------------------------------------------------------------------
@@ -351,12 +304,12 @@ def test_values_at_the_format_edges(dtype, device):
 def test_tree_decode_rejects_bad_k_scale(bad, match):
     table, q, cache, scale = _gqa_step()
     with pytest.raises(ValueError, match=match):
-        treeattn.tree_decode(q, cache, cache, _plan(table), k_scale=bad, v_scale=scale)
+        treeattn.tree_decode(q, cache, cache, table.plan(), k_scale=bad, v_scale=scale)
 
 
 def test_decode_ops_reject_bad_scales_and_caches():
     table, q, cache, scale = _gqa_step()
-    plan = _plan(table)
+    plan = table.plan()
     with pytest.raises(ValueError, match=r"v_scale: expected None for a torch.float16 v_cache"):
         treeattn.tree_decode(q, cache, cache.half(), plan, k_scale=scale, v_scale=scale)
     with pytest.raises(ValueError, match=r"v_scale: expected .* for the torch.float8_e4m3fn v_cache, got None"):
@@ -387,7 +340,7 @@ def test_kernel_turns_a_bad_device_scale_into_nan(which, bad, device):
     table = tree_table([0, 20], [1, 2], 16).to(device)
     q = torch.randn(2, 4, 32, device=device).half()
     cache, scale = fp8_cache(table, (2, 32), torch.float8_e4m3fn, device, per_head=True)
-    plan = _plan(table)
+    plan = table.plan()
     assert plan.stats["partial_rows"] == 0
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], device=device)
@@ -409,7 +362,7 @@ def test_kernel_turns_a_bad_device_scale_into_nan(which, bad, device):
 def test_registered_op_schema_and_fake_with_fp8(device):
     table, q, cache, scale = _gqa_step()
     table, q, cache, scale = table.to(device), q.to(device), cache.to(device), scale.to(device)
-    plan = _plan(table)
+    plan = table.plan()
     partial_o, partial_lse = plan.workspace(4, 32)
     args = (q, cache, cache.clone(), plan.tensor_args(), torch.empty_like(q), torch.empty(q.shape[:2], device=device),
             partial_o, partial_lse, 0.125, 16, plan.max_queries_per_item, scale, None, 1.0, 0.5)
@@ -420,11 +373,10 @@ def test_registered_op_schema_and_fake_with_fp8(device):
 def test_torch_compile_fullgraph_with_fp8_cache(device):
     table, q, cache, scale = _gqa_step()
     table, q, cache, scale = table.to(device), q.to(device), cache.to(device), scale.to(device)
-    plan = _plan(table)
+    plan = table.plan()
     compiled = torch.compile(lambda q, k, s: treeattn.tree_decode(q, k, k, plan, k_scale=s, v_scale=0.5) * 2.0,
                              fullgraph=True, backend="eager")
-    o_ref, _ = reference.tree_decode(q, cache, cache, table.kv_indptr, table.kv_indices, table.kv_last_page_len,
-                                     k_scale=scale, v_scale=0.5)
+    o_ref, _ = table.reference(q, cache, cache, k_scale=scale, v_scale=0.5)
     assert_close(compiled(q, cache, scale), 2.0 * o_ref, torch.float16)
 
 

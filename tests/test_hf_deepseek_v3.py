@@ -17,8 +17,8 @@ import torch
 import treeattn
 from treeattn.testing import relative_error
 
-transformers = pytest.importorskip("transformers")
-mdl = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+import transformers
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mdl
 
 HIDDEN = 64
 HEADS = 4

@@ -14,7 +14,6 @@ import torch
 import treeattn
 from treeattn.testing import assert_close
 
-pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
 import treeattn.hf  # noqa: E402

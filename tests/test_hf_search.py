@@ -10,7 +10,6 @@ import torch
 
 import treeattn
 
-pytest.importorskip("transformers")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402

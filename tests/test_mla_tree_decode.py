@@ -7,8 +7,6 @@ up; sizes stay tiny because the interpreter is slow at 576-wide heads.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -16,48 +14,14 @@ from hypothesis import strategies as st
 
 import treeattn
 from treeattn import _dispatch
-from treeattn.testing import PagedTable, assert_close, poisoned_cache, random_table, tree_table, workload_table
+from treeattn.testing import (
+    PagedTable, assert_close, check_decode, poisoned_cache, random_table, tree_table, workload_table,
+)
 
 
 DEEPSEEK_SCALE = 192 ** -0.5  # 1/sqrt(qk_nope + qk_rope) (mscale 1)
-# (head_dim, v_head_dim): DeepSeek-V3's 512 + 64, a half-size 256 + 32, a small odd split, and no rope part.
-DIMS_576 = (576, 512)
+# (head_dim, v_head_dim) besides DeepSeek-V3's 576 = 512 + 64: a half-size 256 + 32, a small odd split, no rope.
 SMALL_DIMS = [(288, 256), (80, 64), (72, 40), (64, 64)]
-
-
-def _plan(table: PagedTable, num_heads: int | None, device):
-    hints = {} if num_heads is None else {"num_qo_heads": num_heads, "num_kv_heads": 1}
-    return treeattn.plan(
-        table.kv_indptr.to(device), table.kv_indices.to(device), table.kv_last_page_len.to(device),
-        page_size=table.page_size, num_pages=table.num_pages, **hints,
-    )
-
-
-def _check(table: PagedTable, num_heads: int, dims, dtype, device, *, seed=0, plan_heads="auto", sm_scale=None,
-           plan=None, q_scale=1.0):
-    """Run mla_tree_decode on fresh random data over ``table`` and compare with the fp32 reference."""
-    head_dim, v_head_dim = dims
-    g = torch.Generator().manual_seed(seed)
-    kv_cache = poisoned_cache(table, (head_dim,), dtype, device, generator=g)
-    q = (torch.randn(table.num_queries, num_heads, head_dim, generator=g) * q_scale).to(dtype=dtype, device=device)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim - v_head_dim + 128)
-    if plan is None:
-        plan = _plan(table, num_heads if plan_heads == "auto" else plan_heads, device)
-    o, lse = treeattn.mla_tree_decode(q, kv_cache, plan, sm_scale=scale, v_head_dim=v_head_dim, return_lse=True)
-    ref_o, ref_lse = treeattn.reference.mla_tree_decode(
-        q, kv_cache, table.kv_indptr.to(device), table.kv_indices.to(device), table.kv_last_page_len.to(device),
-        sm_scale=scale, v_head_dim=v_head_dim,
-    )
-    assert o.shape == (table.num_queries, num_heads, v_head_dim) and o.dtype == dtype
-    assert lse.shape == (table.num_queries, num_heads) and lse.dtype == torch.float32
-    assert not torch.isnan(o).any() and not torch.isnan(lse).any(), "NaN: a poisoned slot was read"
-    empty = (table.kv_indptr[1:] == table.kv_indptr[:-1]).to(device)
-    assert (o[empty] == 0).all() and torch.isneginf(lse[empty]).all()
-    if table.num_queries and bool((~empty).any()):
-        assert_close(o, ref_o, dtype)
-        finite = ~empty
-        assert_close(lse[finite], ref_lse[finite], dtype, "lse")
-    return o, lse
 
 
 # --- DeepSeek-V3 shapes (576 / 512) over a small branch tree ------------------------------------------------
@@ -69,16 +33,16 @@ def test_deepseek_shapes_tree(num_heads, dtype, device):
     g = torch.Generator().manual_seed(num_heads)
     # A shared 45-token prompt, 3 branches of 20 tokens, 2 sub-branches each of 7 (page 16: partial pages).
     table = tree_table([45, 20, 7], [1, 3, 2], 16, spare_pages=2, generator=g)
-    _check(table, num_heads, DIMS_576, dtype, device, seed=num_heads, sm_scale=DEEPSEEK_SCALE)
+    check_decode(table, num_heads, 576, dtype, device, v_head_dim=512, seed=num_heads, sm_scale=DEEPSEEK_SCALE)
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])
 def test_page_sizes(page_size, device):
     g = torch.Generator().manual_seed(page_size)
     table = tree_table([70, 9], [1, 3], page_size, spare_pages=1, generator=g)
-    plan = _plan(table, 16, device)
+    plan = table.plan(num_qo_heads=16, num_kv_heads=1, device=device)
     assert plan.stats["unique_tokens"] < plan.stats["naive_tokens"] or page_size == 64
-    _check(table, 16, DIMS_576, torch.float32, device, seed=page_size, plan=plan)
+    check_decode(table, 16, 576, torch.float32, device, v_head_dim=512, seed=page_size, plan=plan)
 
 
 @pytest.mark.parametrize("dims", SMALL_DIMS)
@@ -86,7 +50,7 @@ def test_page_sizes(page_size, device):
 def test_other_head_dims(dims, num_heads, device):
     g = torch.Generator().manual_seed(dims[0] + num_heads)
     table = tree_table([33, 17], [1, 4], 16, spare_pages=1, generator=g)
-    _check(table, num_heads, dims, torch.float32, device, seed=num_heads)
+    check_decode(table, num_heads, dims[0], torch.float32, device, v_head_dim=dims[1], seed=num_heads)
 
 
 @pytest.mark.parametrize("dims", [(80, 64), (72, 40)], ids=["pow2_v", "odd_v"])
@@ -100,10 +64,8 @@ def test_v_split_over_two_programs(dims, device):
     head_dim, v_dim = dims
     kv_cache = poisoned_cache(table, (head_dim,), torch.float32, device, generator=g)
     q = torch.randn(table.num_queries, 5, head_dim, generator=g).to(device)
-    plan = _plan(table, 5, device)
-    ref_o, ref_lse = treeattn.reference.mla_tree_decode(
-        q, kv_cache, table.kv_indptr, table.kv_indices, table.kv_last_page_len, sm_scale=0.1, v_head_dim=v_dim
-    )
+    plan = table.plan(num_qo_heads=5, num_kv_heads=1, device=device)
+    ref_o, ref_lse = table.reference(q, kv_cache, sm_scale=0.1, v_head_dim=v_dim)
     for v_split in (1, 2):
         out = torch.full((table.num_queries, 5, v_dim), float("nan"), device=device)
         lse = torch.full((table.num_queries, 5), float("nan"), device=device)
@@ -118,10 +80,10 @@ def test_random_tables_with_empty_queries(dtype, device):
     for seed in range(3):
         g = torch.Generator().manual_seed(100 + seed)
         table = random_table(9, 16, max_pages=5, pool_pages=12, empty_prob=0.25, generator=g)
-        _check(table, 3, (80, 64), dtype, device, seed=seed)
+        check_decode(table, 3, 80, dtype, device, v_head_dim=64, seed=seed)
     g = torch.Generator().manual_seed(7)
     table = random_table(5, 16, max_pages=3, pool_pages=8, empty_prob=0.3, generator=g)
-    _check(table, 16, DIMS_576, dtype, device, seed=7)
+    check_decode(table, 16, 576, dtype, device, v_head_dim=512, seed=7)
 
 
 def test_all_queries_empty(device):
@@ -129,15 +91,15 @@ def test_all_queries_empty(device):
         torch.zeros(4, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
         torch.ones(3, dtype=torch.int32), 16, 2,
     )
-    o, lse = _check(table, 16, DIMS_576, torch.float32, device)
-    assert (o == 0).all() and torch.isneginf(lse).all()
+    result = check_decode(table, 16, 576, torch.float32, device, v_head_dim=512)
+    assert (result.out == 0).all() and torch.isneginf(result.lse).all()
 
 
 def test_no_queries(device):
     table = PagedTable(torch.zeros(1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32),
                        torch.zeros(0, dtype=torch.int32), 16, 2)
-    o, lse = _check(table, 16, DIMS_576, torch.float32, device)
-    assert o.shape == (0, 16, 512) and lse.shape == (0, 16)
+    result = check_decode(table, 16, 576, torch.float32, device, v_head_dim=512)
+    assert result.out.shape == (0, 16, 512) and result.lse.shape == (0, 16)
 
 
 @pytest.mark.parametrize("plan_heads", [None, 1, 128])
@@ -146,25 +108,25 @@ def test_any_plan_is_exact(plan_heads, device):
     (e.g. 16-query items at 128 heads: the kernel splits them into query blocks x head blocks)."""
     g = torch.Generator().manual_seed(11)
     table = tree_table([40, 6], [1, 5], 16, generator=g)
-    _check(table, 128, (80, 64), torch.float32, device, seed=3, plan_heads=plan_heads)
-    _check(table, 3, (80, 64), torch.float32, device, seed=4, plan_heads=plan_heads)
+    hints = {"num_qo_heads": plan_heads, "num_kv_heads": None if plan_heads is None else 1}
+    check_decode(table, 128, 80, torch.float32, device, v_head_dim=64, seed=3, plan_kw=hints)
+    check_decode(table, 3, 80, torch.float32, device, v_head_dim=64, seed=4, plan_kw=hints)
 
 
 def test_long_shared_prefix_split_into_chunks(device):
     """A prompt long enough that the planner cuts it into several chunks (partials merged in stage 2)."""
     g = torch.Generator().manual_seed(5)
     table = tree_table([300, 5], [1, 2], 16, generator=g)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16,
-                         num_qo_heads=16, num_kv_heads=1, num_sms=4)
+    plan = table.plan(num_qo_heads=16, num_kv_heads=1, num_sms=4, device=device)
     assert plan.stats["partial_rows"] > 0
-    _check(table, 16, (80, 64), torch.float32, device, plan=plan)
+    check_decode(table, 16, 80, torch.float32, device, v_head_dim=64, plan=plan)
 
 
 def test_large_scores_stay_finite(device):
     """Scores of a few hundred (exp overflows fp32 past ~88 without the running max)."""
     g = torch.Generator().manual_seed(9)
     table = tree_table([50, 10], [1, 2], 16, generator=g)
-    _check(table, 3, (80, 64), torch.float32, device, q_scale=8.0, sm_scale=1.0)
+    check_decode(table, 3, 80, torch.float32, device, v_head_dim=64, q_scale=8.0, sm_scale=1.0)
 
 
 # --- hypothesis: random trees ----------------------------------------------------------------------------------
@@ -192,7 +154,8 @@ def test_random_trees(tree, num_heads, dims, dtype, hint, seed, device):
     tokens, fanout, page_size = tree
     g = torch.Generator().manual_seed(seed)
     table = tree_table(tokens, fanout, page_size, spare_pages=1, generator=g)
-    _check(table, num_heads, dims, dtype, device, seed=seed, plan_heads="auto" if hint else None)
+    hints = {} if hint else {"num_qo_heads": None, "num_kv_heads": None}
+    check_decode(table, num_heads, dims[0], dtype, device, v_head_dim=dims[1], seed=seed, plan_kw=hints)
 
 
 # --- API: out=, plan reuse, backends, custom-op registration ------------------------------------------------
@@ -201,7 +164,7 @@ def test_random_trees(tree, num_heads, dims, dtype, hint, seed, device):
 def test_out_lse_out_and_plan_reuse(device):
     g = torch.Generator().manual_seed(3)
     table = tree_table([40, 8], [1, 3], 16, generator=g)
-    plan = _plan(table, 16, device)
+    plan = table.plan(num_qo_heads=16, num_kv_heads=1, device=device)
     kv = poisoned_cache(table, (576,), torch.float32, device, generator=g)
     out = torch.empty(3, 16, 512, device=device)
     lse_out = torch.empty(3, 16, device=device)
@@ -209,9 +172,7 @@ def test_out_lse_out_and_plan_reuse(device):
         q = torch.randn(3, 16, 576, generator=g).to(device)
         o, lse = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.07, out=out, lse_out=lse_out, return_lse=True)
         assert o is out and lse is lse_out
-        ref_o, ref_lse = treeattn.reference.mla_tree_decode(
-            q, kv, table.kv_indptr, table.kv_indices, table.kv_last_page_len, sm_scale=0.07
-        )
+        ref_o, ref_lse = table.reference(q, kv, sm_scale=0.07)
         assert_close(out, ref_o)
         assert_close(lse_out, ref_lse, what="lse")
     assert isinstance(treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.07), torch.Tensor)
@@ -223,7 +184,7 @@ def tiny_step(device):
     g = torch.Generator().manual_seed(4)
     table = tree_table([30, 5], [1, 2], 16, generator=g)
     kv = poisoned_cache(table, (80,), torch.float32, device, generator=g)
-    return _plan(table, 3, device), kv, torch.randn(2, 3, 80, generator=g).to(device)
+    return table.plan(num_qo_heads=3, num_kv_heads=1, device=device), kv, torch.randn(2, 3, 80, generator=g).to(device)
 
 
 def test_reference_backend_agrees(tiny_step):
@@ -266,7 +227,7 @@ def test_torch_compile_fullgraph(tiny_step):
 def small_case():
     g = torch.Generator().manual_seed(8)
     table = tree_table([20, 4], [1, 2], 16, generator=g)
-    plan = _plan(table, 4, "cpu")
+    plan = table.plan(num_qo_heads=4, num_kv_heads=1, device="cpu")
     kv = torch.randn(table.num_pages, 16, 96, generator=g)
     q = torch.randn(2, 4, 96, generator=g)
     return q, kv, plan
@@ -326,17 +287,19 @@ def test_bad_v_head_dim_and_outputs(small_case):
 def test_gpu_bf16(num_heads, page_size):
     g = torch.Generator().manual_seed(num_heads * 7 + page_size)
     table = tree_table([700, 130, 41], [1, 4, 3], page_size, spare_pages=3, generator=g)
-    _check(table, num_heads, DIMS_576, torch.bfloat16, "cuda", seed=num_heads, sm_scale=DEEPSEEK_SCALE)
+    check_decode(table, num_heads, 576, torch.bfloat16, "cuda", v_head_dim=512, seed=num_heads,
+                 sm_scale=DEEPSEEK_SCALE)
     table = random_table(40, page_size, max_pages=max(2, 256 // page_size), pool_pages=max(8, 512 // page_size),
                          generator=g)
-    _check(table, num_heads, DIMS_576, torch.bfloat16, "cuda", seed=num_heads + 1, sm_scale=DEEPSEEK_SCALE)
+    check_decode(table, num_heads, 576, torch.bfloat16, "cuda", v_head_dim=512, seed=num_heads + 1,
+                 sm_scale=DEEPSEEK_SCALE)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_heads", [16, 128])
 def test_gpu_bestofn_workload(num_heads):
     table = workload_table("bestofN_P4k_N64_S256", 64, scale=0.25, generator=torch.Generator().manual_seed(0))
-    _check(table, num_heads, DIMS_576, torch.bfloat16, "cuda", seed=1, sm_scale=DEEPSEEK_SCALE)
+    check_decode(table, num_heads, 576, torch.bfloat16, "cuda", v_head_dim=512, seed=1, sm_scale=DEEPSEEK_SCALE)
 
 
 @pytest.mark.gpu
@@ -344,7 +307,7 @@ def test_gpu_cuda_graph_replay():
     """Capture one step (out= and lse_out= given, workspace allocated before capture), replay on new q."""
     g = torch.Generator().manual_seed(2)
     table = tree_table([500, 60], [1, 8], 64, generator=g)
-    plan = _plan(table, 16, "cuda")
+    plan = table.plan(num_qo_heads=16, num_kv_heads=1, device="cuda")
     kv = poisoned_cache(table, (576,), torch.bfloat16, "cuda", generator=g)
     q = torch.randn(8, 16, 576, generator=g).to("cuda", torch.bfloat16)
     out = torch.empty(8, 16, 512, device="cuda", dtype=torch.bfloat16)
@@ -363,8 +326,6 @@ def test_gpu_cuda_graph_replay():
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
-        ref_o, ref_lse = treeattn.reference.mla_tree_decode(
-            q, kv, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, sm_scale=DEEPSEEK_SCALE
-        )
+        ref_o, ref_lse = table.reference(q, kv, sm_scale=DEEPSEEK_SCALE)
         assert_close(out, ref_o)
         assert_close(lse, ref_lse, torch.bfloat16, "lse")

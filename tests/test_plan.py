@@ -16,14 +16,10 @@ from treeattn.plan import plan_from_tree
 from treeattn.testing import WORKLOADS, random_table, tree_table, workload_table
 
 
-def _tensors(table):
-    return table.kv_indptr, table.kv_indices, table.kv_last_page_len
-
-
 def _check(table, **kw):
     """Plans ``table`` and checks the plan against the oracle."""
-    plan = treeattn.plan(*_tensors(table), page_size=table.page_size, **kw)
-    check_tree_plan(plan, _tensors(table), table.page_size, share_prefixes=kw.get("share_prefixes", True))
+    plan = table.plan(**kw)
+    check_tree_plan(plan, table.arrays, table.page_size, share_prefixes=kw.get("share_prefixes", True))
     return plan
 
 
@@ -33,6 +29,7 @@ def _shuffled_ids(table, rng, high=2**31 - 1):
     new = torch.from_numpy(rng.choice(high, size=ids.numel(), replace=False).astype(np.int32))
     mapping = dict(zip(ids.tolist(), new.tolist()))
     table.kv_indices = torch.tensor([mapping[p] for p in table.kv_indices.tolist()], dtype=torch.int32)
+    table.num_pages = high
     return table
 
 

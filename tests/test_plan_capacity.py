@@ -3,10 +3,11 @@ change every step). Padding items and merge entries must be no-ops."""
 
 import pytest
 import torch
-from conftest import TOLERANCE
 
 import treeattn
-from treeattn.testing import poisoned_cache, relative_error, tree_table
+from treeattn.testing import assert_close, check_decode, poisoned_cache, tree_table
+
+HEADS = {"num_qo_heads": 8, "num_kv_heads": 2}
 
 
 def _step_inputs(table, device, dtype=torch.float32, heads=(8, 2), head_dim=64):
@@ -16,29 +17,15 @@ def _step_inputs(table, device, dtype=torch.float32, heads=(8, 2), head_dim=64):
     return q, k, v
 
 
-def _reference(q, k, v, table):
-    return treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-
-
-def _plan(table, **kw):
-    return treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size,
-                         num_qo_heads=8, num_kv_heads=2, **kw)
-
-
 def test_padded_plan_matches_exact_plan(device):
     table = tree_table([70, 20, 5], [1, 3, 2], 16).to(device)
-    q, k, v = _step_inputs(table, device)
-    exact = _plan(table, num_sms=2)
+    exact = table.plan(num_sms=2, **HEADS)
     cap = treeattn.PlanCapacity.of(exact, headroom=2.0)
-    padded = _plan(table, num_sms=2, capacity=cap)
+    padded = table.plan(num_sms=2, capacity=cap, **HEADS)
     assert padded.item_page_ptr.shape[0] == cap.items > exact.num_items
     assert padded.merge_query.shape[0] == cap.merge_queries
-    o_exact = treeattn.tree_decode(q, k, v, exact)
-    o_padded, lse = treeattn.tree_decode(q, k, v, padded, return_lse=True)
-    o_ref, lse_ref = _reference(q, k, v, table)
-    assert relative_error(o_padded, o_ref) < TOLERANCE[torch.float32]
-    assert relative_error(lse, lse_ref) < 1e-6
-    assert torch.equal(o_padded, o_exact)
+    step = check_decode(table, 8, 64, torch.float32, device, num_kv_heads=2, plan=padded, lse_tol=1e-6)
+    assert torch.equal(step.out, treeattn.tree_decode(step.q, *step.caches, exact))
 
 
 def test_update_replans_a_different_tree_in_place(device):
@@ -46,25 +33,28 @@ def test_update_replans_a_different_tree_in_place(device):
     # Same number of queries, another shape: a deeper tree, with shuffled page ids of its own.
     second = tree_table([30, 40, 9], [1, 2, 3], 16).to(device)
     cap = treeattn.PlanCapacity(items=64, rows=128, partial_rows=64, merge_queries=6, nnz=64)
-    plan = _plan(first, capacity=cap, num_sms=2)
+    # The pool holds both steps' pages: the plan's page bound is the pool's.
+    plan = first.plan(capacity=cap, num_sms=2, num_pages=max(first.num_pages, second.num_pages), **HEADS)
     buffers = [t.data_ptr() for t in plan.tensor_args()]
     q, k, v = _step_inputs(first, device)
     out = torch.empty_like(q)
     treeattn.tree_decode(q, k, v, plan, out=out)
-    assert relative_error(out, _reference(q, k, v, first)[0]) < 1e-5
+    assert_close(out, first.reference(q, k, v)[0])
 
     plan.update_(second.kv_indptr, second.kv_indices, second.kv_last_page_len)
     assert [t.data_ptr() for t in plan.tensor_args()] == buffers, "update_ must refill, not reallocate"
     assert plan.stats["unique_tokens"] == len({s for i in range(6) for s in second.token_slots(i).tolist()})
     q2, k2, v2 = _step_inputs(second, device)
     out2, lse2 = treeattn.tree_decode(q2, k2, v2, plan, out=out, return_lse=True)
-    o_ref, lse_ref = _reference(q2, k2, v2, second)
-    assert relative_error(out2, o_ref) < 1e-5 and relative_error(lse2, lse_ref) < 1e-6
+    o_ref, lse_ref = second.reference(q2, k2, v2)
+    assert_close(out2, o_ref)
+    assert_close(lse2, lse_ref, 1e-6, "lse")
 
 
 def test_update_errors_leave_the_plan_unchanged(device):
     table = tree_table([32, 16], [1, 4], 16).to(device)
-    plan = _plan(table, capacity=treeattn.PlanCapacity.of(_plan(table)))
+    # No pool bound (num_pages=None): the refills below fail on the capacity, not on page ids.
+    plan = table.plan(capacity=treeattn.PlanCapacity.of(table.plan(**HEADS)), num_pages=None, **HEADS)
     before = [t.clone() for t in plan.tensor_args()]
     bigger = tree_table([64, 48], [1, 4], 16).to(device)
     with pytest.raises(ValueError, match=r"capacity: expected this step's .* <= capacity\.\w+=\d+, got \d+"):
@@ -74,9 +64,9 @@ def test_update_errors_leave_the_plan_unchanged(device):
         plan.update_(other_n.kv_indptr, other_n.kv_indices, other_n.kv_last_page_len)
     assert all(torch.equal(a, b) for a, b in zip(before, plan.tensor_args()))
     with pytest.raises(ValueError, match=r"plan: expected a plan built with capacity=PlanCapacity\(\.\.\.\) to refill"):
-        _plan(table).update_(table.kv_indptr, table.kv_indices, table.kv_last_page_len)
+        table.plan(**HEADS).update_(table.kv_indptr, table.kv_indices, table.kv_last_page_len)
     with pytest.raises(ValueError, match=r"capacity: expected this step's items <= capacity.items=1"):
-        _plan(table, capacity=treeattn.PlanCapacity(items=1, rows=64, partial_rows=64, merge_queries=8, nnz=64))
+        table.plan(**HEADS, capacity=treeattn.PlanCapacity(items=1, rows=64, partial_rows=64, merge_queries=8, nnz=64))
 
 
 @pytest.mark.gpu
@@ -91,11 +81,9 @@ def test_cuda_graph_replays_changing_trees():
     q = torch.randn(8, 32, 128, device=device, dtype=torch.bfloat16)
     out = torch.empty_like(q)
     first = tables[0].to(device)
-    probe = treeattn.plan(first.kv_indptr, first.kv_indices, first.kv_last_page_len, page_size=16,
-                          num_qo_heads=32, num_kv_heads=8)
+    probe = first.plan(num_qo_heads=32, num_kv_heads=8, num_pages=num_pages)
     cap = treeattn.PlanCapacity(items=4 * probe.num_items + 64, rows=1024, partial_rows=1024, merge_queries=8, nnz=2048)
-    plan = treeattn.plan(first.kv_indptr, first.kv_indices, first.kv_last_page_len, page_size=16,
-                         num_qo_heads=32, num_kv_heads=8, capacity=cap)
+    plan = first.plan(num_qo_heads=32, num_kv_heads=8, num_pages=num_pages, capacity=cap)
     treeattn.tree_decode(q, k, v, plan, out=out)  # compile + workspace before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -107,8 +95,7 @@ def test_cuda_graph_replays_changing_trees():
         q.copy_(torch.randn_like(q))
         graph.replay()
         torch.cuda.synchronize()
-        o_ref, _ = _reference(q, k, v, table)
-        assert relative_error(out, o_ref) < TOLERANCE[torch.bfloat16]
+        assert_close(out, table.reference(q, k, v)[0])
 
 
 def _cache_step_reference(cache, leaves, q, layer=0):
@@ -151,6 +138,6 @@ def test_cache_plan_into_refills_a_capacity_plan(device):
         q = torch.randn(4, 8, 64, device=device)
         k_cache, v_cache = cache.layer(0)
         o = treeattn.tree_decode(q, k_cache, v_cache, plan)
-        assert relative_error(o, _cache_step_reference(cache, leaves, q)) < 1e-5
+        assert_close(o, _cache_step_reference(cache, leaves, q))
     with pytest.raises(ValueError, match=r"plan: expected a plan made by treeattn.plan\(\.\.\.\) for update_"):
         plan.update_(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)

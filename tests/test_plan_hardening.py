@@ -13,33 +13,24 @@ from planner_oracle import check_tree_plan
 import treeattn
 from treeattn import _planner
 from treeattn.plan import plan_from_tree
-from treeattn.testing import PagedTable, assert_close, poisoned_cache
+from treeattn.testing import PagedTable, assert_close, check_decode
 
 
 def i32(values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-def _decode_matches_reference(plan, table: PagedTable, heads=(4, 2), head_dim=16):
-    """tree_decode with ``plan`` equals the fp32 reference over ``table`` (a NaN-poisoned cache)."""
-    q = torch.randn(table.num_queries, heads[0], head_dim)
-    k = poisoned_cache(table, (heads[1], head_dim), torch.float32, "cpu")
-    v = poisoned_cache(table, (heads[1], head_dim), torch.float32, "cpu")
-    out, lse = treeattn.tree_decode(q, k, v, plan, return_lse=True)
-    ref, ref_lse = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert_close(out, ref, torch.float32)
-    assert_close(lse, ref_lse, torch.float32, what="lse")
-
-
 def test_strided_kv_indices_are_copied():
     strided = i32([5, 9, 1, 9, 2, 9, 4, 9])[::2]  # pages 5 1 2 4, every other element
     plan = treeattn.plan(i32([0, 2, 4]), strided, i32([4, 3]), page_size=4)
     assert plan.kv_indices.is_contiguous() and plan.kv_indices.tolist() == [5, 1, 2, 4]
-    _decode_matches_reference(plan, PagedTable(i32([0, 2, 4]), i32([5, 1, 2, 4]), i32([4, 3]), 4, 10))
+    table = PagedTable(i32([0, 2, 4]), i32([5, 1, 2, 4]), i32([4, 3]), 4, 10)
+    check_decode(table, 4, 16, torch.float32, "cpu", num_kv_heads=2, plan=plan)
     broadcast = i32([3]).expand(4)  # stride 0: one page read four times
     plan = treeattn.plan(i32([0, 4]), broadcast, i32([2]), page_size=4)
     assert plan.kv_indices.tolist() == [3, 3, 3, 3]
-    _decode_matches_reference(plan, PagedTable(i32([0, 4]), i32([3, 3, 3, 3]), i32([2]), 4, 5))
+    table = PagedTable(i32([0, 4]), i32([3, 3, 3, 3]), i32([2]), 4, 5)
+    check_decode(table, 4, 16, torch.float32, "cpu", num_kv_heads=2, plan=plan)
 
 
 def test_plan_owns_its_table():
@@ -51,7 +42,7 @@ def test_plan_owns_its_table():
     last[0] = 99
     assert plan.kv_indices.tolist() == [1, 4, 1] and plan.kv_indptr.tolist() == [0, 2, 3]
     assert plan.max_page_id == 4  # the bound the ops check is the bound of what the kernels read
-    _decode_matches_reference(plan, table)
+    check_decode(table, 4, 16, torch.float32, "cpu", num_kv_heads=2, plan=plan)
 
 
 def test_refill_with_other_head_hints_stays_exact():
@@ -76,8 +67,7 @@ def test_refill_with_other_head_hints_stays_exact():
     for leaf, row in zip(leaves, range(24)):  # the plan's table is the leaves' paths
         pages = table.kv_indices[table.kv_indptr[row] : table.kv_indptr[row + 1]].long()
         assert torch.equal(pages, cache.path_slots(leaf)[::16] // 16)
-    ref, _ = treeattn.reference.tree_decode(q, k_cache, v_cache, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert_close(out, ref, torch.float32)
+    assert_close(out, table.reference(q, k_cache, v_cache)[0], torch.float32)
 
 
 def test_tree_node_without_queries_raises():

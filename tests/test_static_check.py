@@ -4,7 +4,6 @@ The full matrix runs as a CI step (``python bench/static_check.py``), not here."
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -182,7 +181,7 @@ __global__ void tiny(float* x) { x[threadIdx.x] += 1.f; }
 """
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CI builds the CUDA extension with it)")
+@pytest.mark.nvcc
 def test_cuda_library_check_reads_sm90a_kernels_and_flags_spills(tmp_path):
     """The CUDA extension's check, on a small two-arch library: only the sm_90a ELF counts, spills fail."""
     (tmp_path / "k.cu").write_text(SPILLING_CU)

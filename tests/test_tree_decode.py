@@ -7,30 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import treeattn
-from treeattn.testing import assert_close, poisoned_cache, random_table, tree_table
-
-
-def _run_and_check(table, num_qo_heads, num_kv_heads, head_dim, dtype, device, *, sm_scale=None, plan_kw=None):
-    table = table.to(device)
-    q = torch.randn(table.num_queries, num_qo_heads, head_dim, device=device).to(dtype)
-    k_cache = poisoned_cache(table, (num_kv_heads, head_dim), dtype, device)
-    v_cache = poisoned_cache(table, (num_kv_heads, head_dim), dtype, device)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size,
-                         **(plan_kw or {}))
-    o, lse = treeattn.tree_decode(q, k_cache, v_cache, plan, sm_scale=sm_scale, return_lse=True)
-    o_ref, lse_ref = treeattn.reference.tree_decode(
-        q, k_cache, v_cache, table.kv_indptr, table.kv_indices, table.kv_last_page_len, sm_scale=sm_scale
-    )
-    assert o.dtype == dtype and o.shape == (table.num_queries, num_qo_heads, head_dim)
-    assert lse.dtype == torch.float32 and lse.shape == (table.num_queries, num_qo_heads)
-    assert not torch.isnan(o).any(), "a NaN-poisoned slot was read"
-    empty = (table.kv_indptr[1:] == table.kv_indptr[:-1]).cpu()
-    assert (o[empty.to(o.device)] == 0).all() and torch.isneginf(lse[empty.to(lse.device)]).all()
-    if (~empty).any():
-        keep = (~empty).to(device)
-        assert_close(o[keep], o_ref[keep], dtype)
-        assert_close(lse[keep], lse_ref[keep], 1e-5, "lse")
-    return plan
+from treeattn.testing import PagedTable, assert_close, check_decode, fp8_cache, poisoned_cache, random_table, tree_table
 
 
 @pytest.mark.parametrize("page_size", [1, 16, 64])
@@ -38,35 +15,33 @@ def _run_and_check(table, num_qo_heads, num_kv_heads, head_dim, dtype, device, *
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_three_level_tree(page_size, heads, dtype, device):
     table = tree_table([53, 21, 7], [1, 3, 2], page_size, spare_pages=3)
-    _run_and_check(table, heads[0], heads[1], 64, dtype, device)
+    check_decode(table, heads[0], 64, dtype, device, num_kv_heads=heads[1])
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_head_dims_and_odd_heads(head_dim, device):
     table = tree_table([40, 9], [1, 3], 16)
-    _run_and_check(table, 3, 1, head_dim, torch.float32, device)
+    check_decode(table, 3, head_dim, torch.float32, device, num_kv_heads=1)
 
 
 def test_best_of_n_long_prompt_many_chunks(device):
     # Prompt long enough to be cut into several chunks (num_sms=1 forces few, long items; 2 forces splits).
     table = tree_table([600, 20], [1, 17], 16)
-    plan = _run_and_check(table, 8, 2, 64, torch.float16, device, plan_kw={"num_sms": 2, "num_kv_heads": 2})
+    plan = check_decode(table, 8, 64, torch.float16, device, num_kv_heads=2, plan_kw={"num_sms": 2}).plan
     assert plan.stats["work_items"] > 17
 
 
 def test_no_sharing_split_kv(device):
     table = tree_table([0, 300], [1, 3], 16)
-    _run_and_check(table, 8, 2, 64, torch.float32, device, plan_kw={"num_sms": 4})
+    check_decode(table, 8, 64, torch.float32, device, num_kv_heads=2, plan_kw={"num_sms": 4})
 
 
 def test_identical_and_empty_queries(device):
     indptr = torch.tensor([0, 3, 3, 6, 6, 7], dtype=torch.int32)
     indices = torch.tensor([4, 1, 2, 4, 1, 2, 0], dtype=torch.int32)
     last = torch.tensor([5, 1, 5, 16, 16], dtype=torch.int32)
-    from treeattn.testing import PagedTable
-
     table = PagedTable(indptr, indices, last, 16, 6)
-    _run_and_check(table, 4, 1, 64, torch.float32, device, sm_scale=0.3)
+    check_decode(table, 4, 64, torch.float32, device, num_kv_heads=1, sm_scale=0.3)
 
 
 def test_out_and_lse_out_written_in_place(device):
@@ -74,17 +49,15 @@ def test_out_and_lse_out_written_in_place(device):
     q = torch.randn(3, 4, 64, device=device)
     k = poisoned_cache(table, (2, 64), torch.float32, device)
     v = poisoned_cache(table, (2, 64), torch.float32, device)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
+    plan = table.plan()
     out = torch.full_like(q, float("nan"))
     lse_out = torch.full((3, 4), float("nan"), device=device)
     o, lse = treeattn.tree_decode(q, k, v, plan, out=out, lse_out=lse_out, return_lse=True)
     assert o.data_ptr() == out.data_ptr() and lse.data_ptr() == lse_out.data_ptr()
-    o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert_close(out, o_ref)
+    assert_close(out, table.reference(q, k, v)[0])
     # The plan (and its workspace) serves a second layer without change.
     o2 = treeattn.tree_decode(q * 0.5, k, v, plan)
-    o2_ref, _ = treeattn.reference.tree_decode(q * 0.5, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert_close(o2, o2_ref)
+    assert_close(o2, table.reference(q * 0.5, k, v)[0])
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -94,19 +67,21 @@ def test_out_and_lse_out_written_in_place(device):
     heads=st.sampled_from([(4, 4), (8, 2), (8, 1), (3, 3)]),
     seed=st.integers(0, 2**31 - 1),
     dtype=st.sampled_from([torch.float32, torch.float16]),
+    hint=st.booleans(),
 )
-def test_random_tables(num_queries, page_size, heads, seed, dtype, device):
+def test_random_tables(num_queries, page_size, heads, seed, dtype, hint, device):
     g = torch.Generator().manual_seed(seed)
     table = random_table(num_queries, page_size, max_pages=4 if page_size > 1 else 40, pool_pages=24, generator=g)
-    _run_and_check(table, heads[0], heads[1], 64, dtype, device, plan_kw={"num_sms": 2})
+    hints = {} if hint else {"num_qo_heads": None, "num_kv_heads": None}  # the plan is exact either way
+    check_decode(table, heads[0], 64, dtype, device, num_kv_heads=heads[1], plan_kw={"num_sms": 2, **hints},
+                 seed=seed)
 
 
 def _small_case(device, dtype=torch.float32):
     table = tree_table([20, 5], [1, 2], 16).to(device)
     q = torch.randn(2, 4, 64, device=device, dtype=dtype)
     k = torch.randn(table.num_pages, 16, 2, 64, device=device, dtype=dtype)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
-    return q, k, plan
+    return q, k, table.plan()
 
 
 @pytest.mark.parametrize(
@@ -145,7 +120,8 @@ def test_out_argument_errors(device):
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_bf16_gpu(heads, page_size):
     table = tree_table([700, 150, 33], [1, 4, 3], page_size, spare_pages=5)
-    _run_and_check(table, heads[0], heads[1], 128, torch.bfloat16, torch.device("cuda"), sm_scale=1 / math.sqrt(128))
+    check_decode(table, heads[0], 128, torch.bfloat16, torch.device("cuda"), num_kv_heads=heads[1],
+                 sm_scale=1 / math.sqrt(128))
 
 
 @pytest.mark.gpu
@@ -156,7 +132,7 @@ def test_cuda_graph_capture_and_replay():
     q = torch.randn(8, 32, 128, device=device, dtype=torch.bfloat16)
     k = poisoned_cache(table, (8, 128), torch.bfloat16, device)
     v = poisoned_cache(table, (8, 128), torch.bfloat16, device)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
+    plan = table.plan()
     out = torch.empty_like(q)
     treeattn.tree_decode(q, k, v, plan, out=out)  # warm-up: compile, workspace
     torch.cuda.synchronize()
@@ -166,8 +142,7 @@ def test_cuda_graph_capture_and_replay():
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()
-    o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert_close(out, o_ref)
+    assert_close(out, table.reference(q, k, v)[0])
 
 
 def test_deterministic_bitwise(device):
@@ -176,11 +151,11 @@ def test_deterministic_bitwise(device):
     q = torch.randn(table.num_queries, 8, 64, device=device, dtype=torch.float16)
     k = poisoned_cache(table, (2, 64), torch.float16, device)
     v = poisoned_cache(table, (2, 64), torch.float16, device)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16, num_sms=2)
+    plan = table.plan(num_sms=2)
     assert plan.stats["partial_rows"] > 0  # stage 2 merges run
     first = treeattn.tree_decode(q, k, v, plan, return_lse=True)
     again = treeattn.tree_decode(q, k, v, plan, return_lse=True)
-    replanned = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16, num_sms=2)
+    replanned = table.plan(num_sms=2)
     third = treeattn.tree_decode(q, k, v, replanned, return_lse=True)
     for a, b, c in zip(first, again, third):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -191,17 +166,16 @@ def test_torch_compile_fullgraph(device):
     q = torch.randn(3, 4, 64, device=device)
     k = poisoned_cache(table, (2, 64), torch.float32, device)
     v = poisoned_cache(table, (2, 64), torch.float32, device)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
+    plan = table.plan()
     compiled = torch.compile(lambda q, k, v: treeattn.tree_decode(q, k, v, plan) * 2.0, fullgraph=True, backend="eager")
-    o_ref, _ = treeattn.reference.tree_decode(q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)
-    assert_close(compiled(q, k, v), 2.0 * o_ref)
+    assert_close(compiled(q, k, v), 2.0 * table.reference(q, k, v)[0])
 
 
 def test_opcheck_registered_op(device):
     table = tree_table([40, 9], [1, 3], 16).to(device)
     q = torch.randn(3, 4, 64, device=device)
     k = torch.randn(table.num_pages, 16, 2, 64, device=device)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
+    plan = table.plan()
     partial_o, partial_lse = plan.workspace(4, 64)
     args = (q, k, k.clone(), plan.tensor_args(), torch.empty_like(q), torch.empty(3, 4, device=device),
             partial_o, partial_lse, 0.125, 16, plan.max_queries_per_item)
@@ -222,8 +196,6 @@ def test_v_head_dim_other_than_k_head_dim_is_rejected(device):
 def _shared_prefix_step(device, num_qo_heads=4, num_kv_heads=2, head_dim=64):
     """3 branches sharing a 40-token prompt (every query merges a shared and an own partial) and one
     query with empty KV."""
-    from treeattn.testing import PagedTable
-
     tree = tree_table([40, 9], [1, 3], 16)
     indptr = torch.cat([tree.kv_indptr, tree.kv_indptr[-1:]])
     last = torch.cat([tree.kv_last_page_len, torch.tensor([1], dtype=torch.int32)])
@@ -231,8 +203,7 @@ def _shared_prefix_step(device, num_qo_heads=4, num_kv_heads=2, head_dim=64):
     q = torch.randn(4, num_qo_heads, head_dim, device=device)
     k = poisoned_cache(table, (num_kv_heads, head_dim), torch.float32, device)
     v = poisoned_cache(table, (num_kv_heads, head_dim), torch.float32, device)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16)
-    return table, q, k, v, plan
+    return table, q, k, v, table.plan()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter, on the NaN
@@ -272,9 +243,8 @@ def test_sm_scale_must_be_a_finite_positive_number(bad, device):
         treeattn.tree_decode(q, k, k, plan, sm_scale=bad)
 
 
+@pytest.mark.interpreter
 def test_bf16_on_cpu_in_the_interpreter_names_q():
-    if treeattn.backend_for("tree_decode", "cpu") != "triton":
-        pytest.skip("the Triton interpreter does not serve CPU here")
     q, k, plan = _small_case(torch.device("cpu"), torch.bfloat16)
     with pytest.raises(ValueError, match=r"q: expected float16 or float32 for Triton on CPU .*numpy.* got torch.bfloat16"):
         treeattn.tree_decode(q, k, k, plan)
@@ -306,8 +276,7 @@ def test_out_that_is_not_a_tensor_is_a_value_error(device):
 
 def test_repeated_calls_with_new_data_and_layouts_stay_exact(device):
     table, q, k, v, plan = _shared_prefix_step(device)
-    ref = lambda q, k, v: treeattn.reference.tree_decode(  # noqa: E731
-        q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len)[0]
+    ref = lambda q, k, v: table.reference(q, k, v)[0]  # noqa: E731
     for _ in range(2):  # same layout, new data (a later layer)
         q, k, v = torch.randn_like(q), k * 1.5, v - 0.5
         assert_close(treeattn.tree_decode(q, k, v, plan), ref(q, k, v))
@@ -323,8 +292,7 @@ def test_repeated_calls_with_new_data_and_layouts_stay_exact(device):
 def test_refilled_plan_is_bounds_checked_on_every_call(device):
     table = tree_table([40, 9], [1, 3], 16)
     cap = treeattn.PlanCapacity(items=16, rows=32, partial_rows=32, merge_queries=4, nnz=16)
-    plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=16, capacity=cap,
-                         device=device)
+    plan = table.plan(capacity=cap, device=device, num_pages=None)  # no pool bound: the op's check is tested
     q = torch.randn(3, 4, 64, device=device)
     k = poisoned_cache(table.to(device), (2, 64), torch.float32, device)
     treeattn.tree_decode(q, k, k, plan)
@@ -337,19 +305,15 @@ def test_refilled_plan_is_bounds_checked_on_every_call(device):
 
 def test_cached_step_takes_each_calls_caches_and_fp8_scales(device):
     """Layers share a layout but not their caches or scales: a call served by the prepared step reads its own."""
-    from treeattn.testing import fp8_cache
-
     table, q, _, _, plan = _shared_prefix_step(device)
     g = torch.Generator().manual_seed(11)
     for per_head in (True, False, True):  # the third call has the first call's layout: served prepared
         k, k_scale = fp8_cache(table, (2, 64), torch.float8_e4m3fn, device, per_head=per_head, generator=g)
         v, v_scale = fp8_cache(table, (2, 64), torch.float8_e4m3fn, device, per_head=per_head, generator=g)
         o = treeattn.tree_decode(q, k, v, plan, k_scale=k_scale, v_scale=v_scale)
-        o_ref, _ = treeattn.reference.tree_decode(
-            q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len, k_scale=k_scale, v_scale=v_scale)
-        keep = table.kv_indptr[1:] > table.kv_indptr[:-1]
+        o_ref, _ = table.reference(q, k, v, k_scale=k_scale, v_scale=v_scale)
+        keep = ~table.empty_queries
         assert_close(o[keep], o_ref[keep], torch.float16)
     o = treeattn.tree_decode(q, k, v, plan, k_scale=0.5, v_scale=2.0)  # float scales are part of the layout
-    o_ref, _ = treeattn.reference.tree_decode(
-        q, k, v, table.kv_indptr, table.kv_indices, table.kv_last_page_len, k_scale=0.5, v_scale=2.0)
+    o_ref, _ = table.reference(q, k, v, k_scale=0.5, v_scale=2.0)
     assert_close(o[keep], o_ref[keep], torch.float16)

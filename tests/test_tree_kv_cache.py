@@ -533,14 +533,7 @@ def test_write_and_decode_under_torch_compile():
 
 # ---- GPU: the CUDA and Triton write kernels, a bf16 cache, CUDA-graph capture -----------------------
 
-GPU_BACKENDS = ["triton", "cuda"]
-
-
-def _skip_without(backend):
-    from treeattn import _ext
-
-    if backend == "cuda" and not _ext.HAS_CUDA_EXT:
-        pytest.skip(f"treeattn._C not built: {_ext.load_error}")
+GPU_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.cuda_ext)]
 
 
 @pytest.mark.gpu
@@ -548,7 +541,6 @@ def _skip_without(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("row", [(8, 128), (3, 100), (576,), (17,)])
 def test_kv_write_gpu(backend, dtype, row):
-    _skip_without(backend)
     g = torch.Generator(device="cuda").manual_seed(0)
     planes = 2 if len(row) == 2 else 1
     pool = torch.randn(planes, 3, 7, 16, *row, device="cuda", generator=g).to(dtype)
@@ -572,7 +564,6 @@ def test_kv_write_gpu(backend, dtype, row):
 def test_cache_decode_and_cuda_graph_gpu(backend):
     """A bf16 best-of-N step on the GPU: append, write, plan, tree_decode vs the reference; then the step's
     write + tree_decode captured in a CUDA graph and replayed with new K/V."""
-    _skip_without(backend)
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     cache = TreeKVCache(2, 8, 128, page_size=16, num_pages=512, dtype=dt, device=dev)

@@ -4,12 +4,15 @@ random tables, and KV caches whose unused slots hold NaN (any stray read shows u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 __all__ = [
     "PagedTable",
+    "DecodeResult",
+    "check_decode",
     "tree_table",
     "random_table",
     "poisoned_cache",
@@ -47,11 +50,43 @@ class PagedTable:
             self.page_size, self.num_pages,
         )
 
+    @property
+    def arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kv_indptr, kv_indices, kv_last_page_len)``, in the order the planner and the reference take them."""
+        return self.kv_indptr, self.kv_indices, self.kv_last_page_len
+
+    @property
+    def empty_queries(self) -> torch.Tensor:
+        """bool ``[num_queries]``: the queries with no pages (their output is 0, their LSE -inf)."""
+        return self.kv_indptr[1:] == self.kv_indptr[:-1]
+
     def token_slots(self, query: int) -> torch.Tensor:
         """int64 flat slots (page * page_size + offset) of the query's KV, in order."""
         from .reference import gather_kv_tokens
 
-        return gather_kv_tokens(self.kv_indptr, self.kv_indices, self.kv_last_page_len, self.page_size, query)
+        return gather_kv_tokens(*self.arrays, self.page_size, query)
+
+    def plan(self, **kw):
+        """``treeattn.plan`` of this table with its page size and pool size (page ids checked against
+        ``num_pages``); ``kw`` goes to the planner (``num_qo_heads``, ``num_kv_heads``, ``num_sms``, ``device``,
+        ``share_prefixes``, ``capacity``)."""
+        from .plan import plan
+
+        kw.setdefault("num_pages", self.num_pages)
+        return plan(*self.arrays, page_size=self.page_size, **kw)
+
+    def reference(self, q: torch.Tensor, *caches: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 reference ``(o, lse)`` of a decode step over this table, on ``q``'s device:
+        ``reference(q, k_cache, v_cache, **kw)`` is ``treeattn.reference.tree_decode``,
+        ``reference(q, kv_cache, sm_scale=..., v_head_dim=..., **kw)`` is ``treeattn.reference.mla_tree_decode``."""
+        from . import reference
+
+        arrays = tuple(t.to(q.device) for t in self.arrays)
+        if len(caches) == 2:
+            return reference.tree_decode(q, *caches, *arrays, **kw)
+        if len(caches) == 1:
+            return reference.mla_tree_decode(q, *caches, *arrays, **kw)
+        raise ValueError(f"caches: expected (k_cache, v_cache) or (kv_cache,), got {len(caches)} tensors")
 
 
 def _csr(rows: list[list[int]], last_lens: list[int], page_size: int, num_pages: int, perm) -> PagedTable:
@@ -219,6 +254,96 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float | torch.dtype 
         return
     err = relative_error(out, ref)
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+@dataclass
+class DecodeResult:
+    """What :func:`check_decode` ran and got."""
+
+    plan: object  # the TreePlan used (its stats are what tests assert on)
+    q: torch.Tensor
+    caches: tuple[torch.Tensor, ...]  # (k_cache, v_cache) or (kv_cache,)
+    scales: dict  # k_scale / v_scale / kv_scale for FP8 caches, else empty
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def check_decode(
+    table: PagedTable,
+    num_qo_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device,
+    *,
+    num_kv_heads: int | None = None,
+    v_head_dim: int | None = None,
+    cache_dtype: torch.dtype | None = None,
+    per_head_scales: bool = False,
+    float_scales: bool = False,
+    sm_scale: float | None = None,
+    q_scale: float = 1.0,
+    plan=None,
+    plan_kw: dict | None = None,
+    lse_tol: float | None = None,
+    seed: int | None = None,
+) -> DecodeResult:
+    """The one decode check of the tests: run ``tree_decode`` (``num_kv_heads`` given) or ``mla_tree_decode``
+    (``v_head_dim`` given) on fresh random inputs over ``table`` and compare with the fp32 reference.
+
+    ``q``: ``[num_queries, num_qo_heads, head_dim]`` in ``dtype`` (times ``q_scale``); the caches are
+    :func:`poisoned_cache` (NaN in every slot no query attends) of ``cache_dtype`` (default ``dtype``), or
+    :func:`fp8_cache` with its scale (``per_head_scales``: one per KV head; ``float_scales``: as Python floats)
+    when ``cache_dtype`` is a float8 type. MLA's cache is ``[num_pages, page_size, head_dim]`` and its
+    ``sm_scale`` defaults to DeepSeek's ``1/sqrt(head_dim - v_head_dim + 128)``. ``plan`` defaults to
+    ``table.plan(**plan_kw)`` with the step's head counts as hints (``plan_kw`` overrides them).
+
+    Checks: shapes and dtypes; no NaN (a poisoned slot read); empty queries give 0 and -inf; ``out`` within
+    ``dtype``'s tolerance and ``lse`` within ``lse_tol`` (default fp32's; fp16's for FP8 caches) of the reference.
+    ``seed`` makes the inputs reproducible (None: torch's global generator).
+    """
+    from . import mla_tree_decode, tree_decode
+
+    if (num_kv_heads is None) == (v_head_dim is None):
+        raise ValueError("num_kv_heads, v_head_dim: expected exactly one (tree_decode or mla_tree_decode), "
+                         f"got {num_kv_heads}, {v_head_dim}")
+    mla = v_head_dim is not None
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    cache_dtype = cache_dtype or dtype
+    fp8 = cache_dtype.itemsize == 1
+    table = table.to(device)
+    q = (torch.randn(table.num_queries, num_qo_heads, head_dim, generator=g) * q_scale).to(dtype=dtype, device=device)
+    shape_tail = (head_dim,) if mla else (num_kv_heads, head_dim)
+    caches, scales = [], []
+    for _ in range(1 if mla else 2):
+        if fp8:
+            cache, scale = fp8_cache(table, shape_tail, cache_dtype, device, per_head=per_head_scales, generator=g)
+            scales.append(float(scale) if float_scales else scale)
+        else:
+            cache = poisoned_cache(table, shape_tail, cache_dtype, device, generator=g)
+        caches.append(cache)
+    scale_kw = dict(zip(("kv_scale",) if mla else ("k_scale", "v_scale"), scales))
+    if plan is None:
+        hints = {"num_qo_heads": num_qo_heads, "num_kv_heads": 1 if mla else num_kv_heads}
+        plan = table.plan(**{**hints, **(plan_kw or {})})
+    if mla:
+        sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim - v_head_dim + 128)
+        op_kw = dict(sm_scale=sm_scale, v_head_dim=v_head_dim, **scale_kw)
+        out, lse = mla_tree_decode(q, *caches, plan, return_lse=True, **op_kw)
+    else:
+        op_kw = dict(sm_scale=sm_scale, **scale_kw)
+        out, lse = tree_decode(q, *caches, plan, return_lse=True, **op_kw)
+    out_ref, lse_ref = table.reference(q, *caches, **op_kw)
+
+    assert out.shape == (table.num_queries, num_qo_heads, v_head_dim or head_dim) and out.dtype == dtype
+    assert lse.shape == (table.num_queries, num_qo_heads) and lse.dtype == torch.float32
+    empty = table.empty_queries
+    assert not torch.isnan(out).any() and not torch.isnan(lse[~empty]).any(), "NaN: a poisoned slot was read"
+    assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all(), "empty queries: expected o = 0, lse = -inf"
+    assert_close(out, out_ref, dtype)
+    if lse_tol is None:
+        lse_tol = TOLERANCE[torch.float16 if fp8 else torch.float32]
+    assert_close(lse[~empty], lse_ref[~empty], lse_tol, "lse")
+    return DecodeResult(plan, q, tuple(caches), scale_kw, out, lse)
 
 
 def assert_same_plan(a, b) -> None:
