@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 import common
-import splitkv_triton
+import splitkv_triton as splitkv_kernels
 from treeattn.testing import PagedTable, relative_error
 
 NO_GPU = "no GPU: torch.cuda.is_available() is False"
@@ -67,17 +67,17 @@ def _splitkv_args(case: Case):
 
 
 def splitkv_triton(case: Case, num_splits: int | None = None):
-    """The split-KV decode with ``num_splits`` (default: :func:`splitkv_triton.default_num_splits`)."""
+    """The split-KV decode with ``num_splits`` (default: :func:`splitkv_kernels.default_num_splits`)."""
     k, v, block_n = _splitkv_args(case)
     t = case.table
     n, num_qo_heads = case.q.shape[:2]
     if num_splits is None:
         lengths = (t.kv_indptr[1:] - t.kv_indptr[:-1] - 1) * t.page_size + t.kv_last_page_len
-        num_splits = splitkv_triton.default_num_splits(n, k.shape[2], num_qo_heads // k.shape[2],
+        num_splits = splitkv_kernels.default_num_splits(n, k.shape[2], num_qo_heads // k.shape[2],
                                                        int(lengths.max()), block_n)
     out = case.q.new_empty(n, num_qo_heads, v.shape[-1])
-    part = splitkv_triton.workspace(n, num_qo_heads, v.shape[-1], num_splits, case.q.device)
-    return lambda: splitkv_triton.splitkv_decode(
+    part = splitkv_kernels.workspace(n, num_qo_heads, v.shape[-1], num_splits, case.q.device)
+    return lambda: splitkv_kernels.splitkv_decode(
         case.q, k, v, t.kv_indptr, t.kv_indices, t.kv_last_page_len, num_splits=num_splits,
         sm_scale=case.sm_scale, rope_dim=case.rope_dim, out=out, part=part, block_n=block_n)
 
