@@ -50,8 +50,12 @@ def _attention_lines(bench: str, payload: dict) -> list[dict]:
         if bench != "tree_decode" and "dtype" in row:
             case += f", {row['dtype']}"
         tre, uniq, naive = row["treeattn_bytes"], row["unique_bytes"], row["per_branch_bytes"]
-        vs_branch = (f"{naive / tre:.2f}× fewer than per-branch decode" if naive >= tre
-                     else f"{tre / naive:.2f}× MORE than per-branch decode")
+        if naive == tre:
+            vs_branch = "the same bytes as per-branch decode"
+        elif naive > tre:
+            vs_branch = f"{naive / tre:.2f}× fewer than per-branch decode"
+        else:
+            vs_branch = f"{tre / naive:.2f}× MORE than per-branch decode"
         lines.append({"benchmark": bench, "case": case, "measure": "bytes per layer (model)",
                       "value": _fmt(tre / MB, "MB"), "vs": f"{vs_branch}; {tre / uniq:.2f}× the unique bytes"})
         us = row.get("treeattn_us")

@@ -176,6 +176,13 @@ def test_byte_model_charges_both_methods_their_partial_states():
 
 # ---- CPU run and summary ----------------------------------------------------------------------------------
 
+def test_summary_says_when_both_methods_move_the_same_bytes(tmp_path):
+    row = {"workload": "plain", "unique_bytes": 90, "treeattn_bytes": 100, "per_branch_bytes": 100}
+    (tmp_path / "mla.json").write_text(json.dumps({"env": {}, "rows": [row]}))
+    text, _ = summary.write_summary(tmp_path)
+    assert "the same bytes as per-branch decode; 1.11× the unique bytes" in text
+
+
 def test_cpu_rows_list_every_peer_as_skipped_and_the_summary_says_why(tmp_path):
     rows = bench_tree_decode.run_cpu(["bestofN_P4k_N64_S256"])
     assert rows[0]["peers_skipped"] == {name: peers.NO_GPU for name in peers.GQA_PEERS}
