@@ -119,6 +119,27 @@ def test_ancestor_mask_marks_exactly_each_querys_path():
         assert mask[i].nonzero().flatten().tolist() == table.token_slots(i).tolist()
 
 
+def test_time_peers_records_times_errors_skips_and_the_best_peer(monkeypatch):
+    """The GPU path's bookkeeping, with the timer stubbed (CPU): a peer whose answer differs from treeattn's is
+    not timed, one outside TREEATTN_PEERS is listed as skipped, the fastest timed peer is the best."""
+    g = torch.Generator().manual_seed(8)
+    table = tree_table([9, 3], [1, 2], 4, generator=g)
+    q, k, v = _gqa(table, 4, 2, 16, g)
+    ref, _ = reference.tree_decode(q, k, v, *_ptrs(table))
+    case = peers.Case(q, k, v, table, 16 ** -0.5)
+    fake = {"right": (lambda c: lambda: ref.clone(), False), "wrong": (lambda c: lambda: ref + 1, False),
+            "slow": (lambda c: lambda: ref.clone(), True), "unwanted": (lambda c: lambda: ref.clone(), False)}
+    times = {True: 30.0, False: 20.0}
+    monkeypatch.setattr(peers.common, "time_us", lambda fn, graph=True: times[graph])
+    monkeypatch.setenv("TREEATTN_PEERS", "right, wrong,slow")
+    row = {"treeattn_us": 10.0}
+    peers.time_peers(row, case, fake, reference=ref)
+    assert row["right_us"] == 20.0 and row["slow_us"] == 30.0 and "wrong_us" not in row
+    assert row["wrong_error"].startswith("output differs from treeattn's")
+    assert row["peers_skipped"] == {"unwanted": "not in TREEATTN_PEERS"}
+    assert row["best_peer"] == "right" and row["speedup_vs_best_peer"] == 2.0
+
+
 # ---- FlashInfer cascade levels ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(WORKLOADS))
