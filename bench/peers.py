@@ -63,15 +63,17 @@ SPLITS = (1, 2, 4, 8, 16, 32)
 
 
 def _splitkv_args(case: Case):
+    """(k, v, block_n, num_warps): tiles that compile for sm_90a without register spill (GQA d128: 243
+    registers; MLA 512 + 64: 209)."""
     if case.mla:
         k = case.k_cache.unsqueeze(2)  # one latent "KV head"
-        return k, k[..., : k.shape[-1] - case.rope_dim], 32
-    return case.k_cache, case.v_cache, 64
+        return k, k[..., : k.shape[-1] - case.rope_dim], 16, 8
+    return case.k_cache, case.v_cache, 64, 8
 
 
 def splitkv_triton(case: Case, num_splits: int | None = None):
     """The split-KV decode with ``num_splits`` (default: :func:`splitkv_kernels.default_num_splits`)."""
-    k, v, block_n = _splitkv_args(case)
+    k, v, block_n, num_warps = _splitkv_args(case)
     t = case.table
     n, num_qo_heads = case.q.shape[:2]
     if num_splits is None:
@@ -82,7 +84,7 @@ def splitkv_triton(case: Case, num_splits: int | None = None):
     part = splitkv_kernels.workspace(n, num_qo_heads, v.shape[-1], num_splits, case.q.device)
     return lambda: splitkv_kernels.splitkv_decode(
         case.q, k, v, t.kv_indptr, t.kv_indices, t.kv_last_page_len, num_splits=num_splits,
-        sm_scale=case.sm_scale, rope_dim=case.rope_dim, out=out, part=part, block_n=block_n)
+        sm_scale=case.sm_scale, rope_dim=case.rope_dim, out=out, part=part, block_n=block_n, num_warps=num_warps)
 
 
 def time_splitkv_triton(row: dict, case: Case) -> None:

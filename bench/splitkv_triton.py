@@ -59,21 +59,22 @@ def _stage1(Q, K, V, KV_INDPTR, KV_INDICES, KV_LAST, PART_O, PART_LSE,
     for t in range(start, end, BLOCK_N):
         tok = t + tl.arange(0, BLOCK_N)
         tok_ok = tok < end
-        page = tl.load(KV_INDICES + page_start + tok // page_size, mask=tok_ok, other=0).to(tl.int64)
-        offset = (tok % page_size).to(tl.int64)
-        k_rows = K + page * stride_kp + offset * stride_kt + kv_head * stride_kh
-        k = tl.load(k_rows[:, None] + dk[None, :], mask=tok_ok[:, None], other=0.0)
+        # int32 element offsets (a cache under 2**31 elements, checked on the host): 64-bit pointer tiles
+        # would take twice the registers.
+        page = tl.load(KV_INDICES + page_start + tok // page_size, mask=tok_ok, other=0)
+        k_rows = page * stride_kp + (tok % page_size) * stride_kt + kv_head * stride_kh
+        k = tl.load(K + (k_rows[:, None] + dk[None, :]), mask=tok_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if HAS_ROPE:
-            k_rope = tl.load(k_rows[:, None] + DK + dr[None, :], mask=tok_ok[:, None], other=0.0)
+            k_rope = tl.load(K + (k_rows[:, None] + DK + dr[None, :]), mask=tok_ok[:, None], other=0.0)
             s += tl.dot(q_rope, tl.trans(k_rope), input_precision=PRECISION)
         s = tl.where(tok_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_rows = V + page * stride_vp + offset * stride_vt + kv_head * stride_vh
-        v = tl.load(v_rows[:, None] + dv[None, :], mask=tok_ok[:, None], other=0.0)
+        v_rows = page * stride_vp + (tok % page_size) * stride_vt + kv_head * stride_vh
+        v = tl.load(V + (v_rows[:, None] + dv[None, :]), mask=tok_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     # An empty split leaves m_i = -inf and l_i = 0: it writes o = 0 and lse = -inf (weight 0 in stage 2).
@@ -153,6 +154,9 @@ def splitkv_decode(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
     part_o, part_lse = workspace(n, num_qo_heads, head_dim_v, num_splits, q.device) if part is None else part
     if part_o.shape[1] < num_splits:
         raise ValueError(f"part: expected room for {num_splits} splits, got {part_o.shape[1]}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.storage_offset() + sum((n - 1) * st for n, st in zip(cache.shape, cache.stride())) >= 2**31:
+            raise ValueError(f"{name}: expected fewer than 2**31 elements (int32 offsets), got {cache.numel()}")
     scale = (1.0 / math.sqrt(q_dim) if sm_scale is None else float(sm_scale)) * LOG2E
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _stage1[(n, num_kv_heads * head_blocks, num_splits)](

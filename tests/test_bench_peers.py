@@ -77,6 +77,14 @@ def test_splitkv_mla_matches_reference(num_heads):
     assert_close(peers.splitkv_triton(case, num_splits=3)(), ref)
 
 
+def test_splitkv_rejects_a_cache_beyond_int32_offsets():
+    table = tree_table([5], [1], 4)
+    q = torch.zeros(1, 2, 16, device="meta")
+    huge = torch.empty_strided((2**20, 4, 1, 16), (2**12, 16, 16, 1), device="meta")  # offsets reach 2**32
+    with pytest.raises(ValueError, match=r"k_cache: expected fewer than 2\*\*31 elements"):
+        splitkv_triton.splitkv_decode(q, huge, huge, *_ptrs(table), num_splits=1)
+
+
 def test_splitkv_rejects_a_head_dim_that_is_not_a_power_of_two():
     table = tree_table([5], [1], 4)
     q, k, v = torch.zeros(1, 2, 24), torch.zeros(table.num_pages, 4, 1, 24), torch.zeros(table.num_pages, 4, 1, 24)
