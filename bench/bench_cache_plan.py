@@ -10,7 +10,7 @@ subtree it found for the last call; ``append_us`` is the host time of that step'
 (one token per leaf: page bookkeeping and the new slots). Host time is real on any machine, so this runs on
 CPU as well as on the GPU machine.
 
-    python bench/bench_cache_plan.py --out bench/results/latest
+    python bench/bench_cache_plan.py --out bench/results/local/latest
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ def build_tree(name: str, appends: int) -> tuple[treeattn.TreeKVCache, list[int]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args(argv)
     rows = []

@@ -13,7 +13,7 @@ Rows: the GQA target workloads (32 q / 8 kv heads, head_dim 128, page 16) and ML
   accuracy, see tests/test_fp8.py);
 - GPU only: µs of bf16 and FP8 decode (CUDA-graph replay, median) and the speedup.
 
-    python bench/bench_fp8.py --out bench/results/latest
+    python bench/bench_fp8.py --out bench/results/local/latest
 """
 
 from __future__ import annotations
@@ -73,8 +73,7 @@ def gqa_row(name: str, device, q_dtype, use_kernels: bool, scale: float, time_it
     full = workload_table(name, bench_gqa.PAGE_SIZE, generator=g)
     full_plan, n = bench_gqa._plan(full), full.num_queries
     row = {"workload": name, "kind": "gqa", "queries": n, "accuracy_tokens_scale": scale,
-           "bf16_bytes": bench_gqa.byte_model(full_plan, n)["treeattn_bytes"],
-           "fp8_bytes": bench_gqa.byte_model(full_plan, n, kv_dtype_bytes=1)["treeattn_bytes"]}
+           "bf16_bytes": bench_gqa.decode_bytes(full_plan), "fp8_bytes": bench_gqa.decode_bytes(full_plan, 1)}
     table = (full if scale == 1.0 else workload_table(name, bench_gqa.PAGE_SIZE, scale=scale, generator=g)).to(device)
     plan = bench_gqa._plan(table)
     shape = (table.num_pages, bench_gqa.PAGE_SIZE, bench_gqa.NUM_KV_HEADS, bench_gqa.HEAD_DIM)
@@ -106,8 +105,8 @@ def mla_row(num_heads: int, device, q_dtype, use_kernels: bool, scale: float, ti
     full = workload_table(MLA_WORKLOAD, bench_mla.PAGE_SIZE, generator=g)
     full_plan = bench_mla._plan(full, num_heads)
     row = {"workload": MLA_WORKLOAD, "kind": "mla", "heads": num_heads, "queries": full.num_queries,
-           "accuracy_tokens_scale": scale, "bf16_bytes": bench_mla.byte_model(full_plan, num_heads)["treeattn_bytes"],
-           "fp8_bytes": bench_mla.byte_model(full_plan, num_heads, kv_dtype_bytes=1)["treeattn_bytes"]}
+           "accuracy_tokens_scale": scale, "bf16_bytes": bench_mla.decode_bytes(full_plan, num_heads),
+           "fp8_bytes": bench_mla.decode_bytes(full_plan, num_heads, 1)}
     table = (full if scale == 1.0 else workload_table(MLA_WORKLOAD, bench_mla.PAGE_SIZE, scale=scale, generator=g))
     table = table.to(device)
     plan = bench_mla._plan(table, num_heads)
@@ -159,8 +158,8 @@ def run(device, q_dtype, use_kernels: bool, scale: float, time_it: bool, workloa
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--cpu-scale", type=float, default=1 / 16,
                         help="CPU: shrink every tree level's tokens by this factor for the accuracy rows")

@@ -6,7 +6,7 @@ cache ``model.generate`` returns (one row per sequence, padding included); token
 sequence; whether the sequences are identical. On a GPU also tokens per second of both (new tokens of every
 sequence / wall time, after a warm-up run). On CPU nothing is timed (the Triton kernels run in the interpreter).
 
-    python bench/bench_hf.py --out bench/results/latest
+    python bench/bench_hf.py --out bench/results/local/latest
 """
 
 from __future__ import annotations
@@ -118,8 +118,8 @@ def run_row(model, name: str, prompt_length: int, new_tokens: int, seed: int = 0
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--prompt", type=int, default=1024 if on_gpu else 256)
     parser.add_argument("--new-tokens", type=int, default=256 if on_gpu else 8)

@@ -7,7 +7,7 @@ and does nothing, so what is timed is treeattn's host path (validation, output a
 launcher arithmetic) with the Triton backend, on CUDA tensors where a GPU is present, else on CPU tensors
 (Triton's CPU interpreter serves those). Target: ≤ 10 µs per call.
 
-    python bench/bench_host.py --out bench/results/latest
+    python bench/bench_host.py --out bench/results/local/latest
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ def _mla_case(dtype, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     parser.add_argument("--repeats", type=int, default=2001)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

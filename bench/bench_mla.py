@@ -4,11 +4,12 @@ latent cache [pages, 64, 576], bf16), 16 and 128 heads.
 Rows: bestofN_P4k_N64_S256 (prompt 4096 shared by 64 branches of 256) and plain MLA decode without sharing
 (batch 128 x 4096 context). GPU: kernel µs (CUDA-graph replay, do_bench median after warm-up), GB/s on unique KV
 bytes, TFLOP/s, x the floor = max(unique bytes / copy bandwidth measured in this run, FLOPs / 675 TFLOP/s);
-treeattn with sharing off (per-branch split-KV decode through the same kernel) and FlashInfer's MLA wrapper
-when flashinfer is importable. ``--sweep`` also times stage-1 tile configs (block_m, block_n, warps, stages).
-CPU: the plans, the stage-1 tiling, and the bytes and FLOPs each method would read/do; no timings.
+treeattn with sharing off (per-branch split-KV decode through the same kernel) and the MLA peers of
+``peers.py`` (FlashInfer's MLA wrapper when importable, a split-KV Triton decode) on the same caches. ``--sweep`` also times stage-1 tile configs (block_m, block_n, warps, stages).
+CPU: the plans, the stage-1 tiling, and the bytes and FLOPs each method would read/do; no timings, the peers
+recorded as skipped.
 
-    python bench/bench_mla.py --out bench/results/latest [--sweep]
+    python bench/bench_mla.py --out bench/results/local/latest [--sweep]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+import peers  # noqa: E402
 
 import treeattn  # noqa: E402
 from treeattn.testing import PagedTable, relative_error, tree_table, workload_table  # noqa: E402
@@ -50,17 +52,26 @@ def flops(plan, num_heads: int) -> int:
     return 2 * plan.stats["naive_tokens"] * num_heads * (HEAD_DIM + KV_LORA)
 
 
-def byte_model(plan, num_heads: int, kv_dtype_bytes: int = DTYPE_BYTES) -> dict:
-    """Bytes per layer: q and o once; latent KV per method (``kv_dtype_bytes`` per element: 1 for an FP8
-    cache); fp32 partial states (written and read) for treeattn."""
-    n = plan.num_queries
-    qo = n * num_heads * (HEAD_DIM + KV_LORA) * DTYPE_BYTES
-    partial = 2 * plan.stats["partial_rows"] * num_heads * (KV_LORA + 1) * 4
-    kv = lambda tokens: tokens * HEAD_DIM * kv_dtype_bytes  # noqa: E731
+def qo_bytes(num_queries: int, num_heads: int) -> int:
+    return num_queries * num_heads * (HEAD_DIM + KV_LORA) * DTYPE_BYTES  # q (576) read, o (512) written
+
+
+def decode_bytes(plan, num_heads: int, kv_dtype_bytes: int = DTYPE_BYTES) -> int:
+    """Bytes a decode under ``plan`` moves per layer (``kv_dtype_bytes`` per latent element: 1 for an FP8
+    cache)."""
+    return common.decode_bytes(plan, HEAD_DIM * kv_dtype_bytes, qo_bytes(plan.num_queries, num_heads),
+                               num_heads * (KV_LORA + 1) * 4)
+
+
+def byte_model(plan, per_branch, num_heads: int, kv_dtype_bytes: int = DTYPE_BYTES) -> dict:
+    """Bytes per layer: the unique latent KV (the floor) and, like for like, treeattn under ``plan`` and
+    per-branch split-KV decode under ``per_branch`` (``share_prefixes=False``), each with the fp32 partial
+    states it writes and merges."""
     return {
-        "unique_bytes": kv(plan.stats["unique_tokens"]) + qo,
-        "treeattn_bytes": kv(plan.stats["planned_tokens"]) + qo + partial,
-        "per_branch_bytes": kv(plan.stats["naive_tokens"]) + qo,
+        "unique_bytes": plan.stats["unique_tokens"] * HEAD_DIM * kv_dtype_bytes
+        + qo_bytes(plan.num_queries, num_heads),
+        "treeattn_bytes": decode_bytes(plan, num_heads, kv_dtype_bytes),
+        "per_branch_bytes": decode_bytes(per_branch, num_heads, kv_dtype_bytes),
     }
 
 
@@ -76,26 +87,12 @@ def tiling(plan, num_heads: int, block_m: int = 64) -> dict:
 
 def _row(name: str, table: PagedTable, num_heads: int, plan) -> dict:
     per_branch = _plan(table, num_heads, share_prefixes=False)
-    bytes_ = byte_model(plan, num_heads)
+    bytes_ = byte_model(plan, per_branch, num_heads)
     return {"workload": name, "heads": num_heads, "queries": table.num_queries, **plan.stats, **bytes_,
             "flops": flops(plan, num_heads), **tiling(plan, num_heads),
             "per_branch_work_items": per_branch.stats["work_items"],
             "treeattn_vs_per_branch_bytes": bytes_["per_branch_bytes"] / bytes_["treeattn_bytes"],
             "treeattn_vs_unique_bytes": bytes_["treeattn_bytes"] / bytes_["unique_bytes"]}, per_branch
-
-
-def _flashinfer_mla(q, kv_cache, table: PagedTable, num_heads: int):
-    import flashinfer
-
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
-    wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(workspace)
-    n = table.num_queries
-    kv_len = (table.kv_indptr[1:] - table.kv_indptr[:-1] - 1) * PAGE_SIZE + table.kv_last_page_len
-    wrapper.plan(torch.arange(n + 1, dtype=torch.int32, device=q.device), table.kv_indptr, table.kv_indices,
-                 kv_len.to(torch.int32), num_heads, KV_LORA, ROPE, PAGE_SIZE, False, SM_SCALE, q.dtype, kv_cache.dtype)
-    q_nope, q_pe = q[..., :KV_LORA].contiguous(), q[..., KV_LORA:].contiguous()
-    ckv, kpe = kv_cache[..., :KV_LORA].contiguous(), kv_cache[..., KV_LORA:].contiguous()
-    return lambda: wrapper.run(q_nope, q_pe, ckv, kpe)
 
 
 def _stage1_config_fn(q, kv_cache, plan, out, lse, config):
@@ -144,7 +141,7 @@ def run_gpu(bandwidth_gbs: float, sweep: bool, device: str = "cuda") -> list[dic
                 "treeattn_per_branch": lambda p=per_branch: treeattn.mla_tree_decode(
                     q, kv_cache, p, sm_scale=SM_SCALE, out=out, lse_out=lse),
             }
-            common.time_methods(row, methods, {"flashinfer_mla": lambda: _flashinfer_mla(q, kv_cache, table, num_heads)})
+            common.time_methods(row, methods)
             if sweep:
                 best = None
                 for config in SWEEP:
@@ -163,14 +160,15 @@ def run_gpu(bandwidth_gbs: float, sweep: bool, device: str = "cuda") -> list[dic
             o_shared = treeattn.mla_tree_decode(q, kv_cache, shared, sm_scale=SM_SCALE)
             o_branch = treeattn.mla_tree_decode(q, kv_cache, per_branch, sm_scale=SM_SCALE)
             row["rel_err_shared_vs_per_branch"] = relative_error(o_shared, o_branch)
+            peers.time_peers(row, peers.Case(q, kv_cache, None, table, SM_SCALE, rope_dim=ROPE), peers.MLA_PEERS,
+                             reference=o_shared)
             us = row.get("treeattn_us")
             if us:
                 row["treeattn_unique_GBps"] = row["unique_bytes"] / us / 1e3
                 row["treeattn_TFLOPs"] = row["flops"] / us / 1e6
                 row["x_floor"] = us / row["floor_us"]
-                for base in ("treeattn_per_branch", "flashinfer_mla"):
-                    if row.get(f"{base}_us"):
-                        row[f"speedup_vs_{base}"] = row[f"{base}_us"] / us
+                if row.get("treeattn_per_branch_us"):
+                    row["speedup_vs_treeattn_per_branch"] = row["treeattn_per_branch_us"] / us
             rows.append(row)
             del q, out, lse, shared, per_branch, methods
             torch.cuda.empty_cache()
@@ -185,22 +183,23 @@ def run_cpu() -> list[dict]:
         for num_heads in HEAD_COUNTS:
             row, _ = _row(name, table, num_heads, _plan(table, num_heads))
             row["floor_compute_us_at_675TFLOPs"] = row["flops"] / common.BF16_MATMUL_TFLOPS / 1e6
+            peers.skip_all(row, peers.MLA_PEERS)
             rows.append(row)
     return rows
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     parser.add_argument("--sweep", action="store_true", help="GPU: also time stage-1 tile configs")
     args = parser.parse_args(argv)
-    env = common.environment()
+    env = {**common.environment(), "peers": peers.versions()}
     if torch.cuda.is_available():
         bandwidth = common.copy_bandwidth_gbs()
         rows = run_gpu(bandwidth, args.sweep)
         payload = {"env": env, "copy_bandwidth_GBps": bandwidth, "sm_scale": SM_SCALE, "rows": rows}
         cols = ["workload", "heads", "floor_us", "bound", "treeattn_us", "x_floor", "treeattn_TFLOPs",
-                "treeattn_unique_GBps", "treeattn_per_branch_us", "flashinfer_mla_us", "speedup_vs_flashinfer_mla"]
+                "treeattn_unique_GBps", "treeattn_per_branch_us", "best_peer", "speedup_vs_best_peer"]
     else:
         rows = run_cpu()
         payload = {"env": env, "note": "CPU: no kernel timings; plans, tiling, bytes and FLOPs per method",

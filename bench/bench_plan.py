@@ -2,7 +2,7 @@
 
 Host time is real on any machine, so this runs (and reports) on CPU as well as on the GPU machine.
 
-    python bench/bench_plan.py --out bench/results/latest
+    python bench/bench_plan.py --out bench/results/local/latest
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def median_plan_us(table, repeats: int) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args(argv)
     rows = []

@@ -11,7 +11,7 @@ Reported: forward passes (TreeSearch: one prefill and its batched decode steps),
 KV bytes — TreeSearch's pages at the peak against the baseline's caches of one round held together (its
 largest round) and its largest single call. On a GPU also wall time of both.
 
-    python bench/bench_search.py --out bench/results/latest
+    python bench/bench_search.py --out bench/results/local/latest
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def per_node_generate(model, search, rounds) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     on_gpu = torch.cuda.is_available()
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--depth", type=int, default=4)

@@ -1,11 +1,12 @@
 """GQA tree-decode benchmark over the target workloads (32 q / 8 kv heads, head_dim 128, page 16, bf16).
 
 GPU: kernel µs (CUDA-graph replay, median), GB/s on unique KV bytes, % of the copy bandwidth measured in the
-same run, and speedups over per-branch decode (treeattn with sharing off) and torch SDPA on a per-branch
-duplicated cache; FlashInfer's tensor-core decode when flashinfer is importable. CPU: the plan (host time
-measured) and the bytes each method would read; no kernel timings.
+same run, the speedup over per-branch decode (treeattn with sharing off) and, on the same tables, caches and
+queries, every GQA peer of ``peers.py`` (FlashInfer decode and cascade when importable, split-KV Triton,
+SDPA on a duplicated cache, flex_attention) with the best of them. CPU: the plan (host time measured) and
+the bytes each method would read; no kernel timings, the peers recorded as skipped.
 
-    python bench/bench_tree_decode.py --out bench/results/latest [--sweep]
+    python bench/bench_tree_decode.py --out bench/results/local/latest [--sweep]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+import peers  # noqa: E402
 
 import treeattn  # noqa: E402
 from treeattn.testing import WORKLOADS, relative_error, workload_table  # noqa: E402
@@ -48,45 +50,25 @@ def kv_bytes(tokens: int, kv_dtype_bytes: int = DTYPE_BYTES) -> int:
     return tokens * NUM_KV_HEADS * HEAD_DIM * 2 * kv_dtype_bytes  # K and V
 
 
-def byte_model(plan, num_queries: int, kv_dtype_bytes: int = DTYPE_BYTES) -> dict:
-    """Bytes each method reads/writes per layer: q/o once, KV per method (``kv_dtype_bytes`` per element: 1
-    for an FP8 cache), fp32 partials for treeattn."""
-    qo = 2 * num_queries * NUM_QO_HEADS * HEAD_DIM * DTYPE_BYTES
-    partial = 2 * plan.stats["partial_rows"] * NUM_QO_HEADS * (HEAD_DIM + 1) * 4
+def qo_bytes(num_queries: int) -> int:
+    return 2 * num_queries * NUM_QO_HEADS * HEAD_DIM * DTYPE_BYTES  # q read, o written
+
+
+def decode_bytes(plan, kv_dtype_bytes: int = DTYPE_BYTES) -> int:
+    """Bytes a decode under ``plan`` moves per layer (``kv_dtype_bytes`` per KV element: 1 for an FP8 cache)."""
+    return common.decode_bytes(plan, kv_bytes(1, kv_dtype_bytes), qo_bytes(plan.num_queries),
+                               NUM_QO_HEADS * (HEAD_DIM + 1) * 4)
+
+
+def byte_model(plan, per_branch, kv_dtype_bytes: int = DTYPE_BYTES) -> dict:
+    """Bytes per layer: the unique KV (the floor) and, like for like, treeattn under ``plan`` and per-branch
+    split-KV decode under ``per_branch`` (the same table planned with ``share_prefixes=False``), each with
+    the fp32 partial states it writes and merges."""
     return {
-        "unique_bytes": kv_bytes(plan.stats["unique_tokens"], kv_dtype_bytes) + qo,
-        "treeattn_bytes": kv_bytes(plan.stats["planned_tokens"], kv_dtype_bytes) + qo + partial,
-        "per_branch_bytes": kv_bytes(plan.stats["naive_tokens"], kv_dtype_bytes) + qo,
+        "unique_bytes": kv_bytes(plan.stats["unique_tokens"], kv_dtype_bytes) + qo_bytes(plan.num_queries),
+        "treeattn_bytes": decode_bytes(plan, kv_dtype_bytes),
+        "per_branch_bytes": decode_bytes(per_branch, kv_dtype_bytes),
     }
-
-
-def _sdpa_duplicated(q, k_cache, v_cache, table):
-    """Per-branch baseline: each query's KV gathered into its own dense copy, then torch SDPA (GQA)."""
-    n = table.num_queries
-    slots = [table.token_slots(i) for i in range(n)]
-    max_len = max(s.numel() for s in slots)
-    k_flat = k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)
-    v_flat = v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)
-    k = torch.zeros(n, NUM_KV_HEADS, max_len, HEAD_DIM, dtype=q.dtype, device=q.device)
-    v = torch.zeros_like(k)
-    mask = torch.zeros(n, 1, 1, max_len, dtype=torch.bool, device=q.device)
-    for i, s in enumerate(slots):
-        k[i, :, : s.numel()] = k_flat[s].transpose(0, 1)
-        v[i, :, : s.numel()] = v_flat[s].transpose(0, 1)
-        mask[i, ..., : s.numel()] = True
-    attn_mask = None if bool(mask.all()) else mask
-    q4 = q[:, :, None, :]
-    return lambda: torch.nn.functional.scaled_dot_product_attention(q4, k, v, attn_mask=attn_mask, enable_gqa=True)
-
-
-def _flashinfer_decode(q, k_cache, v_cache, table):
-    import flashinfer
-
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-    wrapper.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, NUM_QO_HEADS, NUM_KV_HEADS,
-                 HEAD_DIM, PAGE_SIZE, data_type=q.dtype)
-    return lambda: wrapper.run(q, (k_cache, v_cache))
 
 
 def _stage1_config_fn(q, k_cache, v_cache, plan, out, config):
@@ -125,6 +107,10 @@ def sweep_stage1(row, q, k_cache, v_cache, plan, out) -> None:
         print(row["sweep_best"]["table_row"])
 
 
+def _case(table, q, k_cache, v_cache, name: str) -> peers.Case:
+    return peers.Case(q, k_cache, v_cache, table, HEAD_DIM ** -0.5, fanout=WORKLOADS[name][1])
+
+
 def run_gpu(names, bandwidth_gbs, sweep: bool = False) -> list[dict]:
     device = torch.device("cuda")
     rows = []
@@ -136,7 +122,7 @@ def run_gpu(names, bandwidth_gbs, sweep: bool = False) -> list[dict]:
         v_cache = torch.randn_like(k_cache)
         shared = _plan(table)
         per_branch = _plan(table, share_prefixes=False)
-        bytes_ = byte_model(shared, n)
+        bytes_ = byte_model(shared, per_branch)
         flops = 4 * shared.stats["naive_tokens"] * NUM_QO_HEADS * HEAD_DIM
         row = {"workload": name, "queries": n, **shared.stats, **bytes_, "flops": flops,
                **common.floor_us(bytes_["unique_bytes"], flops, bandwidth_gbs),
@@ -145,22 +131,21 @@ def run_gpu(names, bandwidth_gbs, sweep: bool = False) -> list[dict]:
         methods = {
             "treeattn": lambda: treeattn.tree_decode(q, k_cache, v_cache, shared, out=out),
             "treeattn_per_branch": lambda: treeattn.tree_decode(q, k_cache, v_cache, per_branch, out=out),
-            "sdpa_duplicated": _sdpa_duplicated(q, k_cache, v_cache, table),
         }
-        common.time_methods(row, methods, {"flashinfer_decode_tc": lambda: _flashinfer_decode(q, k_cache, v_cache, table)})
+        common.time_methods(row, methods)
         if sweep:
             sweep_stage1(row, q, k_cache, v_cache, shared, out)
         o_shared = treeattn.tree_decode(q, k_cache, v_cache, shared)
         o_branch = treeattn.tree_decode(q, k_cache, v_cache, per_branch)
         row["rel_err_shared_vs_per_branch"] = relative_error(o_shared, o_branch)
+        peers.time_peers(row, _case(table, q, k_cache, v_cache, name), peers.GQA_PEERS, reference=o_shared)
         us = row.get("treeattn_us")
         if us:
             row["treeattn_unique_GBps"] = bytes_["unique_bytes"] / us / 1e3
             row["pct_of_copy_bw"] = 100 * row["treeattn_unique_GBps"] / bandwidth_gbs
             row["x_floor"] = us / row["floor_us"]
-            for base in ("treeattn_per_branch", "sdpa_duplicated", "flashinfer_decode_tc"):  # noqa: E501
-                if row.get(f"{base}_us"):
-                    row[f"speedup_vs_{base}"] = row[f"{base}_us"] / us
+            if row.get("treeattn_per_branch_us"):
+                row["speedup_vs_treeattn_per_branch"] = row["treeattn_per_branch_us"] / us
         rows.append(row)
         del q, k_cache, v_cache, shared, per_branch, methods
         torch.cuda.empty_cache()
@@ -172,28 +157,30 @@ def run_cpu(names) -> list[dict]:
     for name in names:
         table = workload_table(name, PAGE_SIZE)
         shared = _plan(table)
-        bytes_ = byte_model(shared, table.num_queries)
-        rows.append({"workload": name, "queries": table.num_queries, **shared.stats, **bytes_,
-                     "flops": 4 * shared.stats["naive_tokens"] * NUM_QO_HEADS * HEAD_DIM,
-                     "treeattn_vs_per_branch_bytes": bytes_["per_branch_bytes"] / bytes_["treeattn_bytes"],
-                     "treeattn_vs_unique_bytes": bytes_["treeattn_bytes"] / bytes_["unique_bytes"],
-                     "plan_host_us": plan_host_us(table)})
+        bytes_ = byte_model(shared, _plan(table, share_prefixes=False))
+        row = {"workload": name, "queries": table.num_queries, **shared.stats, **bytes_,
+               "flops": 4 * shared.stats["naive_tokens"] * NUM_QO_HEADS * HEAD_DIM,
+               "treeattn_vs_per_branch_bytes": bytes_["per_branch_bytes"] / bytes_["treeattn_bytes"],
+               "treeattn_vs_unique_bytes": bytes_["treeattn_bytes"] / bytes_["unique_bytes"],
+               "plan_host_us": plan_host_us(table)}
+        peers.skip_all(row, peers.GQA_PEERS)
+        rows.append(row)
     return rows
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results/latest")
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
+    parser.add_argument("--out", default="bench/results/local/latest")
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS))
     parser.add_argument("--sweep", action="store_true", help="GPU: also time stage-1 tile configs")
     args = parser.parse_args(argv)
-    env = common.environment()
+    env = {**common.environment(), "peers": peers.versions()}
     if torch.cuda.is_available():
         bandwidth = common.copy_bandwidth_gbs()
         rows = run_gpu(args.workloads, bandwidth, args.sweep)
         payload = {"env": env, "copy_bandwidth_GBps": bandwidth, "rows": rows}
-        cols = ["workload", "floor_us", "treeattn_us", "x_floor", "treeattn_per_branch_us", "sdpa_duplicated_us",
-                "flashinfer_decode_tc_us", "speedup_vs_treeattn_per_branch", "pct_of_copy_bw", "plan_host_us"]
+        cols = ["workload", "floor_us", "treeattn_us", "x_floor", "treeattn_per_branch_us", "best_peer",
+                "speedup_vs_best_peer", "pct_of_copy_bw", "plan_host_us"]
     else:
         rows = run_cpu(args.workloads)
         payload = {"env": env, "note": "CPU: no kernel timings; bytes each method would read", "rows": rows}

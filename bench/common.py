@@ -21,6 +21,11 @@ import torch
 BF16_MATMUL_TFLOPS = 675.0  # measured H200 dense bf16 matmul rate (see docs/design.md, targets)
 
 
+def cli_description(doc: str) -> str:
+    """A script's ``--help`` description: the first paragraph of its docstring, whole."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def environment() -> dict:
     env = {
         "python": platform.python_version(),
@@ -82,24 +87,18 @@ def host_us(fn, repeats: int, before=None) -> float:
     return statistics.median(times)
 
 
-def time_methods(row: dict, methods: dict, optional: dict | None = None) -> None:
-    """Times every method into ``row["<name>_us"]``. ``optional`` maps a provider name to a zero-argument
-    builder that may fail (a peer library that is absent): its failure is recorded as ``<name>_error``,
-    as is a method that fails to run, and the others still run."""
-    methods = dict(methods)
-    for name, build in (optional or {}).items():
-        try:
-            methods[name] = build()
-        except Exception as exc:
-            row[f"{name}_error"] = _error(exc)
+def time_methods(row: dict, methods: dict) -> None:
+    """Times every method into ``row["<name>_us"]``; one that fails to run gets ``row["<name>_error"]`` and the
+    others still run."""
     for name, fn in methods.items():
         try:
             row[f"{name}_us"] = time_us(fn)
         except Exception as exc:
-            row[f"{name}_error"] = _error(exc)
+            row[f"{name}_error"] = error_text(exc)
 
 
-def _error(exc: Exception) -> str:
+def error_text(exc: Exception) -> str:
+    """An exception as one short line for the results."""
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
@@ -117,6 +116,15 @@ def floor_us(unique_bytes: int, flops: int, bandwidth_gbs: float) -> dict:
     comp = flops / BF16_MATMUL_TFLOPS / 1e6
     return {"floor_us": max(mem, comp), "floor_memory_us": mem, "floor_compute_us": comp,
             "bound": "memory" if mem >= comp else "compute"}
+
+
+def decode_bytes(plan, kv_token_bytes: int, qo_bytes: int, partial_row_bytes: int) -> int:
+    """Bytes one split-KV decode under ``plan`` moves per layer (the byte model): the KV tokens its stage 1
+    reads (``planned_tokens``), q and o once, and the fp32 partial states it writes and its merge reads back
+    (``partial_rows``). A per-branch plan (``share_prefixes=False``) charges per-branch split-KV decode the
+    same way, so a table without sharing moves the same bytes either way."""
+    s = plan.stats
+    return s["planned_tokens"] * kv_token_bytes + qo_bytes + 2 * s["partial_rows"] * partial_row_bytes
 
 
 def write_results(out_dir: str | os.PathLike, name: str, payload: dict) -> Path:

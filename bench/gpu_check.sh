@@ -2,7 +2,9 @@
 # One short run on the GPU machine, at most ~8 minutes on an H200: build the CUDA extension, run the `gpu`
 # tests, then the benchmark suite (bench/run_all.py), which on a GPU starts with the device side of the
 # static sm_90a check (registers and spills of every kernel the ops compiled, as the driver reports them:
-# static_device.json) and writes JSON, summary.md and plots into RESULTS_DIR.
+# static_device.json), times treeattn and its peers (bench/peers.py) on the same inputs, and writes JSON,
+# summary.md and plots into RESULTS_DIR. FlashInfer's first use JIT-compiles its kernels (minutes): name fewer
+# peers with TREEATTN_PEERS=a,b (or none) when the budget is short.
 #   bash bench/gpu_check.sh RESULTS_DIR
 # Each step gets what is left of the budget (TREEATTN_GPU_BUDGET_S, default 470 s) and a cap of its own;
 # steps.txt records how long each took.
@@ -18,6 +20,21 @@ budget() { local left=$((deadline - SECONDS)); [ "$left" -lt "$1" ] || left=$1; 
 step_start=$SECONDS
 done_step() { echo "$1 rc=$2 seconds=$((SECONDS - step_start))" | tee -a "$out/steps.txt"; step_start=$SECONDS; }
 
+# FlashInfer, a peer of the suite, comes from a wheel folder brought along (the machine has no network):
+# TREEATTN_FLASHINFER_WHEELS=DIR (docs/benchmarks.md says how to fill it). Without it the FlashInfer rows are
+# recorded as skipped, and the other peers still run.
+if [ -n "${TREEATTN_FLASHINFER_WHEELS:-}" ]; then
+  # With its dependencies from the folder; else only FlashInfer and its compiled tvm-ffi (the rest may be here).
+  timeout "$(budget 60)" python3 -m pip install --no-index --find-links "$TREEATTN_FLASHINFER_WHEELS" flashinfer-python \
+    > "$out/flashinfer_install.log" 2>&1 \
+    || timeout "$(budget 60)" python3 -m pip install --no-index --no-deps --find-links "$TREEATTN_FLASHINFER_WHEELS" \
+      flashinfer-python apache-tvm-ffi >> "$out/flashinfer_install.log" 2>&1
+  done_step flashinfer_install "$?"
+  python3 -c 'import flashinfer; print("flashinfer", flashinfer.__version__)' 2>&1 | tail -n 1 | tee -a "$out/flashinfer_install.log"
+else
+  echo "FlashInfer: TREEATTN_FLASHINFER_WHEELS is not set, so FlashInfer is not installed and its peer rows are skipped" \
+    "(docs/benchmarks.md: how to prepare the wheel folder)" | tee "$out/flashinfer_install.log"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv > "$out/gpu.txt" 2>&1
 python3 -c 'import torch, triton, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)' >> "$out/gpu.txt"
 git rev-parse HEAD >> "$out/gpu.txt" 2>/dev/null

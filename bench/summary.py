@@ -5,7 +5,8 @@
     python bench/summary.py bench/results/2026-12-01_cpu_vm
 
 Every ratio reads the same way: "× fewer bytes than per-branch decode" (higher is better) and "× the unique
-bytes" (1.0 is the floor, higher is worse), "× the floor" for times (1.0 is the floor). A benchmark that is not
+bytes" (1.0 is the floor, higher is worse), "× the floor" for times (1.0 is the floor), "× faster than the best
+peer" (the fastest of the peers timed on the same row; a peer that did not run is listed with the reason). A benchmark that is not
 one of the known attention/planner rows can add its own lines to the table with a ``summary`` list in its
 JSON payload: ``[{"case": ..., "measure": ..., "value": ..., "vs": ...}, ...]``.
 """
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+import common
 
 MB = 1e6
 
@@ -47,8 +50,12 @@ def _attention_lines(bench: str, payload: dict) -> list[dict]:
         if bench != "tree_decode" and "dtype" in row:
             case += f", {row['dtype']}"
         tre, uniq, naive = row["treeattn_bytes"], row["unique_bytes"], row["per_branch_bytes"]
-        vs_branch = (f"{naive / tre:.2f}× fewer than per-branch decode" if naive >= tre
-                     else f"{tre / naive:.2f}× MORE than per-branch decode")
+        if naive == tre:
+            vs_branch = "the same bytes as per-branch decode"
+        elif naive > tre:
+            vs_branch = f"{naive / tre:.2f}× fewer than per-branch decode"
+        else:
+            vs_branch = f"{tre / naive:.2f}× MORE than per-branch decode"
         lines.append({"benchmark": bench, "case": case, "measure": "bytes per layer (model)",
                       "value": _fmt(tre / MB, "MB"), "vs": f"{vs_branch}; {tre / uniq:.2f}× the unique bytes"})
         us = row.get("treeattn_us")
@@ -62,6 +69,29 @@ def _attention_lines(bench: str, payload: dict) -> list[dict]:
                               else f"{us / peer_us:.2f}× SLOWER than {peer}")
             lines.append({"benchmark": bench, "case": case, "measure": "kernel time (GPU)", "value": _fmt(us, "µs"),
                           "vs": "; ".join(vs)})
+        lines += _peer_lines(bench, case, row)
+    return lines
+
+
+def _peer_lines(bench: str, case: str, row: dict) -> list[dict]:
+    """The row against its peers: treeattn's ratio to the fastest peer timed, then the peers that did not run
+    and why (grouped by reason)."""
+    lines = []
+    best = row.get("best_peer")
+    if best:
+        ratio = row["speedup_vs_best_peer"]
+        value = f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× SLOWER"
+        lines.append({"benchmark": bench, "case": case, "measure": "treeattn vs the best peer (GPU)", "value": value,
+                      "vs": f"best peer: {best} ({row[f'{best}_us']:.1f} µs)"})
+    reasons: dict[str, list[str]] = {}
+    for name, reason in row.get("peers_skipped", {}).items():
+        reasons.setdefault(f"skipped: {reason}", []).append(name)
+    for key in sorted(row):
+        if key.endswith("_error") and not key.startswith("treeattn"):
+            reasons.setdefault(f"failed: {row[key]}", []).append(key[: -len("_error")])
+    for reason, names in reasons.items():
+        lines.append({"benchmark": bench, "case": case, "measure": "peers not timed", "value": ", ".join(names),
+                      "vs": reason})
     return lines
 
 
@@ -86,7 +116,9 @@ def collect(results: Path) -> tuple[dict, list[dict]]:
             continue
         if not isinstance(payload, dict):
             continue
-        env = env or payload.get("env", {})
+        env = env or dict(payload.get("env", {}))
+        if "peers" in payload.get("env", {}):
+            env["peers"] = payload["env"]["peers"]
         bench = path.stem
         lines += _attention_lines(bench, payload) + _planner_lines(bench, payload)
         for line in payload.get("summary", []):
@@ -100,6 +132,8 @@ def markdown(env: dict, lines: list[dict]) -> str:
     commit = env.get("commit")
     head += [f"Machine: {env.get('gpu') or env.get('cpu', '?')}; {where}; commit {commit[:10] if commit else '?'}"
              f"{' (with uncommitted changes)' if env.get('dirty') else ''}.", ""]
+    if env.get("peers"):
+        head += ["Peers: " + ", ".join(f"{k} {v}" for k, v in env["peers"].items()) + ".", ""]
     cols = ("benchmark", "case", "measure", "value", "vs")
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     table += ["| " + " | ".join(str(line.get(c, "")) for c in cols) + " |" for line in lines]
@@ -143,7 +177,7 @@ def plots(results: Path) -> list[Path]:
         return []
     labels = [f"{b}: {r['workload']}" + (f", {r['heads']} heads" if "heads" in r else "") for b, r in rows]
     series = {name: [r[key] / MB for _, r in rows] for key, name in (
-        ("unique_bytes", "unique KV (floor)"), ("treeattn_bytes", "treeattn"), ("per_branch_bytes", "per-branch decode"))}
+        ("unique_bytes", "unique KV (floor)"), ("treeattn_bytes", "treeattn"), ("per_branch_bytes", "per-branch split-KV decode"))}
     written = [_grouped_barh(results / "bytes.png", labels, series, "MB read per layer (model)",
                              "Bytes each method reads per decode step and layer")]
     timed = [(label, r) for label, (_, r) in zip(labels, rows) if r.get("treeattn_us")]
@@ -172,7 +206,7 @@ def write_summary(results: str | Path) -> tuple[str, list[Path]]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
     parser.add_argument("results", help="a results folder (JSON files from bench/run_all.py)")
     args = parser.parse_args(argv)
     text, pngs = write_summary(args.results)
