@@ -64,7 +64,7 @@ def _run_step(argv: list[str], interpret: bool) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out", default="bench/results/latest", help="folder for static_sm90.json")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="compile processes")
     parser.add_argument("--quick", action="store_true", help="a small slice of the matrix")
