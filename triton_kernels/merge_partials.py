@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ._utils import Launch, next_pow2
 from .configs import device_arch, tile_config
-from .softmax import fold_state, load_state, normalize, softmax_state
+from .softmax import fold_state, head_block, load_state, softmax_state, store_merged
 
 __all__ = ["merge_partials", "merge_partials_launch"]
 
@@ -26,10 +26,7 @@ def _merge_partials_kernel(
 ):
     """One program per (merge query, head block): fold the query's partial rows in plan (root→leaf) order."""
     pid = tl.program_id(0)
-    h = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
-    h_valid = h < num_heads
-    d = tl.arange(0, HEAD_DIM_PAD)
-    mask = h_valid[:, None] & (d < HEAD_DIM)[None, :]
+    h, h_valid, d, mask = head_block(num_heads, HEAD_BLOCK, HEAD_DIM, HEAD_DIM_PAD)
     query = tl.load(merge_query_ptr + pid).to(tl.int64)
     if query < 0:  # padding entry of a fixed-capacity plan
         return
@@ -40,10 +37,8 @@ def _merge_partials_kernel(
         o_r, lse_r = load_state(part_o_ptr, part_lse_ptr, begin.to(tl.int64) + i, stride_part_n, stride_part_h,
                                 stride_part_lse_n, h, h_valid, d, mask)
         acc, l_run, m_run = fold_state(acc, l_run, m_run, o_r, lse_r)
-    o, l_safe = normalize(acc, l_run)
-    o_ptrs = out_ptr + query * stride_out_n + h[:, None] * stride_out_h + d[None, :]
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(lse_ptr + query * stride_lse_n + h, m_run + tl.log(l_safe), mask=h_valid)
+    store_merged(acc, l_run, m_run, out_ptr, lse_ptr, query, stride_out_n, stride_out_h, stride_lse_n, h, h_valid, d,
+                 mask)
 
 
 def merge_partials_launch(

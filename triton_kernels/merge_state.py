@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ._utils import next_pow2
 from .configs import device_arch, tile_config
-from .softmax import fold_state, load_state, normalize, softmax_state
+from .softmax import fold_state, head_block, load_state, softmax_state, store_merged
 
 __all__ = ["merge_state"]
 
@@ -30,19 +30,14 @@ def _merge_state_kernel(
 ):
     """One program per (row n, head block)."""
     n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
-    h_valid = h < num_heads
-    d = tl.arange(0, HEAD_DIM_PAD)
-    mask = h_valid[:, None] & (d < HEAD_DIM)[None, :]
+    h, h_valid, d, mask = head_block(num_heads, HEAD_BLOCK, HEAD_DIM, HEAD_DIM_PAD)
     acc, l_i, m_i = softmax_state(HEAD_BLOCK, HEAD_DIM_PAD)
     o_a, lse_a = load_state(o_a_ptr, lse_a_ptr, n, stride_a_n, stride_a_h, stride_lse_a_n, h, h_valid, d, mask)
     acc, l_i, m_i = fold_state(acc, l_i, m_i, o_a, lse_a)
     o_b, lse_b = load_state(o_b_ptr, lse_b_ptr, n, stride_b_n, stride_b_h, stride_lse_b_n, h, h_valid, d, mask)
     acc, l_i, m_i = fold_state(acc, l_i, m_i, o_b, lse_b)
-    o, l_safe = normalize(acc, l_i)
-    o_ptrs = out_ptr + n * stride_out_n + h[:, None] * stride_out_h + d[None, :]
-    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(lse_out_ptr + n * stride_lse_out_n + h, m_i + tl.log(l_safe), mask=h_valid)
+    store_merged(acc, l_i, m_i, out_ptr, lse_out_ptr, n, stride_out_n, stride_out_h, stride_lse_out_n, h, h_valid, d,
+                 mask)
 
 
 def merge_state(

@@ -20,7 +20,8 @@ import triton.language as tl
 from ._utils import LN2 as _LN2
 
 __all__ = [
-    "LN2", "fold_state", "load_state", "normalize", "online_softmax_tile", "softmax_state", "static_assert_dot_size",
+    "LN2", "fold_state", "head_block", "load_state", "normalize", "online_softmax_tile", "softmax_state",
+    "static_assert_dot_size", "store_merged",
 ]
 
 LN2 = tl.constexpr(_LN2)  # log2 -> natural log of the stage-1 lse
@@ -70,12 +71,32 @@ def fold_state(acc, l_run, m_run, o, lse):
 
 
 @triton.jit
+def head_block(num_heads, HEAD_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """``(h, h_valid, d, mask)`` of a merge program's tile: heads block ``program_id(1)`` of ``num_heads``
+    (``[HEAD_BLOCK]``), the columns (``[HEAD_DIM_PAD]``) and the tile's mask (``[HEAD_BLOCK, HEAD_DIM_PAD]``)."""
+    h = tl.program_id(1) * HEAD_BLOCK + tl.arange(0, HEAD_BLOCK)
+    h_valid = h < num_heads
+    d = tl.arange(0, HEAD_DIM_PAD)
+    return h, h_valid, d, h_valid[:, None] & (d < HEAD_DIM)[None, :]
+
+
+@triton.jit
 def load_state(o_ptr, lse_ptr, row, stride_n, stride_h, stride_lse_n, h, h_valid, d, mask):
     """A finished state's heads ``h`` of row ``row`` (int64): ``(o [heads, cols] fp32, lse [heads])``;
     masked heads read as an empty state (lse ``-inf``), never from memory."""
     lse = tl.load(lse_ptr + row * stride_lse_n + h, mask=h_valid, other=float("-inf"))
     o = tl.load(o_ptr + row * stride_n + h[:, None] * stride_h + d[None, :], mask=mask, other=0.0)
     return o.to(tl.float32), lse
+
+
+@triton.jit
+def store_merged(acc, l_i, m_i, out_ptr, lse_ptr, row, stride_out_n, stride_out_h, stride_lse_n, h, h_valid, d, mask):
+    """Stores a merged state (``m`` natural log) as output row ``row`` (int64): ``o`` in ``out``'s dtype and
+    the lse (:func:`normalize`'s rule for empty and NaN rows)."""
+    o, l_safe = normalize(acc, l_i)
+    tl.store(out_ptr + row * stride_out_n + h[:, None] * stride_out_h + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(lse_ptr + row * stride_lse_n + h, m_i + tl.log(l_safe), mask=h_valid)
 
 
 @triton.jit
