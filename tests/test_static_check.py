@@ -1,6 +1,6 @@
 """The static sm_90a check's pieces: launch recording (without running kernels, bf16 included), the cuobjdump
-parser, the occupancy arithmetic and the verdicts, one real sm_90a compile, and the matrix's coverage.
-The full matrix runs as a CI step (``python bench/static_check.py``), not here."""
+parser, the occupancy arithmetic and the verdicts, one real sm_90a compile, the matrix's coverage and the
+report's readable kernel names. The full matrix runs as a CI step (``python bench/static_check.py``), not here."""
 
 import json
 import os
@@ -16,7 +16,10 @@ from treeattn.testing import WORKLOADS, assert_close
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
-import static_check  # noqa: E402
+import static_matrix  # noqa: E402
+import static_record  # noqa: E402
+import static_report  # noqa: E402
+import static_resources  # noqa: E402
 
 # cuobjdump --dump-resource-usage of a two-arch library (sm_80 and sm_90a ELFs of the same kernels).
 FATBIN_USAGE = """
@@ -47,7 +50,7 @@ Resource usage:
 
 
 def test_parse_resource_usage_keeps_each_arch():
-    usage = static_check.parse_resource_usage(FATBIN_USAGE)
+    usage = static_resources.parse_resource_usage(FATBIN_USAGE)
     assert usage["_Z6kernelPfi"] == {"REG": 48, "STACK": 0, "SHARED": 0, "LOCAL": 0, "arch": "sm_80"}
     assert usage["_Z6kernelPfi@sm_90a"] == {"REG": 255, "STACK": 40, "SHARED": 1280, "LOCAL": 0, "arch": "sm_90a"}
     assert usage["_Z5mergePfi"]["arch"] == "sm_90a" and usage["_Z5mergePfi"]["REG"] == 26
@@ -64,17 +67,17 @@ def test_parse_resource_usage_keeps_each_arch():
     ],
 )
 def test_blocks_per_sm(registers, shared, warps, blocks):
-    assert static_check.blocks_per_sm(registers, shared, warps) == blocks
+    assert static_resources.blocks_per_sm(registers, shared, warps) == blocks
 
 
 def test_judge_flags_spills_and_shared_memory():
-    assert static_check.judge(182, 0, 82944, 4) == (2, [])
-    blocks, problems = static_check.judge(255, 744, 82944, 4)
+    assert static_resources.judge(182, 0, 82944, 4) == (2, [])
+    blocks, problems = static_resources.judge(255, 744, 82944, 4)
     assert problems == ["spills 744 B/thread"]
-    limit = static_check.SM90["shared_per_block"]
-    _, problems = static_check.judge(100, 0, limit + 1024, 4)  # exactly the limit (plus the runtime's 1 KB)
+    limit = static_resources.SM90["shared_per_block"]
+    _, problems = static_resources.judge(100, 0, limit + 1024, 4)  # exactly the limit (plus the runtime's 1 KB)
     assert problems == []
-    _, problems = static_check.judge(100, 0, limit + 1024 + 16, 4)
+    _, problems = static_resources.judge(100, 0, limit + 1024 + 16, 4)
     assert problems == [f"shared memory {limit + 16} B > {limit} B"]
 
 
@@ -87,7 +90,7 @@ def _merge_inputs(dtype, n=3, heads=5, dim=64):
 def test_recording_does_not_run_kernels_unless_asked():
     inputs = _merge_inputs(torch.float16)
     out = torch.zeros(3, 5, 64, dtype=torch.float16)
-    with static_check.recording() as launches:
+    with static_record.recording() as launches:
         treeattn.merge_state(*inputs, out=out)
     assert len(launches) == 1
     launch = launches[0]
@@ -96,7 +99,7 @@ def test_recording_does_not_run_kernels_unless_asked():
     assert launch["args"][0] == {"tensor": "float16", "aligned": True}
     assert bool((out == 0).all()), "a recorded launch must not execute"
 
-    with static_check.recording(execute=True) as launches:
+    with static_record.recording(execute=True) as launches:
         o, lse = treeattn.merge_state(*inputs)
     assert len(launches) == 1
     ref_o, ref_lse = treeattn.reference.merge_state(*inputs)
@@ -105,8 +108,8 @@ def test_recording_does_not_run_kernels_unless_asked():
 
 
 def test_recording_bf16_without_the_interpreter_running_it():
-    case = static_check.Case("tree_decode", "bfloat16", "one_query", 16, 8, 2, 128)
-    (first, *rest), = [static_check.record([case])]
+    case = static_matrix.Case("tree_decode", "bfloat16", "one_query", 16, 8, 2, 128)
+    (first, *rest), = [static_record.record([case])]
     kernels = {r["kernel"].split(":")[1] for r in [first, *rest]}
     assert any("stage1" in k for k in kernels), kernels
     assert first["case"] == case.label
@@ -115,7 +118,7 @@ def test_recording_bf16_without_the_interpreter_running_it():
 
 
 def test_matrix_covers_the_targets_and_model_shapes():
-    cases = static_check.matrix()
+    cases = static_matrix.matrix()
     gqa = [c for c in cases if c.op == "tree_decode"]
     mla = [c for c in cases if c.op == "mla_tree_decode"]
     assert set(WORKLOADS) <= {c.tree for c in gqa} and set(WORKLOADS) <= {c.tree for c in mla}
@@ -129,7 +132,7 @@ def test_matrix_covers_the_targets_and_model_shapes():
 
 def test_compile_step_reads_sm90a_resources(tmp_path):
     """Step 2 in its own process (no interpreter): one recorded merge_state launch, compiled for sm_90a."""
-    with static_check.recording() as launches:
+    with static_record.recording() as launches:
         treeattn.merge_state(*_merge_inputs(torch.float16))
     launches[0]["case"] = "merge_state test"
     records, result = tmp_path / "records.json", tmp_path / "result.json"
@@ -188,9 +191,51 @@ def test_cuda_library_check_reads_sm90a_kernels_and_flags_spills(tmp_path):
     subprocess.run(["nvcc", "-shared", "-Xcompiler", "-fPIC", "-maxrregcount=24", "-gencode=arch=compute_80,code=sm_80",
                     "-gencode=arch=compute_90a,code=sm_90a", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.so")],
                    check=True, capture_output=True, timeout=300)
-    library, rows = static_check.cuda_extension_kernels(str(tmp_path / "k.so"))
+    library, rows = static_resources.cuda_extension_kernels(str(tmp_path / "k.so"))
     assert library == str(tmp_path / "k.so")
     by_name = {r["function"]: r for r in rows}
     assert set(by_name) == {"_Z4busyPfi", "_Z4tinyPf"} and {r["arch"] for r in rows} == {"sm_90a"}
     assert by_name["_Z4busyPfi"]["spill"] > 0 and by_name["_Z4busyPfi"]["violations"][0].startswith("spills")
     assert by_name["_Z4tinyPf"]["violations"] == [] and by_name["_Z4tinyPf"]["registers"] <= 24
+    if static_resources._demangler() is not None:
+        assert by_name["_Z4busyPfi"]["name"] == "busy" and by_name["_Z4tinyPf"]["name"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    "demangled, readable",
+    [
+        ("void treeattn::(anonymous namespace)::kv_write_kernel<unsigned long, 1>(treeattn::(anonymous namespace)::Args)",
+         "treeattn::kv_write_kernel<unsigned long, 1>"),
+        ("void treeattn::merge_state_kernel<__half>(const __half*, float*, int (*)(int))",
+         "treeattn::merge_state_kernel<__half>"),
+        ("busy(float*, int)", "busy"),
+        ("_Z_not_a_symbol", "_Z_not_a_symbol"),
+    ],
+)
+def test_readable_kernel_names(demangled, readable):
+    assert static_resources.readable_name(demangled) == readable
+
+
+@pytest.mark.skipif(static_resources._demangler() is None, reason="needs cu++filt or c++filt")
+def test_demangle_reads_cuda_kernel_symbols():
+    symbols = ["_ZN8treeattn12_GLOBAL__N_115kv_write_kernelImLi1EEEvNS0_4ArgsE", "_Z4busyPfi", "not_mangled"]
+    names = static_resources.demangle(symbols)
+    assert static_resources.readable_name(names[symbols[0]]) == "treeattn::kv_write_kernel<unsigned long, 1>"
+    assert static_resources.readable_name(names[symbols[1]]) == "busy"
+    assert names["not_mangled"] == "not_mangled"
+
+
+def test_report_table_shows_whole_kernel_names():
+    """No cut names: the kernel column is as wide as the longest name, the CUDA rows by their readable names."""
+    long_name = "treeattn::kv_write_kernel<unsigned long, 4>"
+    cuda_rows = [{"function": "_ZN8treeattn_mangled", "name": long_name, "arch": "sm_90a", "registers": 40,
+                  "spill": 0, "shared": 0, "violations": []}]
+    entry = {"spec": {"kernel": "treeattn.triton_kernels.merge_state:_merge_state_kernel",
+                      "constexprs": {"HEAD_DIM": 64}, "signature": {"o_a_ptr": "*fp16"}, "options": {"num_warps": 4}},
+             "error": None, "registers": 30, "spill": 0, "shared": 1024, "blocks_per_sm": 16, "cases": ["c"],
+             "violations": []}
+    lines = static_report.format_table([entry], cuda_rows).splitlines()
+    assert lines[1].startswith("_merge_state_kernel ") and lines[1].endswith("D=64")
+    assert lines[2].startswith(f"_C {long_name} ")
+    assert lines[0].index("dtype") == len(f"_C {long_name} ")  # the column fits the longest name
+    assert "_ZN8" not in "\n".join(lines)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# exp(x) = exp2(x * LOG2E): the stage-1 kernels run the softmax in the exp2 domain; LN2 takes its lse back.
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 def next_pow2(x: int) -> int:

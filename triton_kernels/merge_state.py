@@ -1,9 +1,9 @@
 """Triton kernel of the pairwise ``merge_state`` op (its CUDA twin is ``csrc/merge_state.cu``).
 
 Combines two attention states (o, lse) over disjoint KV sets exactly: lse = log(exp(lse_a) + exp(lse_b)),
-o = o_a·exp(lse_a − lse) + o_b·exp(lse_b − lse). The maximum keeps every exponent ≤ 0; a state with no KV
-(lse = -inf) contributes nothing (its o is not used), two empty states give o = 0, lse = -inf, and a NaN in
-either state gives NaN.
+o = o_a·exp(lse_a − lse) + o_b·exp(lse_b − lse), with the fold the stage-2 merge uses
+(:func:`.softmax.fold_state`): a state with no KV (lse = -inf) contributes nothing (its o is not used), two
+empty states give o = 0, lse = -inf, and a NaN in either state gives NaN.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from ._utils import next_pow2
+from .configs import device_arch, tile_config
+from .softmax import fold_state, head_block, load_state, softmax_state, store_merged
 
 __all__ = ["merge_state"]
 
@@ -24,32 +26,18 @@ def _merge_state_kernel(
     stride_a_n, stride_a_h, stride_lse_a_n,
     stride_b_n, stride_b_h, stride_lse_b_n,
     stride_out_n, stride_out_h, stride_lse_out_n,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    HEAD_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
 ):
-    """One program per (n, h) row."""
-    row = tl.program_id(0)
-    n = (row // num_heads).to(tl.int64)
-    h = row % num_heads
-    d = tl.arange(0, HEAD_DIM_PAD)
-    mask = d < HEAD_DIM
-    lse_a = tl.load(lse_a_ptr + n * stride_lse_a_n + h)
-    lse_b = tl.load(lse_b_ptr + n * stride_lse_b_n + h)
-    m = tl.maximum(lse_a, lse_b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w_a = tl.exp(lse_a - m_safe)
-    w_b = tl.exp(lse_b - m_safe)
-    total = w_a + w_b
-    o_a = tl.load(o_a_ptr + n * stride_a_n + h * stride_a_h + d, mask=mask, other=0.0).to(tl.float32)
-    o_b = tl.load(o_b_ptr + n * stride_b_n + h * stride_b_h + d, mask=mask, other=0.0).to(tl.float32)
-    # total is 0 only when both states are empty; a NaN lse makes it NaN, which must reach the output
-    # (a NaN compares False to everything, so test for emptiness, not for "total > 0").
-    nonempty = total != 0
-    inv = tl.where(nonempty, 1.0 / tl.where(nonempty, total, 1.0), 0.0)
-    # A state with zero weight (no KV) contributes nothing, whatever its o holds (as in the CUDA kernel).
-    o = (tl.where(w_a == 0, 0.0, o_a * w_a) + tl.where(w_b == 0, 0.0, o_b * w_b)) * inv
-    lse = tl.where(nonempty, m_safe + tl.log(tl.where(nonempty, total, 1.0)), float("-inf"))
-    tl.store(out_ptr + n * stride_out_n + h * stride_out_h + d, o.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(lse_out_ptr + n * stride_lse_out_n + h, lse)
+    """One program per (row n, head block)."""
+    n = tl.program_id(0).to(tl.int64)
+    h, h_valid, d, mask = head_block(num_heads, HEAD_BLOCK, HEAD_DIM, HEAD_DIM_PAD)
+    acc, l_i, m_i = softmax_state(HEAD_BLOCK, HEAD_DIM_PAD)
+    o_a, lse_a = load_state(o_a_ptr, lse_a_ptr, n, stride_a_n, stride_a_h, stride_lse_a_n, h, h_valid, d, mask)
+    acc, l_i, m_i = fold_state(acc, l_i, m_i, o_a, lse_a)
+    o_b, lse_b = load_state(o_b_ptr, lse_b_ptr, n, stride_b_n, stride_b_h, stride_lse_b_n, h, h_valid, d, mask)
+    acc, l_i, m_i = fold_state(acc, l_i, m_i, o_b, lse_b)
+    store_merged(acc, l_i, m_i, out_ptr, lse_out_ptr, n, stride_out_n, stride_out_h, stride_lse_out_n, h, h_valid, d,
+                 mask)
 
 
 def merge_state(
@@ -60,11 +48,15 @@ def merge_state(
     n, num_heads, head_dim = o_a.shape
     if n * num_heads == 0:
         return
-    _merge_state_kernel[(n * num_heads,)](
+    head_dim_pad = next_pow2(head_dim)
+    config = tile_config("merge_state", device_arch(out.device), head_dim_pad, None, out.dtype, None)
+    head_block = min(next_pow2(num_heads), config.block_n)
+    _merge_state_kernel[(n, triton.cdiv(num_heads, head_block))](
         o_a, lse_a, o_b, lse_b, out, lse_out,
         num_heads,
         o_a.stride(0), o_a.stride(1), lse_a.stride(0),
         o_b.stride(0), o_b.stride(1), lse_b.stride(0),
         out.stride(0), out.stride(1), lse_out.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=next_pow2(head_dim),
+        HEAD_BLOCK=head_block, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
