@@ -4,8 +4,13 @@ history, ranking, token sources, validation."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from treeattn.speculative import ROOT, Continuation, DraftTree, NgramIndex, draft_ngram_tree
+from treeattn.speculative import (
+    ROOT,
+    Continuation,
+    DraftTree,
+    NgramIndex,
+    draft_ngram_tree,
+)
 
 
 def brute_continuations(stream, suffix, min_n, max_n, max_tokens, max_matches):
@@ -99,6 +104,17 @@ def test_token_sources_add_branches():
     own.extend([3, 0, 1, 2])  # own history now says "1 2 3 0": it comes before the corpus at equal score
     tree = draft_ngram_tree(own, 2, sources=[corpus])
     assert tree.path_tokens(1) == [3, 0]
+
+
+def test_copies_are_independent():
+    prompt = NgramIndex([1, 2, 3, 1, 2], max_ngram=2)
+    a, b = prompt.copy(), prompt.copy()
+    a.extend([4, 1, 2])
+    b.extend([3])
+    assert prompt.tokens == [1, 2, 3, 1, 2] and b.tokens == [1, 2, 3, 1, 2, 3]
+    assert draft_ngram_tree(a, 1).tokens.tolist() == [4]  # a's own continuation, the most recent
+    assert draft_ngram_tree(prompt, 1).tokens.tolist() == [3]
+    assert a.continuations([1, 2], 2, 8) == NgramIndex(a.tokens, max_ngram=2).continuations([1, 2], 2, 8)
 
 
 def test_sequence_without_repeats_drafts_nothing():

@@ -4,7 +4,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from treeattn.speculative import ROOT, DraftTree
 
 
@@ -83,6 +82,8 @@ def test_tensor_inputs_are_copied():
     (dict(tokens=[1], parents=[-1], draft_probs=torch.ones(1, 4)), r"draft_probs: expected 2 rows"),
     (dict(tokens=[5], parents=[-1], draft_probs=torch.ones(2, 4)), r"tokens: expected ids < vocab 4"),
     (dict(tokens=[1], parents=[-1], draft_probs=torch.ones(2)), r"draft_probs: expected a 2-D floating tensor"),
+    (dict(tokens=[1, 2], parents=[-1, 0], draft_probs=torch.tensor([[0.5, 0.5, 0.0]] * 3)),
+     r"draft_probs: expected a positive probability for node 1's token 2 in its parent's row, got 0.0"),
     (dict(tokens=[1], parents=[-1], token_probs=torch.ones(2)), r"token_probs: expected a 1-D tensor of 1"),
 ])
 def test_bad_input_is_named(kwargs, match):

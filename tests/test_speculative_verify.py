@@ -7,14 +7,19 @@ import zlib
 
 import pytest
 import torch
+import treeattn.speculative.verify as verify_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import treeattn.speculative.verify as verify_module
-from treeattn.speculative import (ROOT, DraftTree, NgramIndex, draft_model_tree, draft_ngram_tree, verify_greedy,
-                                  verify_sampling)
-
 from test_speculative_tree import trees
+from treeattn.speculative import (
+    ROOT,
+    DraftTree,
+    NgramIndex,
+    draft_model_tree,
+    draft_ngram_tree,
+    verify_greedy,
+    verify_sampling,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,6 +20,14 @@ from .tree import ROOT, DraftTree
 from .verify import Verification, verify_greedy, verify_sampling
 
 __all__ = [
-    "ROOT", "DraftTree", "NgramIndex", "TokenSource", "Continuation", "draft_ngram_tree", "draft_model_tree",
-    "Verification", "verify_greedy", "verify_sampling",
+    "ROOT",
+    "Continuation",
+    "DraftTree",
+    "NgramIndex",
+    "TokenSource",
+    "Verification",
+    "draft_model_tree",
+    "draft_ngram_tree",
+    "verify_greedy",
+    "verify_sampling",
 ]

@@ -69,8 +69,10 @@ def draft_model_tree(next_logits: NextLogits, num_speculative_tokens: int, *, to
         for f, row in zip(frontier, probs):
             rows[f] = row
         remaining = budget - len(tokens)
-        picks = (_sampled_children if sample else _top_children)(frontier, probs, cumulative, top_k, remaining,
-                                                                  generator)
+        if sample:
+            picks = _sampled_children(frontier, probs, top_k, remaining, generator)
+        else:
+            picks = _top_children(frontier, probs, cumulative, top_k, remaining)
         new_nodes = []
         for f, token, prob in picks:
             tokens.append(token)
@@ -96,7 +98,7 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _top_children(frontier: Sequence[int], probs: torch.Tensor, cumulative: Sequence[float], top_k: int,
-                  remaining: int, generator) -> list[tuple[int, int, float]]:
+                  remaining: int) -> list[tuple[int, int, float]]:
     """The best ``remaining`` of each frontier node's ``top_k`` tokens by cumulative probability, grouped by
     parent, siblings most likely first."""
     k = min(top_k, probs.shape[1])
@@ -112,8 +114,8 @@ def _top_children(frontier: Sequence[int], probs: torch.Tensor, cumulative: Sequ
     return [(frontier[slot], indices[slot][r], values[slot][r]) for _, slot, r in kept]
 
 
-def _sampled_children(frontier: Sequence[int], probs: torch.Tensor, cumulative: Sequence[float], top_k: int,
-                      remaining: int, generator) -> list[tuple[int, int, float]]:
+def _sampled_children(frontier: Sequence[int], probs: torch.Tensor, top_k: int, remaining: int,
+                      generator: torch.Generator | None) -> list[tuple[int, int, float]]:
     """Children drawn without replacement from each frontier node's distribution. How many each node gets is
     fixed before any draw (frontier order, at most ``top_k``, within the support and the budget)."""
     support = (probs > 0).sum(dim=-1).tolist()

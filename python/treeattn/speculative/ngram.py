@@ -55,6 +55,14 @@ class NgramIndex:
     def tokens(self) -> list[int]:
         return list(self._tokens)
 
+    def copy(self) -> NgramIndex:
+        """An independent index of the same stream (e.g. for each of ``num_return_sequences`` samples that
+        share a prompt); ``O(len(self) * max_ngram)``, once per fork."""
+        twin = NgramIndex(min_ngram=self.min_ngram, max_ngram=self.max_ngram)
+        twin._tokens = list(self._tokens)
+        twin._positions = {gram: list(positions) for gram, positions in self._positions.items()}
+        return twin
+
     def suffix(self, length: int) -> list[int]:
         """The last ``length`` tokens (fewer when the stream is shorter)."""
         length = check_int("length", length, 0)

@@ -80,6 +80,14 @@ class DraftTree:
                 raise ValueError(f"draft_probs: expected {n + 1} rows (root + one per node), got {probs.shape[0]}")
             if n and int(tokens.max()) >= probs.shape[1]:
                 raise ValueError(f"tokens: expected ids < vocab {probs.shape[1]} of draft_probs, got {int(tokens.max())}")
+            if n:
+                # Each child was drawn from its parent's row, so it has positive probability there.
+                drawn = probs[(parents + 1).to(probs.device), tokens.to(probs.device)]
+                bad = torch.nonzero(~(drawn > 0)).flatten().tolist()
+                if bad:
+                    i = bad[0]
+                    raise ValueError(f"draft_probs: expected a positive probability for node {i}'s token "
+                                     f"{token_list[i]} in its parent's row, got {float(drawn[i])}")
         if self.token_probs is not None:
             tp = self.token_probs
             if not isinstance(tp, torch.Tensor) or tp.dim() != 1 or tp.numel() != n:
@@ -92,11 +100,11 @@ class DraftTree:
 
     # construction -----------------------------------------------------------------------------------------
     @classmethod
-    def empty(cls) -> "DraftTree":
+    def empty(cls) -> DraftTree:
         return cls(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
 
     @classmethod
-    def from_paths(cls, paths: Sequence[Sequence[int]], max_nodes: int | None = None) -> "DraftTree":
+    def from_paths(cls, paths: Sequence[Sequence[int]], max_nodes: int | None = None) -> DraftTree:
         """The trie of ``paths`` (token lists after the root), breadth-first so that shallower nodes come
         first; siblings in the order their first path lists them. ``max_nodes`` keeps the first nodes of
         that order (a connected tree, since parents precede children). A chain is ``from_paths([tokens])``."""
