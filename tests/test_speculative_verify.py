@@ -18,6 +18,7 @@ from treeattn.speculative import (
     draft_model_tree,
     draft_ngram_tree,
     verify_greedy,
+    verify_greedy_batch,
     verify_sampling,
 )
 
@@ -80,6 +81,19 @@ def test_greedy_accepts_longest_agreeing_path(tree, seed):
     assert result.path == tree.path(deepest)
     assert result.tokens.tolist() == tree.path_tokens(deepest) + [best[deepest + 1]]
     assert result.draft_tokens == tree.num_nodes and result.accepted_draft_tokens == len(result.path)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(trees(), max_size=4), st.integers(0, 2**31 - 1))
+def test_greedy_batch_equals_one_by_one(batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(sum(t.num_nodes + 1 for t in batch), 6, generator=g)
+    results = verify_greedy_batch(batch, scores)
+    rows = scores.split([t.num_nodes + 1 for t in batch])
+    assert len(results) == len(batch)
+    for tree, row, result in zip(batch, rows, results):
+        alone = verify_greedy(tree, row)
+        assert result.path == alone.path and result.tokens.tolist() == alone.tokens.tolist()
 
 
 def test_greedy_speculative_loop_equals_plain_greedy():
@@ -194,6 +208,10 @@ def test_verify_bad_input_is_named():
         verify_greedy(tree, torch.zeros(3, 4))
     with pytest.raises(ValueError, match=r"target_probs: expected a 2-D floating tensor"):
         verify_sampling(tree, torch.zeros(3, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"target_scores: expected 5 rows \(num_nodes \+ 1 per tree\), got 4"):
+        verify_greedy_batch([tree, DraftTree.empty(), DraftTree.empty()], torch.zeros(4, 5))
+    with pytest.raises(ValueError, match=r"target_scores \(tree 1\): expected vocab > 4"):
+        verify_greedy_batch([DraftTree.empty(), tree], torch.zeros(4, 4))
     with pytest.raises(ValueError, match=r"target_probs: expected a 2-D floating tensor"):
         verify_sampling(tree, [[0.2]])
     sampled = DraftTree([4], [ROOT], draft_probs=torch.full((2, 5), 0.2))

@@ -17,7 +17,7 @@ replacement from a draft distribution alike.
 from .draft_model import draft_model_tree
 from .ngram import Continuation, NgramIndex, TokenSource, draft_ngram_tree
 from .tree import ROOT, DraftTree
-from .verify import Verification, verify_greedy, verify_sampling
+from .verify import Verification, verify_greedy, verify_greedy_batch, verify_sampling
 
 __all__ = [
     "ROOT",
@@ -29,5 +29,6 @@ __all__ = [
     "draft_model_tree",
     "draft_ngram_tree",
     "verify_greedy",
+    "verify_greedy_batch",
     "verify_sampling",
 ]

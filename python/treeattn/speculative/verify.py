@@ -9,6 +9,7 @@ process that position.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,30 @@ def verify_greedy(tree: DraftTree, target_scores: torch.Tensor) -> Verification:
     ``target_scores: [n + 1, vocab]`` processed logits (or log-probabilities), any device.
     """
     _check_target("target_scores", tree, target_scores)
-    best = target_scores.argmax(dim=-1).tolist()  # one device->host copy for the whole tree
+    return _greedy_walk(tree, target_scores.argmax(dim=-1).tolist())
+
+
+def verify_greedy_batch(trees: Sequence[DraftTree], target_scores: torch.Tensor) -> list[Verification]:
+    """``verify_greedy`` for a batch of trees whose rows are stacked: ``target_scores: [sum(n_b + 1), vocab]``,
+    tree ``b``'s ``n_b + 1`` rows after those of the trees before it. One argmax and one device-to-host copy
+    for the whole batch."""
+    if not isinstance(target_scores, torch.Tensor) or target_scores.dim() != 2:
+        got = f"shape {list(target_scores.shape)}" if isinstance(target_scores, torch.Tensor) else type(target_scores).__name__
+        raise ValueError(f"target_scores: expected a 2-D tensor [sum(num_nodes + 1), vocab], got {got}")
+    sizes = [tree.num_nodes + 1 for tree in trees]
+    if sum(sizes) != target_scores.shape[0]:
+        raise ValueError(f"target_scores: expected {sum(sizes)} rows (num_nodes + 1 per tree), got {target_scores.shape[0]}")
+    for b, rows in enumerate(target_scores.split(sizes)):
+        _check_target(f"target_scores (tree {b})", trees[b], rows)
+    best = target_scores.argmax(dim=-1).tolist()
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    return [_greedy_walk(tree, best[start:start + size]) for tree, start, size in zip(trees, starts, sizes)]
+
+
+def _greedy_walk(tree: DraftTree, best: list[int]) -> Verification:
+    """The walk down ``tree`` given the target's argmax per row (``best: [n + 1]``)."""
     tokens = tree.tokens.tolist()
     path: list[int] = []
     node = ROOT
