@@ -16,10 +16,15 @@ LAYERS, HKV, HQ, DIM = 2, 2, 4, 16
 DTYPE = torch.float32
 
 
+def pool_views(cache: TreeKVCache, i: int) -> list[torch.Tensor]:
+    """Layer ``i``'s pool tensors (K and V, or MLA's latent rows), without the FP8 scales."""
+    return [view for name, view in cache.layer(i).items() if name.endswith("_cache")]
+
+
 def poison(cache: TreeKVCache) -> TreeKVCache:
     """Fill every layer of the pool with NaN."""
     for i in range(cache.num_layers):
-        for view in (cache.layer(i),) if cache.is_mla else cache.layer(i):
+        for view in pool_views(cache, i):
             view.fill_(float("nan"))
     return cache
 
@@ -95,8 +100,7 @@ def snapshot(cache: TreeKVCache):
         x = tree.any_node(n)
         nodes[n] = (x.start, x.end, list(x.pages), x.released, sorted(x.children), None if x.parent is None else x.parent.id)
     books = [(pages.refcount(p), pages.fill(p)) for p in range(cache.num_pages)]
-    views = [cache.layer(i) for i in range(cache.num_layers)]
-    pool = [t.clone() for v in views for t in ((v,) if cache.is_mla else v)]
+    pool = [t.clone() for i in range(cache.num_layers) for t in pool_views(cache, i)]
     return cache.stats(), live, nodes, books, pages.free_pages(), pool
 
 
@@ -145,7 +149,7 @@ def check_pool(cache: TreeKVCache, model: Model) -> None:
         begin, end = model.own_range(node)
         assert cache.slots(node).tolist() == slots[begin:end].tolist()
         for layer in range(LAYERS):
-            k_cache, v_cache = cache.layer(layer)
+            k_cache, v_cache = pool_views(cache, layer)
             k, v = model.rows(ids, layer)
             assert torch.equal(k_cache.reshape(-1, HKV, DIM)[slots], k)
             assert torch.equal(v_cache.reshape(-1, HKV, DIM)[slots], v)

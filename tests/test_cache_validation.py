@@ -38,7 +38,7 @@ def test_write_out_of_range_slot_is_an_error():
     padded = torch.tensor([-1, 3, -7])  # negative slots are padding
     k, v = _rows(3)
     cache.write(1, padded, k, v)
-    assert torch.equal(cache.layer(1)[0].reshape(-1, HKV, DIM)[3], k[1])
+    assert torch.equal(cache.layer(1).k_cache.reshape(-1, HKV, DIM)[3], k[1])
     with pytest.raises(ValueError, match="slots: expected a contiguous tensor"):
         cache.write(0, torch.arange(8)[::2], *_rows(4))
 
@@ -81,7 +81,7 @@ def test_integer_arguments_follow_the_plan_rule():
     kids = cache.fork(root, np.int16(2))
     slots = cache.append(kids, np.int64(2))
     cache.write(np.int64(1), slots, *_rows(4))
-    assert cache.layer(np.int8(1))[0].shape == (16, 4, HKV, DIM)
+    assert cache.layer(np.int8(1)).k_cache.shape == (16, 4, HKV, DIM)
     cache.plan(kids, np.int64(2), num_qo_heads=np.int64(4), num_sms=np.int32(8))
     for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):
         args = dict(num_layers=2, num_kv_heads=2, head_dim=DIM, page_size=4, num_pages=16, dtype=DTYPE, device="cpu")

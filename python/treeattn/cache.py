@@ -11,13 +11,15 @@ composes two host-side parts, each usable and testable alone:
 
 The pool lives on the device, all layers in one tensor:
 
-- GQA: ``[2, num_layers, num_pages, page_size, num_kv_heads, head_dim]`` (K and V stacked), so ``layer(i)``
-  returns the ``(k_cache, v_cache)`` views ``tree_decode`` takes;
-- MLA: ``[1, num_layers, num_pages, page_size, kv_lora_rank + rope_dim]``, ``layer(i)`` the ``kv_cache``.
+- GQA: ``[2, num_layers, num_pages, page_size, num_kv_heads, head_dim]`` (K and V stacked);
+- MLA: ``[1, num_layers, num_pages, page_size, kv_lora_rank + rope_dim]``.
+
+``layer(i)`` returns a :class:`KVLayer`: layer ``i``'s views keyed by the decode op's keyword names, so every
+pool is read as ``tree_decode(q, **cache.layer(i), plan=plan)`` (``mla_tree_decode`` for MLA).
 
 An FP8 pool (``dtype=torch.float8_e4m3fn`` / ``float8_e5m2``, half the bytes of bf16) holds ``value / scale``
 with fixed fp32 scales given at construction (per tensor, per KV head, or per layer and KV head); ``write``
-takes 16/32-bit K/V and quantizes them in its one launch, and ``layer(i)`` also returns the layer's scales.
+takes 16/32-bit K/V and quantizes them in its one launch, and ``layer(i)`` also holds the layer's scales.
 
 All copies one ``append`` needs happen in one launch (every layer, K and V); ``write`` is one launch per
 layer. Writes must follow the order a decode loop has anyway: write a node's KV (``add``/``append`` slots,
@@ -32,98 +34,18 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Optional
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from . import _dispatch, reference
-from ._dispatch import register
+from . import kv_ops  # noqa: F401  (registers the treeattn::kv_write_run / copy_pages_run ops)
 from ._validate import check_float_tensor, check_int, check_kv_scale, is_fp8
 from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
 from .tree import NodeTree
 
-__all__ = ["TreeKVCache", "OutOfPages"]
-
-# ---- registered ops: one launch each, dispatched like the attention ops -------------------------------
-
-
-@register("kv_write", "cuda")
-def _kv_write_cuda(slots, k, v, pool, layer):
-    torch.ops.treeattn.kv_write_cuda(slots, k, v, pool, layer)
-
-
-@register("kv_write", "triton")
-def _kv_write_triton(slots, k, v, pool, layer):
-    # pool: the stacked [C, num_layers, num_pages, page_size, ...] (C = 2 for K/V, 1 for MLA).
-    _dispatch.triton_kernels.kv_write(slots, k, pool[0, layer], v, None if v is None else pool[1, layer])
-
-
-@register("kv_write", "reference")
-def _kv_write_reference(slots, k, v, pool, layer, k_scale=None, v_scale=None):
-    keep = (slots >= 0) & (slots < pool.shape[2] * pool.shape[3])  # out-of-range slots are skipped, as in the kernels
-    dst = slots[keep]
-    for plane, rows, scale in ((0, k, k_scale), (1, v, v_scale)):
-        if rows is not None:
-            rows = rows[keep] if scale is None else reference.quantize(rows[keep], scale[layer], pool.dtype)
-            pool[plane, layer].flatten(0, 1)[dst] = rows
-
-
-# FP8 pools: the write quantizes (fp32 scales [num_layers, H]); no CUDA-extension kernel does that.
-@register("kv_write_fp8", "triton")
-def _kv_write_fp8_triton(slots, k, v, pool, layer, k_scale, v_scale):
-    _dispatch.triton_kernels.kv_write(slots, k, pool[0, layer], v, None if v is None else pool[1, layer],
-                                      k_scale=k_scale[layer], v_scale=None if v is None else v_scale[layer])
-
-
-register("kv_write_fp8", "reference")(_kv_write_reference)
-
-
-@register("copy_pages", "triton")
-def _copy_pages_triton(pool, src, dst, num_slots):
-    _dispatch.triton_kernels.copy_pages(pool.flatten(0, 1), src, dst, num_slots)
-
-
-@register("copy_pages", "reference")
-def _copy_pages_reference(pool, src, dst, num_slots):
-    planes = pool.flatten(0, 1).flatten(1, 2)  # [C * num_layers, num_pages * page_size, ...]
-    page_size = pool.shape[3]
-    slot = torch.arange(page_size, device=pool.device)
-    used = slot[None, :] < num_slots[:, None]
-    planes[:, (dst[:, None] * page_size + slot)[used]] = planes[:, (src[:, None] * page_size + slot)[used]]
-
-
-@torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))
-def _kv_write_run(
-    slots: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], pool: torch.Tensor, layer: int,
-    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-) -> None:
-    """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA). Slots outside
-    ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer.
-    An FP8 pool comes with fp32 ``k_scale`` (``v_scale``) ``[num_layers, H]``: the rows are quantized."""
-    if k_scale is None:
-        _dispatch.run("kv_write", slots.device, slots, k, v, pool, layer)
-    else:
-        _dispatch.run("kv_write_fp8", slots.device, slots, k, v, pool, layer, k_scale, v_scale)
-
-
-@_kv_write_run.register_fake
-def _(slots, k, v, pool, layer, k_scale=None, v_scale=None):
-    return None
-
-
-@torch.library.custom_op("treeattn::copy_pages_run", mutates_args=("pool",))
-def _copy_pages_run(pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, num_slots: torch.Tensor) -> None:
-    """For every plane ``(c, layer)`` of the stacked pool: page ``dst[i]``'s first ``num_slots[i]`` slots =
-    page ``src[i]``'s."""
-    _dispatch.run("copy_pages", pool.device, pool, src, dst, num_slots)
-
-
-@_copy_pages_run.register_fake
-def _(pool, src, dst, num_slots):
-    return None
-
+__all__ = ["TreeKVCache", "KVLayer", "OutOfPages"]
 
 # ---- argument checks ----------------------------------------------------------------------------------
 
@@ -183,6 +105,48 @@ class _KnownSlots:
         return entry is not None and entry[0]() is t and entry[1] == self._version(t)
 
 
+class KVLayer(Mapping):
+    """One layer of a :class:`TreeKVCache`'s pool, as the decode op of its kind takes it: a read-only mapping
+    whose keys are exactly that op's keyword names, so ``**cache.layer(i)`` fits every pool.
+
+    - GQA: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, head_dim]``, plus ``k_scale``,
+      ``v_scale`` (fp32 ``[num_kv_heads]``) for an FP8 pool: ``treeattn.tree_decode(q, **layer, plan=plan)``;
+    - MLA: ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]``, plus ``kv_scale`` (fp32 ``[1]``) for
+      an FP8 pool: ``treeattn.mla_tree_decode(q, **layer, plan=plan, sm_scale=s)``.
+
+    Values are views of the pool (writing through them changes the cache). Attribute access works too
+    (``layer.k_cache``); the mapping itself cannot be changed.
+    """
+
+    __slots__ = ("_views",)
+
+    def __init__(self, views: dict[str, torch.Tensor]):
+        object.__setattr__(self, "_views", dict(views))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._views[name]
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        # (only called for names the class does not have; _views itself is looked up without recursing)
+        try:
+            return object.__getattribute__(self, "_views")[name]
+        except (KeyError, AttributeError):
+            raise AttributeError(f"KVLayer has no {name!r}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("KVLayer is read-only")
+
+    def __repr__(self) -> str:
+        parts = (f"{k}=<{tuple(v.shape)} {v.dtype}>" for k, v in self._views.items())
+        return f"KVLayer({', '.join(parts)})"
+
+
 # ---- the cache ----------------------------------------------------------------------------------------
 
 
@@ -209,7 +173,7 @@ class TreeKVCache:
             plan = cache.plan(leaves)                                   # once per step
             for i in range(L):
                 cache.write(i, slots, k_i, v_i)
-                o = treeattn.tree_decode(q_i, *cache.layer(i), plan)
+                o = treeattn.tree_decode(q_i, **cache.layer(i), plan=plan)
             ...; cache.release(dead_leaf); kids = cache.fork(leaf, 2)
 
     ``tree`` (:class:`treeattn.tree.NodeTree`) and ``allocator`` (:class:`treeattn.pages.PageAllocator`) are
@@ -251,10 +215,11 @@ class TreeKVCache:
         kv_scale: torch.Tensor | float | None = None,
     ) -> "TreeKVCache":
         """MLA cache (absorbed form): one latent row ``c_kv (kv_lora_rank) ‖ k_pe (rope_dim)`` per token.
-        ``layer(i)`` returns the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
-        ``treeattn.mla_tree_decode`` takes; ``write(layer, slots, kv)`` takes ``kv [n, kv_lora_rank + rope_dim]``.
-        An FP8 ``dtype`` needs ``kv_scale``: a finite positive float or an fp32 tensor ``[]`` / ``[1]`` (every
-        layer) or ``[num_layers]``; ``layer(i)`` then returns ``(kv_cache, kv_scale)``."""
+        ``layer(i)`` holds the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
+        ``treeattn.mla_tree_decode`` takes (``mla_tree_decode(q, **cache.layer(i), plan=plan, sm_scale=s)``);
+        ``write(layer, slots, kv)`` takes ``kv [n, kv_lora_rank + rope_dim]``. An FP8 ``dtype`` needs
+        ``kv_scale``: a finite positive float or an fp32 tensor ``[]`` / ``[1]`` (every layer) or
+        ``[num_layers]``; ``layer(i)`` then also holds ``kv_scale``."""
         kv_lora_rank = check_int("kv_lora_rank", kv_lora_rank, 1)
         rope_dim = check_int("rope_dim", rope_dim, 0)
         self = cls.__new__(cls)
@@ -385,18 +350,23 @@ class TreeKVCache:
     def _check_layer(self, layer) -> int:
         return check_int("layer", layer, 0, self.num_layers - 1)
 
-    def layer(self, i: int):
-        """Layer ``i``'s pool views: ``(k_cache, v_cache)`` ``[num_pages, page_size, num_kv_heads, head_dim]``
-        for GQA, ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` for MLA.
+    def layer(self, i: int) -> KVLayer:
+        """Layer ``i``'s pool views, keyed by the keyword names of the decode op they feed (see
+        :class:`KVLayer`): ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, head_dim]`` for GQA,
+        ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` for MLA; FP8 pools add the layer's fp32
+        scales, ``k_scale``, ``v_scale`` ``[num_kv_heads]`` (``kv_scale [1]`` for MLA). Every pool is used the
+        same way::
 
-        FP8 pools also return the layer's scales, as the decode ops take them: ``(k_cache, v_cache, k_scale,
-        v_scale)`` with fp32 ``[num_kv_heads]`` scales (``tree_decode(q, k, v, plan, k_scale=ks, v_scale=vs)``),
-        and ``(kv_cache, kv_scale)`` with ``kv_scale [1]`` for MLA."""
+            treeattn.tree_decode(q, **cache.layer(i), plan=plan)
+            treeattn.mla_tree_decode(q, **cache.layer(i), plan=plan, sm_scale=s)
+        """
         i = self._check_layer(i)
-        caches = (self._pool[0, i],) if self.is_mla else (self._pool[0, i], self._pool[1, i])
+        names = ("kv_cache",) if self.is_mla else ("k_cache", "v_cache")
+        views = {name: self._pool[c, i] for c, name in enumerate(names)}
         if self._scales is not None:
-            caches += tuple(scale[i] for scale in self._scales)
-        return caches[0] if len(caches) == 1 else caches
+            scale_names = ("kv_scale",) if self.is_mla else ("k_scale", "v_scale")
+            views.update((name, scale[i]) for name, scale in zip(scale_names, self._scales))
+        return KVLayer(views)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
         """One launch scattering ``k, v [len(slots), num_kv_heads, head_dim]`` into layer ``layer`` at ``slots``
