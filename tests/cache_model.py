@@ -128,15 +128,24 @@ def check_books(cache: TreeKVCache, model: Model | None = None) -> None:
     stats = cache.stats()
     assert stats["pages_used"] + stats["pages_free"] == cache.num_pages == stats["num_pages"]
     assert stats["pages_used"] == int((refs > 0).sum())
+    assert stats["pages_used"] == len(live_path_pages(cache)), "a page no live path reads is still held"
+    assert stats["tokens_stored"] == sum(x.end - x.start for x in map(tree.any_node, tree.node_ids()))
     if model is None:
         return
-    assert set(tree.node_ids()) == set(model.seq), "the cache's tree (live + released internal nodes) is the model's"
+    # The cache keeps a released node only while a live path reads a page through it; the model keeps every
+    # released node that has live descendants.
+    assert set(tree.live_ids()) <= set(tree.node_ids()) <= set(model.seq)
     assert tree.live_ids() == sorted(model.live)
     leaves = model.leaves()
     assert stats["live_nodes"] == len(model.live)
     assert stats["leaves"] == len(leaves)
     assert stats["tokens_if_unshared"] == sum(len(model.seq[n]) for n in leaves)
-    assert stats["tokens_stored"] == sum(b - a for a, b in map(model.own_range, model.seq))
+    assert stats["tokens_stored"] >= len({t for n in model.live for t in model.seq[n]})
+
+
+def live_path_pages(cache: TreeKVCache) -> set[int]:
+    """The distinct pages the live nodes' paths read (from their public path slots): what the pool must hold."""
+    return {int(p) for n in cache.tree.live_ids() for p in (cache.path_slots(n) // cache.page_size).unique()}
 
 
 def check_pool(cache: TreeKVCache, model: Model) -> None:
@@ -146,8 +155,12 @@ def check_pool(cache: TreeKVCache, model: Model) -> None:
         ids = model.seq[node]
         assert slots.dtype == torch.int64
         assert cache.length(node) == len(ids) == slots.shape[0]
+        # A node's own slots end its path; they hold at least the tokens appended to it (more once released
+        # ancestors gave their last partial page's tokens to its copy of that page).
+        own = cache.slots(node).tolist()
+        assert own == slots[len(slots) - len(own):].tolist()
         begin, end = model.own_range(node)
-        assert cache.slots(node).tolist() == slots[begin:end].tolist()
+        assert len(own) >= end - begin
         for layer in range(LAYERS):
             k_cache, v_cache = pool_views(cache, layer)
             k, v = model.rows(ids, layer)

@@ -19,7 +19,8 @@ from treeattn._dispatch import force
 from treeattn.testing import TOLERANCE, assert_close, assert_same_plan, relative_error
 
 from cache_model import (
-    DIM, DTYPE, HKV, HQ, LAYERS, Model, assert_unchanged, check_books, check_pool, make_cache, poison, snapshot, write,
+    DIM, DTYPE, HKV, HQ, LAYERS, Model, assert_unchanged, check_books, check_pool, live_path_pages, make_cache, poison,
+    snapshot, write,
 )
 
 TOL = TOLERANCE[DTYPE]
@@ -130,10 +131,10 @@ class TreeCacheMachine(RuleBasedStateMachine):
     def rewrite(self, data):
         """Overwrite a leaf's own tokens with new values (nothing else holds a copy of a leaf's own slots)."""
         leaf = self._pick(data, [n for n in self.model.leaves() if len(set(self.model.own_range(n))) == 2], "leaf")
-        begin, end = self.model.own_range(leaf)
-        ids = self.model.new_tokens(end - begin)
-        write(self.cache, self.model, self.cache.slots(leaf), ids)
-        self.model.seq[leaf] = self.model.seq[leaf][:begin] + ids
+        slots = self.cache.slots(leaf)
+        ids = self.model.new_tokens(slots.numel())
+        write(self.cache, self.model, slots, ids)
+        self.model.seq[leaf] = self.model.seq[leaf][: len(self.model.seq[leaf]) - len(ids)] + ids
 
     @precondition(lambda self: self.model.live)
     @rule(data=st.data())
@@ -143,6 +144,30 @@ class TreeCacheMachine(RuleBasedStateMachine):
         self.model.release(node)
         if node in self.model.seq:
             event("release: node stays for its descendants")
+
+    @precondition(lambda self: self.model.leaves())
+    @rule(data=st.data(), ways=st.integers(1, 3), k=st.integers(1, 2))
+    def beam_step(self, data, ways, k):
+        """Beam search's step: fork a leaf, release it, grow the children, drop some of them. The pages used
+        stay those the live paths read (checked by the invariants)."""
+        leaf = self._pick(data, self.model.leaves(), "beam leaf")
+        kids = self.cache.fork(leaf, ways)
+        for kid in kids:
+            self.model.add_node(kid, leaf, list(self.model.seq[leaf]))
+        self.cache.release(leaf)
+        self.model.release(leaf)
+        try:
+            slots = self.cache.append(kids, k)
+        except OutOfPages:
+            event("beam_step: OutOfPages")
+            return
+        ids = self.model.new_tokens(len(kids) * k)
+        write(self.cache, self.model, slots, ids)
+        for i, kid in enumerate(kids):
+            self.model.seq[kid] = self.model.seq[kid] + ids[i * k : (i + 1) * k]
+        for kid in data.draw(st.lists(st.sampled_from(kids), max_size=ways - 1, unique=True), label="beams dropped"):
+            self.cache.release(kid)
+            self.model.release(kid)
 
     @precondition(lambda self: self.model.live and self.decodes < 3)
     @rule(data=st.data(), num_tokens=st.sampled_from([1, 1, 2]), layer=st.integers(0, LAYERS - 1))
@@ -327,6 +352,54 @@ def test_released_parent_lives_while_children_need_it():
     cache.release(kid)
     assert cache.stats()["pages_free"] == 8 and cache.stats()["nodes"] == 0
 
+
+
+def test_pages_do_not_leak_in_beam_style_use():
+    """Fork a leaf in two, release it, append to both, release one child, repeat: each released ancestor's tail
+    page used to stay allocated after the surviving child copied it (OutOfPages at step 7 on 8 pages). Now a
+    page no live path reads is freed, and the one live row never holds more than its path's pages."""
+    c = treeattn.TreeKVCache(1, 1, 16, page_size=16, num_pages=8, dtype=torch.float32, device="cpu")
+    leaf = c.add(5)
+    for step in range(40):
+        x, y = c.fork(leaf, 2); c.release(leaf); c.append([x, y]); c.release(x); leaf = y  # noqa: E702
+        assert c.stats()["pages_used"] == -(-c.length(leaf) // 16) == len(live_path_pages(c))
+    check_books(c)
+    assert c.length(leaf) == 45 and c.stats()["live_nodes"] == 1 and c.stats()["pages_used"] == 3
+
+
+def test_beam_steps_keep_paths_and_causal_plans_exact():
+    """Beam steps over a NaN-poisoned pool: the survivors read their whole sequences back, and plans with
+    several query tokens per leaf (whose first queries reach back into tokens a released ancestor gave to the
+    leaf's copy of its page) equal attention over the model's sequences."""
+    cache, model = make_cache(page_size=4, num_pages=24), Model()
+    root = cache.add(6)
+    ids = model.new_tokens(6)
+    model.add_node(root, None, ids)
+    write(cache, model, cache.slots(root), ids)
+    beams = [root]
+    for step in range(9):
+        nxt = []
+        for beam in beams:
+            kids = cache.fork(beam, 2)
+            for kid in kids:
+                model.add_node(kid, beam, list(model.seq[beam]))
+            cache.release(beam)
+            model.release(beam)
+            nxt += kids
+        slots = cache.append(nxt, 1 + step % 2)
+        k = 1 + step % 2
+        new = model.new_tokens(len(nxt) * k)
+        write(cache, model, slots, new)
+        for i, kid in enumerate(nxt):
+            model.seq[kid] = model.seq[kid] + new[i * k : (i + 1) * k]
+        beams = nxt[::2][:3]  # keep at most three beams, drop the rest
+        for kid in set(nxt) - set(beams):
+            cache.release(kid)
+            model.release(kid)
+        check_books(cache, model)
+        check_pool(cache, model)
+        _check_decode(cache, model, beams, 3, step % LAYERS, seed=step)
+    assert cache.stats()["pages_used"] == len(live_path_pages(cache)) <= 3 * -(-len(model.seq[beams[0]]) // 4)
 
 # ---- planning ---------------------------------------------------------------------------------------
 

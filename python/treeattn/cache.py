@@ -77,10 +77,12 @@ def _resolve_device(device) -> torch.device:
 
 
 class _KnownSlots:
-    """The last slot tensors the cache made or already range-checked, so :meth:`TreeKVCache.write` does not
-    check them again. A tensor counts as known while it is the same object at the same version (an in-place
-    change of it, or of a view of it, bumps the version). Inference-mode tensors keep no version counter;
-    they count as known by identity alone."""
+    """The last GPU slot tensors the cache made or already range-checked, so :meth:`TreeKVCache.write` does not
+    sync to check them again. A tensor counts as known while it is the same object at the same version (an
+    in-place change of it, or of a view of it, bumps the version). Inference tensors keep no version counter
+    and count as known by identity alone (the cache makes its own slot tensors outside inference mode). What
+    no version counter sees (a change through ``.data``, DLPack, a raw pointer) is caught by the write's
+    device-side check instead."""
 
     def __init__(self, size: int = 32):
         self._size = size
@@ -281,8 +283,11 @@ class TreeKVCache:
         return t.to(self.device)
 
     def _slots_out(self, slots: np.ndarray) -> torch.Tensor:
-        """Slots handed to the caller: on the device, and known valid to :meth:`write`."""
-        return self._known_slots.add(self._to_device(slots))
+        """Slots handed to the caller: on the device, and (on a GPU) known valid to :meth:`write`. Made outside
+        inference mode, so that they keep a version counter that in-place changes bump."""
+        with torch.inference_mode(False):
+            t = self._to_device(slots)
+        return self._known_slots.add(t) if t.is_cuda else t
 
     # ---- tree ----
 
@@ -313,29 +318,40 @@ class TreeKVCache:
         self.tree.check_growable(nodes, "append")
         s = self.page_size
         branches = [(n.end, self.tree.tail_page(n) if n.end % s else -1, n.end > n.start) for n in nodes]
-        growth = self.allocator.extend(branches, k, "append")  # raises before anything changed
-        for n, pages in zip(nodes, growth.new_pages):
-            self.tree.grow(n, pages, k)
-        if growth.copy_src:
+        growth = self.allocator.grow(branches, k, "append")  # decides, changes nothing (or raises OutOfPages)
+        if growth.copy_src:  # into pages still free: if the launch fails, the cache is as it was
             torch.ops.treeattn.copy_pages_run(
                 self._pool, *(self._to_device(np.asarray(x)) for x in (growth.copy_src, growth.copy_dst, growth.copy_slots))
             )
-        return self._slots_out(np.array(self.tree.last_slots(nodes, k), dtype=np.int64))
+        slots = self.tree.grow_slots(nodes, growth.new_pages, k)
+        out = self._slots_out(slots)  # (the last step that can fail: an allocation)
+        self.allocator.commit(growth)
+        for n, pages in zip(nodes, growth.new_pages):
+            self.tree.grow(n, pages, k)
+        return out
 
     def release(self, node: int) -> None:
-        """Release ``node``: it can no longer be used; every page nothing else references is freed. The tokens
-        of a node with live descendants stay (their paths need them) until the last of those is released."""
+        """Release ``node``: it can no longer be used. Every page that no live node's path reads any more goes
+        back to the free list: the node's own pages once no live descendant needs them, and the last, partly
+        filled page of a released ancestor once each live path below it reads its own copy of that page (the
+        ancestor's tokens in it then count as the copying children's own: see :meth:`slots`). So the pages in
+        use are always exactly the pages the live paths read."""
         for pages, start in self.tree.release(self.tree.node(node, "release")):
             self.allocator.release(pages, start)
 
     # ---- slots and pools ----
 
     def slots(self, node: int) -> torch.Tensor:
-        """int64 flat slots of the node's own tokens (path positions ``[start, end)``), on the cache's device."""
+        """int64 flat slots of the node's own tokens (path positions ``[start, end)``), on the cache's device.
+
+        A node owns the tokens appended to it (``add``'s for a root); when a released ancestor's last page is
+        read by none of the live paths through it, the tokens of that page before the node's first one move to
+        the node's copy of the page and are its own from then on (``start`` moves back, within that page)."""
         return self._slots_out(self.tree.slots(self.tree.node(node, "slots")))
 
     def path_slots(self, node: int) -> torch.Tensor:
-        """int64 flat slots of every token on the root→node path, in order, on the cache's device."""
+        """int64 flat slots of every token on the root→node path, in order, on the cache's device. A walk up
+        the path: O(nodes on it + its pages) time, no memory kept between calls."""
         return self._slots_out(self.tree.path_slots(self.tree.node(node, "path_slots")))
 
     def length(self, node: int) -> int:
@@ -343,7 +359,8 @@ class TreeKVCache:
         return self.tree.node(node, "length").end
 
     def parent(self, node: int) -> int | None:
-        """The node's parent (None for a root). A released parent still answers here while it has children."""
+        """The node's parent (None for a root): the nearest ancestor still in the tree. A released ancestor stays
+        while some live path reads a page through it, and one left without tokens leaves the tree."""
         p = self.tree.node(node, "parent").parent
         return None if p is None else p.id
 
@@ -375,11 +392,13 @@ class TreeKVCache:
         rows are quantized in the same launch: ``x / scale`` saturated to the format's range, rounded to
         nearest even (``treeattn.reference.quantize``).
 
-        Slots this cache returned (``append``/``slots``/``path_slots``) are known to be in range and are not
-        checked again, nor is a tensor already checked (until it changes in place). Other slots are checked
-        on the host: on a GPU that costs one synchronisation the first time a tensor is seen. Under CUDA-graph
-        capture and ``torch.compile`` there is no host check; the kernels skip out-of-range slots, so nothing
-        is written outside the layer.
+        The slot range is never silently skipped. On the CPU every call checks it on the host (one pass,
+        cheaper than the write). On a GPU the host check (a synchronisation) runs the first time a tensor is
+        seen, not for the cache's own slot tensors (``append``/``slots``/``path_slots``) nor again for one
+        already checked while it is unchanged in place; every GPU write also checks on the device, without a
+        synchronisation, so a change no version counter saw fails a device-side assertion. Under CUDA-graph
+        capture and ``torch.compile`` only the device-side check runs (it is part of the graph). See
+        docs/validation.md.
         """
         layer = self._check_layer(layer)
         self._check_slots(slots)
@@ -406,18 +425,26 @@ class TreeKVCache:
             raise ValueError(f"slots: expected device {self.device} (the cache's), got {slots.device}")
         if slots.shape[0] > 1 and slots.stride(0) != 1:
             raise ValueError(f"slots: expected a contiguous tensor, got stride {slots.stride(0)}")
-        if torch.compiler.is_compiling() or slots in self._known_slots:
+        n, limit = slots.shape[0], self.num_pages * self.page_size
+        if (torch.compiler.is_compiling() or (slots.is_cuda and torch.cuda.is_current_stream_capturing())
+                or (slots.is_cuda and slots in self._known_slots)):
+            # No host check here (none can see the values a replay will use; a known tensor skips the sync), so
+            # the device checks, without a sync: a value no host check saw (a replay, a traced graph, a change the
+            # version counter missed) fails loudly instead of the kernel skipping its row.
+            if n:
+                torch._assert_async(slots.max() < limit, f"slots: expected values < {limit} (num_pages * page_size)")
             return
-        if slots.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # no host check can see the values a replay will use; the kernels bound them
-        if slots.shape[0]:
+        if n:
+            # On the CPU this pass costs less than the write itself, so it runs on every call: no change of the
+            # tensor (through .numpy(), .data, inference mode) can slip past it. On a GPU it costs a sync, paid the
+            # first time a tensor is seen.
             top = int(slots.max())
-            if top >= self.num_pages * self.page_size:
+            if top >= limit:
                 raise ValueError(
-                    f"slots: expected values < {self.num_pages * self.page_size} (num_pages * page_size; a negative "
-                    f"slot is skipped), got {top}"
+                    f"slots: expected values < {limit} (num_pages * page_size; a negative slot is skipped), got {top}"
                 )
-        self._known_slots.add(slots)
+        if slots.is_cuda:
+            self._known_slots.add(slots)
 
     def _check_rows(self, name: str, t, n: int) -> None:
         shape = (n, *self._row_shape)
