@@ -16,10 +16,15 @@ LAYERS, HKV, HQ, DIM = 2, 2, 4, 16
 DTYPE = torch.float32
 
 
+def pool_views(cache: TreeKVCache, i: int) -> list[torch.Tensor]:
+    """Layer ``i``'s pool tensors (K and V, or MLA's latent rows), without the FP8 scales."""
+    return [view for name, view in cache.layer(i).items() if name.endswith("_cache")]
+
+
 def poison(cache: TreeKVCache) -> TreeKVCache:
     """Fill every layer of the pool with NaN."""
     for i in range(cache.num_layers):
-        for view in (cache.layer(i),) if cache.is_mla else cache.layer(i):
+        for view in pool_views(cache, i):
             view.fill_(float("nan"))
     return cache
 
@@ -95,8 +100,7 @@ def snapshot(cache: TreeKVCache):
         x = tree.any_node(n)
         nodes[n] = (x.start, x.end, list(x.pages), x.released, sorted(x.children), None if x.parent is None else x.parent.id)
     books = [(pages.refcount(p), pages.fill(p)) for p in range(cache.num_pages)]
-    views = [cache.layer(i) for i in range(cache.num_layers)]
-    pool = [t.clone() for v in views for t in ((v,) if cache.is_mla else v)]
+    pool = [t.clone() for i in range(cache.num_layers) for t in pool_views(cache, i)]
     return cache.stats(), live, nodes, books, pages.free_pages(), pool
 
 
@@ -124,15 +128,24 @@ def check_books(cache: TreeKVCache, model: Model | None = None) -> None:
     stats = cache.stats()
     assert stats["pages_used"] + stats["pages_free"] == cache.num_pages == stats["num_pages"]
     assert stats["pages_used"] == int((refs > 0).sum())
+    assert stats["pages_used"] == len(live_path_pages(cache)), "a page no live path reads is still held"
+    assert stats["tokens_stored"] == sum(x.end - x.start for x in map(tree.any_node, tree.node_ids()))
     if model is None:
         return
-    assert set(tree.node_ids()) == set(model.seq), "the cache's tree (live + released internal nodes) is the model's"
+    # The cache keeps a released node only while a live path reads a page through it; the model keeps every
+    # released node that has live descendants.
+    assert set(tree.live_ids()) <= set(tree.node_ids()) <= set(model.seq)
     assert tree.live_ids() == sorted(model.live)
     leaves = model.leaves()
     assert stats["live_nodes"] == len(model.live)
     assert stats["leaves"] == len(leaves)
     assert stats["tokens_if_unshared"] == sum(len(model.seq[n]) for n in leaves)
-    assert stats["tokens_stored"] == sum(b - a for a, b in map(model.own_range, model.seq))
+    assert stats["tokens_stored"] >= len({t for n in model.live for t in model.seq[n]})
+
+
+def live_path_pages(cache: TreeKVCache) -> set[int]:
+    """The distinct pages the live nodes' paths read (from their public path slots): what the pool must hold."""
+    return {int(p) for n in cache.tree.live_ids() for p in (cache.path_slots(n) // cache.page_size).unique()}
 
 
 def check_pool(cache: TreeKVCache, model: Model) -> None:
@@ -142,10 +155,14 @@ def check_pool(cache: TreeKVCache, model: Model) -> None:
         ids = model.seq[node]
         assert slots.dtype == torch.int64
         assert cache.length(node) == len(ids) == slots.shape[0]
+        # A node's own slots end its path; they hold at least the tokens appended to it (more once released
+        # ancestors gave their last partial page's tokens to its copy of that page).
+        own = cache.slots(node).tolist()
+        assert own == slots[len(slots) - len(own):].tolist()
         begin, end = model.own_range(node)
-        assert cache.slots(node).tolist() == slots[begin:end].tolist()
+        assert len(own) >= end - begin
         for layer in range(LAYERS):
-            k_cache, v_cache = cache.layer(layer)
+            k_cache, v_cache = pool_views(cache, layer)
             k, v = model.rows(ids, layer)
             assert torch.equal(k_cache.reshape(-1, HKV, DIM)[slots], k)
             assert torch.equal(v_cache.reshape(-1, HKV, DIM)[slots], v)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings, strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import treeattn
 from treeattn import OutOfPages, PlanCapacity, TreeKVCache
@@ -38,7 +39,7 @@ def test_write_out_of_range_slot_is_an_error():
     padded = torch.tensor([-1, 3, -7])  # negative slots are padding
     k, v = _rows(3)
     cache.write(1, padded, k, v)
-    assert torch.equal(cache.layer(1)[0].reshape(-1, HKV, DIM)[3], k[1])
+    assert torch.equal(cache.layer(1).k_cache.reshape(-1, HKV, DIM)[3], k[1])
     with pytest.raises(ValueError, match="slots: expected a contiguous tensor"):
         cache.write(0, torch.arange(8)[::2], *_rows(4))
 
@@ -69,6 +70,76 @@ def test_fork_of_more_children_than_pool_slots_is_an_error():
     assert len(cache.fork(root, 32)) == 32
 
 
+
+def test_write_checks_slots_changed_through_numpy_data_or_inference_mode():
+    """A slot tensor changed in place through .numpy(), .data or under inference_mode kept its version (or
+    had none), so write trusted it and the kernel silently skipped the row. On the CPU every write checks its
+    slots now; the cache's own slot tensors keep a version counter even when made under inference mode."""
+    cache = make_cache(page_size=4, num_pages=8)
+    root = cache.add(5)
+    match = r"slots: expected values < 32 \(num_pages \* page_size.*got 32"
+    changes = {
+        "numpy": lambda t: t.numpy().__setitem__(1, 32),
+        "data": lambda t: t.data.__setitem__(1, 32),
+        "inference_mode": lambda t: t.__setitem__(1, 32),
+    }
+    for how, change in changes.items():
+        with torch.inference_mode(how == "inference_mode"):
+            slots = cache.slots(root)
+            cache.write(0, slots, *_rows(5))  # known and good
+            before = snapshot(cache)
+            change(slots)
+            with pytest.raises(ValueError, match=match):
+                cache.write(0, slots, *_rows(5))
+        assert_unchanged(cache, before)
+    with torch.inference_mode():  # a caller's inference tensor: no version counter at all
+        mine = torch.tensor([0, 1, 2])
+        cache.write(1, mine, *_rows(3))
+        mine[2] = 40
+        with pytest.raises(ValueError, match="slots: expected values < 32"):
+            cache.write(1, mine, *_rows(3))
+
+
+class _FailingCopy(TorchDispatchMode):
+    """Makes every copy_pages launch fail, as a device error would."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.treeattn.copy_pages_run.default:
+            raise RuntimeError("copy_pages launch failed")
+        return func(*args, **(kwargs or {}))
+
+
+def test_append_is_atomic_when_its_copy_on_write_launch_fails():
+    """append used to take the pages and grow the nodes before its copy-on-write launch: a failing launch left
+    new pages and lengths without the copy. Now the copies run (into pages still free) before anything is
+    committed."""
+    cache = make_cache(page_size=4, num_pages=8)
+    root = cache.add(6)
+    cache.write(0, cache.slots(root), *_rows(6))
+    kids = cache.fork(root, 3)
+    before = snapshot(cache)
+    with _FailingCopy(), pytest.raises(RuntimeError, match="copy_pages launch failed"):
+        cache.append(kids, 2)
+    assert_unchanged(cache, before)
+    assert [cache.length(k) for k in kids] == [6, 6, 6]
+    slots = cache.append(kids, 2)  # and the same call works afterwards
+    assert slots.shape == (6,) and cache.stats()["pages_copied"] == 2
+    check_books(cache)
+
+
+def test_plan_and_append_reject_a_set_or_dict_of_nodes():
+    """A set or dict of nodes was accepted: the queries' (and slots') order was whatever iteration gave."""
+    cache = make_cache(page_size=4, num_pages=8)
+    kids = cache.fork(cache.add(3), 3)
+    before = snapshot(cache)
+    for bad in (set(kids), frozenset(kids), dict.fromkeys(kids), dict.fromkeys(kids).keys()):
+        with pytest.raises(ValueError, match=rf"nodes: expected a sequence .*got {type(bad).__name__}"):
+            cache.plan(bad)
+        with pytest.raises(ValueError, match=rf"leaves: expected a sequence .*got {type(bad).__name__}"):
+            cache.append(bad)
+    assert_unchanged(cache, before)
+    assert cache.plan(tuple(kids)).num_queries == 3
+
 # ---- integer and object arguments ---------------------------------------------------------------------
 
 
@@ -81,7 +152,7 @@ def test_integer_arguments_follow_the_plan_rule():
     kids = cache.fork(root, np.int16(2))
     slots = cache.append(kids, np.int64(2))
     cache.write(np.int64(1), slots, *_rows(4))
-    assert cache.layer(np.int8(1))[0].shape == (16, 4, HKV, DIM)
+    assert cache.layer(np.int8(1)).k_cache.shape == (16, 4, HKV, DIM)
     cache.plan(kids, np.int64(2), num_qo_heads=np.int64(4), num_sms=np.int32(8))
     for name in ("num_layers", "num_kv_heads", "head_dim", "page_size", "num_pages"):
         args = dict(num_layers=2, num_kv_heads=2, head_dim=DIM, page_size=4, num_pages=16, dtype=DTYPE, device="cpu")

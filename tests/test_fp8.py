@@ -384,8 +384,7 @@ def test_torch_compile_fullgraph_with_fp8_cache(device):
 
 
 def _decode_layer(cache, layer, q, plan):
-    k, v, k_scale, v_scale = cache.layer(layer)
-    return treeattn.tree_decode(q, k, v, plan, k_scale=k_scale, v_scale=v_scale, return_lse=True)
+    return treeattn.tree_decode(q, **cache.layer(layer), plan=plan, return_lse=True)
 
 
 @pytest.mark.parametrize("dtype", FP8_DTYPES, ids=FP8_IDS)
@@ -418,7 +417,7 @@ def test_cache_write_decode_round_trip_with_copy_on_write(dtype, device):
     plan = cache.plan(leaves)
     q = torch.randn(3, 4, head_dim, generator=g).half().to(device)
     for layer in range(num_layers):
-        k_cache, v_cache, ks, vs = cache.layer(layer)
+        k_cache, v_cache, ks, vs = cache.layer(layer).values()
         assert ks.shape == (heads,) and torch.equal(ks.cpu(), k_scale[layer]) and (vs == 0.02).all()
         (root_k, root_v), *steps = written[layer]
         for j, leaf in enumerate(leaves):  # each path holds the quantized rows written along it (copies included)
@@ -453,9 +452,9 @@ def test_mla_cache_write_decode_round_trip(dtype, device):
     plan = cache.plan(leaves, num_qo_heads=3)
     q = torch.randn(2, 3, 80, generator=g).half().to(device)
     for layer in range(2):
-        kv, kv_scale = cache.layer(layer)
+        kv, kv_scale = cache.layer(layer).values()
         assert kv_scale.shape == (1,) and kv_scale.item() == pytest.approx([0.01, 0.03][layer])
-        o = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.15, v_head_dim=64, kv_scale=kv_scale)
+        o = treeattn.mla_tree_decode(q, **cache.layer(layer), plan=plan, sm_scale=0.15, v_head_dim=64)
         o_ref, _ = reference.mla_tree_decode(q, kv, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
                                              sm_scale=0.15, v_head_dim=64, kv_scale=kv_scale)
         assert_close(o, o_ref, torch.float16)
@@ -474,7 +473,8 @@ def test_cache_fp8_write_backends_agree(device):
         padded = torch.cat([slots, torch.tensor([-1], device=device)])  # a negative slot is skipped
         with treeattn._dispatch.force(backend):
             cache.write(0, padded, torch.cat([k, k[:1]]), torch.cat([v, v[:1]]))
-        pools.append(torch.stack([c.flatten(0, 1)[slots] for c in cache.layer(0)[:2]]).view(torch.uint8))
+        layer = cache.layer(0)
+        pools.append(torch.stack([c.flatten(0, 1)[slots] for c in (layer.k_cache, layer.v_cache)]).view(torch.uint8))
     assert torch.equal(pools[0], pools[1])
 
 

@@ -149,8 +149,8 @@ def test_model_left_as_found_and_out_of_pages():
 
 def _gather_rows(cache):
     """Layer 0's stored K (GQA) or latent rows (MLA) along each row's path: a list of ``[length, ...]``."""
-    pool = cache.tree.layer(0)
-    pool = pool if cache.spec.mla else pool[0]
+    layer = cache.tree.layer(0)
+    pool = layer.kv_cache if cache.spec.mla else layer.k_cache
     flat = pool.reshape(-1, *pool.shape[2:])
     return [flat[cache.tree.path_slots(node)] for node in cache.rows]
 

@@ -36,21 +36,48 @@ def test_paths_and_slots(tree):
     assert tree.path_pages(grandchild).tolist() == [7, 3, 9]  # its copy replaces page 5 on its path
     assert tree.slots(grandchild).tolist() == [37]
     assert tree.slots(empty).tolist() == [] and tree.path_slots(empty).tolist() == tree.path_slots(tree.node(0)).tolist()
-    assert tree.last_slots([kid, grandchild, kid], 1) == [20, 37, 20]
-    assert tree.last_slots([kid], 3) == [14, 15, 20] and tree.last_slots([empty], 0) == []
+    assert tree.grow_slots([kid, grandchild, empty], [[], [], [3]], 1).tolist() == [21, 38, 14]
+    assert tree.grow_slots([kid, empty], [[], [3, 6]], 3).tolist() == [21, 22, 23, 14, 15, 24]
+    assert tree.grow_slots([empty], [[]], 0).tolist() == [] and tree.slots(empty).tolist() == []  # (unchanged)
     assert tree.tail_page(empty) == 3 and tree.tail_page(grandchild) == 9
 
 
-def test_release_keeps_released_ancestors_while_they_have_children(tree):
-    assert tree.release(tree.node(1)) == []  # kid 1 has a child: it stays, released
+def test_release_keeps_released_ancestors_while_a_live_path_reads_them(tree):
+    tree.release(tree.node(2))  # the empty kid: nothing of its own to give back
+    # Kid 1 has a child that copied its last page (5): no live path reads page 5 any more. Kid 1 gives it up
+    # and its token there (position 8) becomes the grandchild's, whose copy (page 9) holds it already.
+    assert [(list(p), start) for p, start in tree.release(tree.node(1))] == [([5], 8)]
     with pytest.raises(ValueError, match="length: node 1 was released"):
         tree.node(1, "length")
-    assert tree.any_node(1).released and 1 in tree and tree.live_ids() == [0, 2, 3]
+    kid, grandchild = tree.any_node(1), tree.node(3)
+    assert kid.released and 1 in tree and tree.live_ids() == [0, 3]
+    assert (kid.start, kid.end, list(kid.pages)) == (6, 8, [3]) and (grandchild.start, grandchild.end) == (8, 10)
+    assert tree.path_slots(grandchild).tolist() == [28, 29, 30, 31, 12, 13, 14, 15, 36, 37]
+    assert tree.slots(grandchild).tolist() == [36, 37]
     removed = tree.release(tree.node(3))  # the grandchild, then kid 1 with it
-    assert [(list(p), start) for p, start in removed] == [([9], 9), ([3, 5], 6)]
-    assert tree.node_ids() == [0, 2] and tree.node(0).children.keys() == {2}
-    assert tree.counts() == {"nodes": 2, "live_nodes": 2, "leaves": 1, "tokens_stored": 6,
+    assert [(list(p), start) for p, start in removed] == [([9], 8), ([3], 6)]
+    assert tree.node_ids() == [0] and not tree.node(0).children
+    assert tree.counts() == {"nodes": 1, "live_nodes": 1, "leaves": 1, "tokens_stored": 6,
                              "tokens_if_unshared": 6, "pages_if_unshared": 2}
+
+
+def test_release_splices_out_a_node_left_without_tokens():
+    """A released node inside one page whose children all copied that page gives the page up, is left without
+    tokens and leaves the tree: its children continue its parent, and the parent is checked in turn."""
+    t = NodeTree(page_size=4)
+    root = t.add_root(1, pages(4))
+    (mid,) = t.fork(root, 1)
+    t.grow(mid, [4], 1)  # in place in page 4: positions 1
+    a, b = t.fork(mid, 2)
+    t.grow(a, [6], 1)  # both copied page 4 (made-up decisions: the allocator would let the first continue)
+    t.grow(b, [7], 1)
+    assert t.release(root) == []  # mid reads page 4
+    assert [(list(p), start) for p, start in t.release(mid)] == [([4], 1), ([4], 0)]  # mid's claim, then root's
+    assert t.node_ids() == [a.id, b.id] and a.parent is None and (a.start, a.end) == (0, 3) == (b.start, b.end)
+    assert t.path_pages(a).tolist() == [6] and t.slots(b).tolist() == [28, 29, 30]
+    assert t.plan_walk([a, b]).parent == [-1, -1]
+    walk = t.plan_walk([a, b], 3)
+    assert walk.query_owner == [0, 0, 0, 1, 1, 1] and walk.start == [0, 0]
 
 
 def test_counts(tree):

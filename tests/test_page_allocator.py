@@ -65,6 +65,24 @@ def test_extend_out_of_pages_counts_copies_and_changes_nothing():
     assert books(alloc) == before
 
 
+def test_grow_decides_without_changing_anything_and_commit_applies_it():
+    """grow() names the pages a call will take (the free pages, lowest first) and changes nothing, so the cache
+    can run the copies first; commit() applies exactly that, and refuses a decision the allocator outgrew."""
+    alloc = PageAllocator(num_pages=6, page_size=4)
+    (tail,) = alloc.allocate(2)
+    alloc.extend([(2, tail, False)], 1)  # someone continued in place: the next branches copy
+    before = books(alloc)
+    growth = alloc.grow([(2, tail, False), (4, -1, True)], 2)
+    assert books(alloc) == before
+    assert growth.new_pages == [[1], [2]] and (growth.copy_src, growth.copy_dst, growth.copy_slots) == ([0], [1], [2])
+    alloc.commit(growth)
+    assert books(alloc) == ([2, 1, 1, 0, 0, 0], [3, 4, 2, 0, 0, 0], [3, 4, 5], 1)
+    stale = alloc.grow([(4, -1, True)], 1)
+    alloc.allocate(1)
+    with pytest.raises(RuntimeError, match="growth: expected the allocator unchanged"):
+        alloc.commit(stale)
+
+
 def test_release_frees_at_zero_and_reopens_slots_claimed_in_place():
     alloc = PageAllocator(num_pages=4, page_size=4)
     parent = list(alloc.allocate(2))

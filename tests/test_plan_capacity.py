@@ -100,7 +100,7 @@ def test_cuda_graph_replays_changing_trees():
 
 def _cache_step_reference(cache, leaves, q, layer=0):
     """Reference attention of each leaf's query over its whole path, from the cache's pool."""
-    k_cache, v_cache = cache.layer(layer)
+    k_cache, v_cache = cache.layer(layer).values()
     outs = []
     for i, leaf in enumerate(leaves):
         slots = cache.path_slots(leaf)
@@ -136,8 +136,7 @@ def test_cache_plan_into_refills_a_capacity_plan(device):
             assert cache.plan(leaves, num_qo_heads=8, into=plan) is plan
             assert [t.data_ptr() for t in plan.tensor_args()] == buffers
         q = torch.randn(4, 8, 64, device=device)
-        k_cache, v_cache = cache.layer(0)
-        o = treeattn.tree_decode(q, k_cache, v_cache, plan)
+        o = treeattn.tree_decode(q, **cache.layer(0), plan=plan)
         assert_close(o, _cache_step_reference(cache, leaves, q))
     with pytest.raises(ValueError, match=r"plan: expected a plan made by treeattn.plan\(\.\.\.\) for update_"):
         plan.update_(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)

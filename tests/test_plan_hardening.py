@@ -60,8 +60,8 @@ def test_refill_with_other_head_hints_stays_exact():
     assert cache.plan(leaves, num_qo_heads=1, into=plan) is plan
     assert plan.max_queries_per_item == block and plan.stats["max_queries_per_item"] <= block
     q = torch.randn(24, 8, 16)
-    k_cache, v_cache = cache.layer(0)
-    out = treeattn.tree_decode(q, k_cache, v_cache, plan)
+    k_cache, v_cache = cache.layer(0).values()
+    out = treeattn.tree_decode(q, **cache.layer(0), plan=plan)
     table = PagedTable(plan.kv_indptr.clone(), plan.kv_indices[: plan.stats["nnz"]].clone(),
                        plan.kv_last_page_len.clone(), 16, 64)
     for leaf, row in zip(leaves, range(24)):  # the plan's table is the leaves' paths

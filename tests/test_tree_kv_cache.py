@@ -4,6 +4,7 @@ misuse error. The pools are tiny and poisoned with NaN, so a stray read of a slo
 """
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -15,10 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import treeattn
 from treeattn import OutOfPages, TreeKVCache
 from treeattn._dispatch import force
-from treeattn.testing import TOLERANCE, assert_same_plan, relative_error
+from treeattn.testing import TOLERANCE, assert_close, assert_same_plan, relative_error
 
 from cache_model import (
-    DIM, DTYPE, HKV, HQ, LAYERS, Model, assert_unchanged, check_books, check_pool, make_cache, poison, snapshot, write,
+    DIM, DTYPE, HKV, HQ, LAYERS, Model, assert_unchanged, check_books, check_pool, live_path_pages, make_cache, poison,
+    snapshot, write,
 )
 
 TOL = TOLERANCE[DTYPE]
@@ -40,8 +42,7 @@ def _check_decode(cache, model, nodes, num_tokens, layer, seed):
     plan = cache.plan(nodes, num_tokens, num_qo_heads=HQ)
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(len(nodes) * num_tokens, HQ, DIM, generator=g)
-    k_cache, v_cache = cache.layer(layer)
-    out, lse = treeattn.tree_decode(q, k_cache, v_cache, plan, return_lse=True)
+    out, lse = treeattn.tree_decode(q, **cache.layer(layer), plan=plan, return_lse=True)
     scale = 1 / math.sqrt(DIM)
     expected = torch.zeros_like(out)
     for i, node in enumerate(nodes):
@@ -130,10 +131,10 @@ class TreeCacheMachine(RuleBasedStateMachine):
     def rewrite(self, data):
         """Overwrite a leaf's own tokens with new values (nothing else holds a copy of a leaf's own slots)."""
         leaf = self._pick(data, [n for n in self.model.leaves() if len(set(self.model.own_range(n))) == 2], "leaf")
-        begin, end = self.model.own_range(leaf)
-        ids = self.model.new_tokens(end - begin)
-        write(self.cache, self.model, self.cache.slots(leaf), ids)
-        self.model.seq[leaf] = self.model.seq[leaf][:begin] + ids
+        slots = self.cache.slots(leaf)
+        ids = self.model.new_tokens(slots.numel())
+        write(self.cache, self.model, slots, ids)
+        self.model.seq[leaf] = self.model.seq[leaf][: len(self.model.seq[leaf]) - len(ids)] + ids
 
     @precondition(lambda self: self.model.live)
     @rule(data=st.data())
@@ -143,6 +144,30 @@ class TreeCacheMachine(RuleBasedStateMachine):
         self.model.release(node)
         if node in self.model.seq:
             event("release: node stays for its descendants")
+
+    @precondition(lambda self: self.model.leaves())
+    @rule(data=st.data(), ways=st.integers(1, 3), k=st.integers(1, 2))
+    def beam_step(self, data, ways, k):
+        """Beam search's step: fork a leaf, release it, grow the children, drop some of them. The pages used
+        stay those the live paths read (checked by the invariants)."""
+        leaf = self._pick(data, self.model.leaves(), "beam leaf")
+        kids = self.cache.fork(leaf, ways)
+        for kid in kids:
+            self.model.add_node(kid, leaf, list(self.model.seq[leaf]))
+        self.cache.release(leaf)
+        self.model.release(leaf)
+        try:
+            slots = self.cache.append(kids, k)
+        except OutOfPages:
+            event("beam_step: OutOfPages")
+            return
+        ids = self.model.new_tokens(len(kids) * k)
+        write(self.cache, self.model, slots, ids)
+        for i, kid in enumerate(kids):
+            self.model.seq[kid] = self.model.seq[kid] + ids[i * k : (i + 1) * k]
+        for kid in data.draw(st.lists(st.sampled_from(kids), max_size=ways - 1, unique=True), label="beams dropped"):
+            self.cache.release(kid)
+            self.model.release(kid)
 
     @precondition(lambda self: self.model.live and self.decodes < 3)
     @rule(data=st.data(), num_tokens=st.sampled_from([1, 1, 2]), layer=st.integers(0, LAYERS - 1))
@@ -328,6 +353,54 @@ def test_released_parent_lives_while_children_need_it():
     assert cache.stats()["pages_free"] == 8 and cache.stats()["nodes"] == 0
 
 
+
+def test_pages_do_not_leak_in_beam_style_use():
+    """Fork a leaf in two, release it, append to both, release one child, repeat: each released ancestor's tail
+    page used to stay allocated after the surviving child copied it (OutOfPages at step 7 on 8 pages). Now a
+    page no live path reads is freed, and the one live row never holds more than its path's pages."""
+    c = treeattn.TreeKVCache(1, 1, 16, page_size=16, num_pages=8, dtype=torch.float32, device="cpu")
+    leaf = c.add(5)
+    for step in range(40):
+        x, y = c.fork(leaf, 2); c.release(leaf); c.append([x, y]); c.release(x); leaf = y  # noqa: E702
+        assert c.stats()["pages_used"] == -(-c.length(leaf) // 16) == len(live_path_pages(c))
+    check_books(c)
+    assert c.length(leaf) == 45 and c.stats()["live_nodes"] == 1 and c.stats()["pages_used"] == 3
+
+
+def test_beam_steps_keep_paths_and_causal_plans_exact():
+    """Beam steps over a NaN-poisoned pool: the survivors read their whole sequences back, and plans with
+    several query tokens per leaf (whose first queries reach back into tokens a released ancestor gave to the
+    leaf's copy of its page) equal attention over the model's sequences."""
+    cache, model = make_cache(page_size=4, num_pages=24), Model()
+    root = cache.add(6)
+    ids = model.new_tokens(6)
+    model.add_node(root, None, ids)
+    write(cache, model, cache.slots(root), ids)
+    beams = [root]
+    for step in range(9):
+        nxt = []
+        for beam in beams:
+            kids = cache.fork(beam, 2)
+            for kid in kids:
+                model.add_node(kid, beam, list(model.seq[beam]))
+            cache.release(beam)
+            model.release(beam)
+            nxt += kids
+        slots = cache.append(nxt, 1 + step % 2)
+        k = 1 + step % 2
+        new = model.new_tokens(len(nxt) * k)
+        write(cache, model, slots, new)
+        for i, kid in enumerate(nxt):
+            model.seq[kid] = model.seq[kid] + new[i * k : (i + 1) * k]
+        beams = nxt[::2][:3]  # keep at most three beams, drop the rest
+        for kid in set(nxt) - set(beams):
+            cache.release(kid)
+            model.release(kid)
+        check_books(cache, model)
+        check_pool(cache, model)
+        _check_decode(cache, model, beams, 3, step % LAYERS, seed=step)
+    assert cache.stats()["pages_used"] == len(live_path_pages(cache)) <= 3 * -(-len(model.seq[beams[0]]) // 4)
+
 # ---- planning ---------------------------------------------------------------------------------------
 
 
@@ -407,7 +480,7 @@ def test_plan_of_forked_children_before_append():
 def test_mla_cache():
     cache = TreeKVCache.mla(2, kv_lora_rank=32, rope_dim=16, page_size=4, num_pages=16, dtype=DTYPE, device="cpu")
     poison(cache)
-    assert cache.layer(1).shape == (16, 4, 48)
+    assert cache.layer(1).kv_cache.shape == (16, 4, 48) and list(cache.layer(1)) == ["kv_cache"]
     g = torch.Generator().manual_seed(10)
     root = cache.add(6)
     rows = {}
@@ -426,12 +499,68 @@ def test_mla_cache():
         cache.write(0, slots, torch.zeros(6, 47))
     plan = cache.plan(kids, num_qo_heads=16)
     q = torch.randn(3, 16, 48, generator=g)
-    out = treeattn.mla_tree_decode(q, cache.layer(1), plan, sm_scale=0.1, v_head_dim=32)
+    out = treeattn.mla_tree_decode(q, **cache.layer(1), plan=plan, sm_scale=0.1, v_head_dim=32)
     prompt, new = rows[1]
     for i in range(3):
         kv = torch.cat([prompt, new[2 * i : 2 * i + 2]])
         p = torch.softmax(q[i] @ kv.T * 0.1, dim=-1)
         assert relative_error(out[i], p @ kv[:, :32]) < TOL
+
+
+_POOLS = {
+    "fp32": dict(keys=["k_cache", "v_cache"]),
+    "fp8": dict(keys=["k_cache", "v_cache", "k_scale", "v_scale"], dtype=torch.float8_e4m3fn),
+    "mla": dict(keys=["kv_cache"], mla=True),
+    "mla_fp8": dict(keys=["kv_cache", "kv_scale"], mla=True, dtype=torch.float8_e4m3fn),
+}
+
+
+@pytest.mark.parametrize("pool", list(_POOLS))
+def test_layer_is_one_mapping_for_every_pool(pool):
+    """cache.layer(i) is a read-only mapping keyed by the decode op's keyword names, so one idiom,
+    tree_decode(q, **cache.layer(i), plan=plan) (mla_tree_decode for MLA), fits every pool; it equals the
+    reference on the same views."""
+    spec = _POOLS[pool]
+    dtype = spec.get("dtype", DTYPE)
+    fp8 = dtype != DTYPE
+    g = torch.Generator().manual_seed(11)
+    if spec.get("mla"):
+        cache = TreeKVCache.mla(2, kv_lora_rank=32, rope_dim=16, page_size=4, num_pages=16, dtype=dtype, device="cpu",
+                                kv_scale=0.05 if fp8 else None)
+        row = (48,)
+    else:
+        cache = TreeKVCache(2, HKV, DIM, page_size=4, num_pages=16, dtype=dtype, device="cpu",
+                            k_scale=torch.tensor([0.02, 0.03]) if fp8 else None, v_scale=0.04 if fp8 else None)
+        row = (HKV, DIM)
+    root = cache.add(7)
+    leaves = cache.fork(root, 3)
+    for grow in (lambda: cache.slots(root), lambda: cache.append(leaves, 2)):  # write the prompt, then copy it
+        slots = grow()
+        for i in range(2):
+            cache.write(i, slots, *(torch.randn(slots.numel(), *row, generator=g) for _ in range(2 - cache.is_mla)))
+    plan = cache.plan(leaves, num_qo_heads=4)
+    layer = cache.layer(1)
+    assert isinstance(layer, treeattn.KVLayer) and isinstance(layer, Mapping) and list(layer) == spec["keys"]
+    assert all(layer[name] is getattr(layer, name) for name in layer)
+    first = spec["keys"][0]
+    assert layer[first].data_ptr() == cache.layer(1)[first].data_ptr() != cache.layer(0)[first].data_ptr()
+    with pytest.raises(TypeError):
+        layer["k_cache"] = None
+    with pytest.raises(AttributeError, match="read-only"):
+        layer.k_cache = None
+    with pytest.raises(AttributeError, match="no 'scale'"):
+        layer.scale
+    q = torch.randn(3, 4, row[-1], generator=g)
+    table = (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
+    if cache.is_mla:
+        out = treeattn.mla_tree_decode(q, **cache.layer(1), plan=plan, sm_scale=0.2, v_head_dim=32)
+        ref, _ = treeattn.reference.mla_tree_decode(q, layer["kv_cache"], *table, sm_scale=0.2, v_head_dim=32,
+                                                    kv_scale=layer.get("kv_scale"))
+    else:
+        out = treeattn.tree_decode(q, **cache.layer(1), plan=plan)
+        ref, _ = treeattn.reference.tree_decode(q, layer["k_cache"], layer["v_cache"], *table,
+                                                k_scale=layer.get("k_scale"), v_scale=layer.get("v_scale"))
+    assert_close(out, ref, DTYPE)
 
 
 def test_constructor_and_arguments_are_checked():
@@ -524,10 +653,10 @@ def test_write_and_decode_under_torch_compile():
 
     def step(q, k, v, slots):
         cache.write(0, slots, k, v)
-        return treeattn.tree_decode(q, *cache.layer(0), plan)
+        return treeattn.tree_decode(q, **cache.layer(0), plan=plan)
 
     out = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v, slots)
-    assert torch.equal(cache.layer(0)[1].reshape(-1, HKV, DIM)[slots], v)
+    assert torch.equal(cache.layer(0).v_cache.reshape(-1, HKV, DIM)[slots], v)
     assert torch.equal(out, step(q, k, v, slots))
 
 
@@ -585,10 +714,10 @@ def test_cache_decode_and_cuda_graph_gpu(backend):
 
         def step():
             cache.write(1, slots, k_new, v_new)
-            treeattn.tree_decode(q, *cache.layer(1), plan, out=out)
+            treeattn.tree_decode(q, **cache.layer(1), plan=plan, out=out)
 
         step()  # warm up (compiles, allocates the plan's workspace)
-        ref, _ = treeattn.reference.tree_decode(q, *cache.layer(1), plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
+        ref, _ = treeattn.reference.tree_decode(q, *cache.layer(1).values(), plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
         assert relative_error(out, ref) < 1e-2
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -597,7 +726,7 @@ def test_cache_decode_and_cuda_graph_gpu(backend):
         v_new.copy_(torch.randn_like(v_new))
         graph.replay()
         torch.cuda.synchronize()
-    k_cache, v_cache = cache.layer(1)
+    k_cache, v_cache = cache.layer(1).values()
     assert torch.equal(k_cache.reshape(-1, 8, 128)[slots], k_new)
     ref, _ = treeattn.reference.tree_decode(q, k_cache, v_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
     assert relative_error(out, ref) < 1e-2

@@ -11,13 +11,15 @@ composes two host-side parts, each usable and testable alone:
 
 The pool lives on the device, all layers in one tensor:
 
-- GQA: ``[2, num_layers, num_pages, page_size, num_kv_heads, head_dim]`` (K and V stacked), so ``layer(i)``
-  returns the ``(k_cache, v_cache)`` views ``tree_decode`` takes;
-- MLA: ``[1, num_layers, num_pages, page_size, kv_lora_rank + rope_dim]``, ``layer(i)`` the ``kv_cache``.
+- GQA: ``[2, num_layers, num_pages, page_size, num_kv_heads, head_dim]`` (K and V stacked);
+- MLA: ``[1, num_layers, num_pages, page_size, kv_lora_rank + rope_dim]``.
+
+``layer(i)`` returns a :class:`KVLayer`: layer ``i``'s views keyed by the decode op's keyword names, so every
+pool is read as ``tree_decode(q, **cache.layer(i), plan=plan)`` (``mla_tree_decode`` for MLA).
 
 An FP8 pool (``dtype=torch.float8_e4m3fn`` / ``float8_e5m2``, half the bytes of bf16) holds ``value / scale``
 with fixed fp32 scales given at construction (per tensor, per KV head, or per layer and KV head); ``write``
-takes 16/32-bit K/V and quantizes them in its one launch, and ``layer(i)`` also returns the layer's scales.
+takes 16/32-bit K/V and quantizes them in its one launch, and ``layer(i)`` also holds the layer's scales.
 
 All copies one ``append`` needs happen in one launch (every layer, K and V); ``write`` is one launch per
 layer. Writes must follow the order a decode loop has anyway: write a node's KV (``add``/``append`` slots,
@@ -32,98 +34,18 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Optional
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-from . import _dispatch, reference
-from ._dispatch import register
+from . import kv_ops  # noqa: F401  (registers the treeattn::kv_write_run / copy_pages_run ops)
 from ._validate import check_float_tensor, check_int, check_kv_scale, is_fp8
 from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
 from .tree import NodeTree
 
-__all__ = ["TreeKVCache", "OutOfPages"]
-
-# ---- registered ops: one launch each, dispatched like the attention ops -------------------------------
-
-
-@register("kv_write", "cuda")
-def _kv_write_cuda(slots, k, v, pool, layer):
-    torch.ops.treeattn.kv_write_cuda(slots, k, v, pool, layer)
-
-
-@register("kv_write", "triton")
-def _kv_write_triton(slots, k, v, pool, layer):
-    # pool: the stacked [C, num_layers, num_pages, page_size, ...] (C = 2 for K/V, 1 for MLA).
-    _dispatch.triton_kernels.kv_write(slots, k, pool[0, layer], v, None if v is None else pool[1, layer])
-
-
-@register("kv_write", "reference")
-def _kv_write_reference(slots, k, v, pool, layer, k_scale=None, v_scale=None):
-    keep = (slots >= 0) & (slots < pool.shape[2] * pool.shape[3])  # out-of-range slots are skipped, as in the kernels
-    dst = slots[keep]
-    for plane, rows, scale in ((0, k, k_scale), (1, v, v_scale)):
-        if rows is not None:
-            rows = rows[keep] if scale is None else reference.quantize(rows[keep], scale[layer], pool.dtype)
-            pool[plane, layer].flatten(0, 1)[dst] = rows
-
-
-# FP8 pools: the write quantizes (fp32 scales [num_layers, H]); no CUDA-extension kernel does that.
-@register("kv_write_fp8", "triton")
-def _kv_write_fp8_triton(slots, k, v, pool, layer, k_scale, v_scale):
-    _dispatch.triton_kernels.kv_write(slots, k, pool[0, layer], v, None if v is None else pool[1, layer],
-                                      k_scale=k_scale[layer], v_scale=None if v is None else v_scale[layer])
-
-
-register("kv_write_fp8", "reference")(_kv_write_reference)
-
-
-@register("copy_pages", "triton")
-def _copy_pages_triton(pool, src, dst, num_slots):
-    _dispatch.triton_kernels.copy_pages(pool.flatten(0, 1), src, dst, num_slots)
-
-
-@register("copy_pages", "reference")
-def _copy_pages_reference(pool, src, dst, num_slots):
-    planes = pool.flatten(0, 1).flatten(1, 2)  # [C * num_layers, num_pages * page_size, ...]
-    page_size = pool.shape[3]
-    slot = torch.arange(page_size, device=pool.device)
-    used = slot[None, :] < num_slots[:, None]
-    planes[:, (dst[:, None] * page_size + slot)[used]] = planes[:, (src[:, None] * page_size + slot)[used]]
-
-
-@torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))
-def _kv_write_run(
-    slots: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], pool: torch.Tensor, layer: int,
-    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
-) -> None:
-    """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA). Slots outside
-    ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer.
-    An FP8 pool comes with fp32 ``k_scale`` (``v_scale``) ``[num_layers, H]``: the rows are quantized."""
-    if k_scale is None:
-        _dispatch.run("kv_write", slots.device, slots, k, v, pool, layer)
-    else:
-        _dispatch.run("kv_write_fp8", slots.device, slots, k, v, pool, layer, k_scale, v_scale)
-
-
-@_kv_write_run.register_fake
-def _(slots, k, v, pool, layer, k_scale=None, v_scale=None):
-    return None
-
-
-@torch.library.custom_op("treeattn::copy_pages_run", mutates_args=("pool",))
-def _copy_pages_run(pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, num_slots: torch.Tensor) -> None:
-    """For every plane ``(c, layer)`` of the stacked pool: page ``dst[i]``'s first ``num_slots[i]`` slots =
-    page ``src[i]``'s."""
-    _dispatch.run("copy_pages", pool.device, pool, src, dst, num_slots)
-
-
-@_copy_pages_run.register_fake
-def _(pool, src, dst, num_slots):
-    return None
-
+__all__ = ["TreeKVCache", "KVLayer", "OutOfPages"]
 
 # ---- argument checks ----------------------------------------------------------------------------------
 
@@ -155,10 +77,12 @@ def _resolve_device(device) -> torch.device:
 
 
 class _KnownSlots:
-    """The last slot tensors the cache made or already range-checked, so :meth:`TreeKVCache.write` does not
-    check them again. A tensor counts as known while it is the same object at the same version (an in-place
-    change of it, or of a view of it, bumps the version). Inference-mode tensors keep no version counter;
-    they count as known by identity alone."""
+    """The last GPU slot tensors the cache made or already range-checked, so :meth:`TreeKVCache.write` does not
+    sync to check them again. A tensor counts as known while it is the same object at the same version (an
+    in-place change of it, or of a view of it, bumps the version). Inference tensors keep no version counter
+    and count as known by identity alone (the cache makes its own slot tensors outside inference mode). What
+    no version counter sees (a change through ``.data``, DLPack, a raw pointer) is caught by the write's
+    device-side check instead."""
 
     def __init__(self, size: int = 32):
         self._size = size
@@ -181,6 +105,48 @@ class _KnownSlots:
     def __contains__(self, t: torch.Tensor) -> bool:
         entry = self._entries.get(id(t))
         return entry is not None and entry[0]() is t and entry[1] == self._version(t)
+
+
+class KVLayer(Mapping):
+    """One layer of a :class:`TreeKVCache`'s pool, as the decode op of its kind takes it: a read-only mapping
+    whose keys are exactly that op's keyword names, so ``**cache.layer(i)`` fits every pool.
+
+    - GQA: ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, head_dim]``, plus ``k_scale``,
+      ``v_scale`` (fp32 ``[num_kv_heads]``) for an FP8 pool: ``treeattn.tree_decode(q, **layer, plan=plan)``;
+    - MLA: ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]``, plus ``kv_scale`` (fp32 ``[1]``) for
+      an FP8 pool: ``treeattn.mla_tree_decode(q, **layer, plan=plan, sm_scale=s)``.
+
+    Values are views of the pool (writing through them changes the cache). Attribute access works too
+    (``layer.k_cache``); the mapping itself cannot be changed.
+    """
+
+    __slots__ = ("_views",)
+
+    def __init__(self, views: dict[str, torch.Tensor]):
+        object.__setattr__(self, "_views", dict(views))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._views[name]
+
+    def __iter__(self):
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        # (only called for names the class does not have; _views itself is looked up without recursing)
+        try:
+            return object.__getattribute__(self, "_views")[name]
+        except (KeyError, AttributeError):
+            raise AttributeError(f"KVLayer has no {name!r}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("KVLayer is read-only")
+
+    def __repr__(self) -> str:
+        parts = (f"{k}=<{tuple(v.shape)} {v.dtype}>" for k, v in self._views.items())
+        return f"KVLayer({', '.join(parts)})"
 
 
 # ---- the cache ----------------------------------------------------------------------------------------
@@ -209,7 +175,7 @@ class TreeKVCache:
             plan = cache.plan(leaves)                                   # once per step
             for i in range(L):
                 cache.write(i, slots, k_i, v_i)
-                o = treeattn.tree_decode(q_i, *cache.layer(i), plan)
+                o = treeattn.tree_decode(q_i, **cache.layer(i), plan=plan)
             ...; cache.release(dead_leaf); kids = cache.fork(leaf, 2)
 
     ``tree`` (:class:`treeattn.tree.NodeTree`) and ``allocator`` (:class:`treeattn.pages.PageAllocator`) are
@@ -251,10 +217,11 @@ class TreeKVCache:
         kv_scale: torch.Tensor | float | None = None,
     ) -> "TreeKVCache":
         """MLA cache (absorbed form): one latent row ``c_kv (kv_lora_rank) ‖ k_pe (rope_dim)`` per token.
-        ``layer(i)`` returns the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
-        ``treeattn.mla_tree_decode`` takes; ``write(layer, slots, kv)`` takes ``kv [n, kv_lora_rank + rope_dim]``.
-        An FP8 ``dtype`` needs ``kv_scale``: a finite positive float or an fp32 tensor ``[]`` / ``[1]`` (every
-        layer) or ``[num_layers]``; ``layer(i)`` then returns ``(kv_cache, kv_scale)``."""
+        ``layer(i)`` holds the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
+        ``treeattn.mla_tree_decode`` takes (``mla_tree_decode(q, **cache.layer(i), plan=plan, sm_scale=s)``);
+        ``write(layer, slots, kv)`` takes ``kv [n, kv_lora_rank + rope_dim]``. An FP8 ``dtype`` needs
+        ``kv_scale``: a finite positive float or an fp32 tensor ``[]`` / ``[1]`` (every layer) or
+        ``[num_layers]``; ``layer(i)`` then also holds ``kv_scale``."""
         kv_lora_rank = check_int("kv_lora_rank", kv_lora_rank, 1)
         rope_dim = check_int("rope_dim", rope_dim, 0)
         self = cls.__new__(cls)
@@ -316,8 +283,11 @@ class TreeKVCache:
         return t.to(self.device)
 
     def _slots_out(self, slots: np.ndarray) -> torch.Tensor:
-        """Slots handed to the caller: on the device, and known valid to :meth:`write`."""
-        return self._known_slots.add(self._to_device(slots))
+        """Slots handed to the caller: on the device, and (on a GPU) known valid to :meth:`write`. Made outside
+        inference mode, so that they keep a version counter that in-place changes bump."""
+        with torch.inference_mode(False):
+            t = self._to_device(slots)
+        return self._known_slots.add(t) if t.is_cuda else t
 
     # ---- tree ----
 
@@ -348,29 +318,40 @@ class TreeKVCache:
         self.tree.check_growable(nodes, "append")
         s = self.page_size
         branches = [(n.end, self.tree.tail_page(n) if n.end % s else -1, n.end > n.start) for n in nodes]
-        growth = self.allocator.extend(branches, k, "append")  # raises before anything changed
-        for n, pages in zip(nodes, growth.new_pages):
-            self.tree.grow(n, pages, k)
-        if growth.copy_src:
+        growth = self.allocator.grow(branches, k, "append")  # decides, changes nothing (or raises OutOfPages)
+        if growth.copy_src:  # into pages still free: if the launch fails, the cache is as it was
             torch.ops.treeattn.copy_pages_run(
                 self._pool, *(self._to_device(np.asarray(x)) for x in (growth.copy_src, growth.copy_dst, growth.copy_slots))
             )
-        return self._slots_out(np.array(self.tree.last_slots(nodes, k), dtype=np.int64))
+        slots = self.tree.grow_slots(nodes, growth.new_pages, k)
+        out = self._slots_out(slots)  # (the last step that can fail: an allocation)
+        self.allocator.commit(growth)
+        for n, pages in zip(nodes, growth.new_pages):
+            self.tree.grow(n, pages, k)
+        return out
 
     def release(self, node: int) -> None:
-        """Release ``node``: it can no longer be used; every page nothing else references is freed. The tokens
-        of a node with live descendants stay (their paths need them) until the last of those is released."""
+        """Release ``node``: it can no longer be used. Every page that no live node's path reads any more goes
+        back to the free list: the node's own pages once no live descendant needs them, and the last, partly
+        filled page of a released ancestor once each live path below it reads its own copy of that page (the
+        ancestor's tokens in it then count as the copying children's own: see :meth:`slots`). So the pages in
+        use are always exactly the pages the live paths read."""
         for pages, start in self.tree.release(self.tree.node(node, "release")):
             self.allocator.release(pages, start)
 
     # ---- slots and pools ----
 
     def slots(self, node: int) -> torch.Tensor:
-        """int64 flat slots of the node's own tokens (path positions ``[start, end)``), on the cache's device."""
+        """int64 flat slots of the node's own tokens (path positions ``[start, end)``), on the cache's device.
+
+        A node owns the tokens appended to it (``add``'s for a root); when a released ancestor's last page is
+        read by none of the live paths through it, the tokens of that page before the node's first one move to
+        the node's copy of the page and are its own from then on (``start`` moves back, within that page)."""
         return self._slots_out(self.tree.slots(self.tree.node(node, "slots")))
 
     def path_slots(self, node: int) -> torch.Tensor:
-        """int64 flat slots of every token on the root→node path, in order, on the cache's device."""
+        """int64 flat slots of every token on the root→node path, in order, on the cache's device. A walk up
+        the path: O(nodes on it + its pages) time, no memory kept between calls."""
         return self._slots_out(self.tree.path_slots(self.tree.node(node, "path_slots")))
 
     def length(self, node: int) -> int:
@@ -378,25 +359,31 @@ class TreeKVCache:
         return self.tree.node(node, "length").end
 
     def parent(self, node: int) -> int | None:
-        """The node's parent (None for a root). A released parent still answers here while it has children."""
+        """The node's parent (None for a root): the nearest ancestor still in the tree. A released ancestor stays
+        while some live path reads a page through it, and one left without tokens leaves the tree."""
         p = self.tree.node(node, "parent").parent
         return None if p is None else p.id
 
     def _check_layer(self, layer) -> int:
         return check_int("layer", layer, 0, self.num_layers - 1)
 
-    def layer(self, i: int):
-        """Layer ``i``'s pool views: ``(k_cache, v_cache)`` ``[num_pages, page_size, num_kv_heads, head_dim]``
-        for GQA, ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` for MLA.
+    def layer(self, i: int) -> KVLayer:
+        """Layer ``i``'s pool views, keyed by the keyword names of the decode op they feed (see
+        :class:`KVLayer`): ``k_cache``, ``v_cache`` ``[num_pages, page_size, num_kv_heads, head_dim]`` for GQA,
+        ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` for MLA; FP8 pools add the layer's fp32
+        scales, ``k_scale``, ``v_scale`` ``[num_kv_heads]`` (``kv_scale [1]`` for MLA). Every pool is used the
+        same way::
 
-        FP8 pools also return the layer's scales, as the decode ops take them: ``(k_cache, v_cache, k_scale,
-        v_scale)`` with fp32 ``[num_kv_heads]`` scales (``tree_decode(q, k, v, plan, k_scale=ks, v_scale=vs)``),
-        and ``(kv_cache, kv_scale)`` with ``kv_scale [1]`` for MLA."""
+            treeattn.tree_decode(q, **cache.layer(i), plan=plan)
+            treeattn.mla_tree_decode(q, **cache.layer(i), plan=plan, sm_scale=s)
+        """
         i = self._check_layer(i)
-        caches = (self._pool[0, i],) if self.is_mla else (self._pool[0, i], self._pool[1, i])
+        names = ("kv_cache",) if self.is_mla else ("k_cache", "v_cache")
+        views = {name: self._pool[c, i] for c, name in enumerate(names)}
         if self._scales is not None:
-            caches += tuple(scale[i] for scale in self._scales)
-        return caches[0] if len(caches) == 1 else caches
+            scale_names = ("kv_scale",) if self.is_mla else ("k_scale", "v_scale")
+            views.update((name, scale[i]) for name, scale in zip(scale_names, self._scales))
+        return KVLayer(views)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
         """One launch scattering ``k, v [len(slots), num_kv_heads, head_dim]`` into layer ``layer`` at ``slots``
@@ -405,11 +392,13 @@ class TreeKVCache:
         rows are quantized in the same launch: ``x / scale`` saturated to the format's range, rounded to
         nearest even (``treeattn.reference.quantize``).
 
-        Slots this cache returned (``append``/``slots``/``path_slots``) are known to be in range and are not
-        checked again, nor is a tensor already checked (until it changes in place). Other slots are checked
-        on the host: on a GPU that costs one synchronisation the first time a tensor is seen. Under CUDA-graph
-        capture and ``torch.compile`` there is no host check; the kernels skip out-of-range slots, so nothing
-        is written outside the layer.
+        The slot range is never silently skipped. On the CPU every call checks it on the host (one pass,
+        cheaper than the write). On a GPU the host check (a synchronisation) runs the first time a tensor is
+        seen, not for the cache's own slot tensors (``append``/``slots``/``path_slots``) nor again for one
+        already checked while it is unchanged in place; every GPU write also checks on the device, without a
+        synchronisation, so a change no version counter saw fails a device-side assertion. Under CUDA-graph
+        capture and ``torch.compile`` only the device-side check runs (it is part of the graph). See
+        docs/validation.md.
         """
         layer = self._check_layer(layer)
         self._check_slots(slots)
@@ -436,18 +425,26 @@ class TreeKVCache:
             raise ValueError(f"slots: expected device {self.device} (the cache's), got {slots.device}")
         if slots.shape[0] > 1 and slots.stride(0) != 1:
             raise ValueError(f"slots: expected a contiguous tensor, got stride {slots.stride(0)}")
-        if torch.compiler.is_compiling() or slots in self._known_slots:
+        n, limit = slots.shape[0], self.num_pages * self.page_size
+        if (torch.compiler.is_compiling() or (slots.is_cuda and torch.cuda.is_current_stream_capturing())
+                or (slots.is_cuda and slots in self._known_slots)):
+            # No host check here (none can see the values a replay will use; a known tensor skips the sync), so
+            # the device checks, without a sync: a value no host check saw (a replay, a traced graph, a change the
+            # version counter missed) fails loudly instead of the kernel skipping its row.
+            if n:
+                torch._assert_async(slots.max() < limit, f"slots: expected values < {limit} (num_pages * page_size)")
             return
-        if slots.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # no host check can see the values a replay will use; the kernels bound them
-        if slots.shape[0]:
+        if n:
+            # On the CPU this pass costs less than the write itself, so it runs on every call: no change of the
+            # tensor (through .numpy(), .data, inference mode) can slip past it. On a GPU it costs a sync, paid the
+            # first time a tensor is seen.
             top = int(slots.max())
-            if top >= self.num_pages * self.page_size:
+            if top >= limit:
                 raise ValueError(
-                    f"slots: expected values < {self.num_pages * self.page_size} (num_pages * page_size; a negative "
-                    f"slot is skipped), got {top}"
+                    f"slots: expected values < {limit} (num_pages * page_size; a negative slot is skipped), got {top}"
                 )
-        self._known_slots.add(slots)
+        if slots.is_cuda:
+            self._known_slots.add(slots)
 
     def _check_rows(self, name: str, t, n: int) -> None:
         shape = (n, *self._row_shape)

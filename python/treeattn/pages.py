@@ -39,18 +39,23 @@ class OutOfPages(RuntimeError):
 
 @dataclass
 class Growth:
-    """What :meth:`PageAllocator.extend` decided for one call.
+    """What :meth:`PageAllocator.grow` decided for one call, before anything changed.
 
     ``new_pages[b]``: pages branch ``b`` adds to the end of its page list (the shared tail page it continues in
     place, when it did not hold it yet, then its copy or fresh pages). ``copy_src``/``copy_dst``/``copy_slots``:
     page copies to run on the device before the new tokens are written: page ``copy_dst[i]``'s first
-    ``copy_slots[i]`` slots = page ``copy_src[i]``'s.
+    ``copy_slots[i]`` slots = page ``copy_src[i]``'s (the destinations are free pages until
+    :meth:`PageAllocator.commit`).
     """
 
     new_pages: list[list[int]]
     copy_src: list[int] = field(default_factory=list)
     copy_dst: list[int] = field(default_factory=list)
     copy_slots: list[int] = field(default_factory=list)
+    # The bookkeeping commit() applies: fresh pages (page, fill) in the order they leave the free list, and
+    # (page, fill, new holder) of every page continued in place.
+    taken: list[tuple[int, int]] = field(default_factory=list, repr=False)
+    continued: list[tuple[int, int, bool]] = field(default_factory=list, repr=False)
 
 
 class PageAllocator:
@@ -110,14 +115,21 @@ class PageAllocator:
         return array("i", [self._take(min(s, num_tokens - i * s)) for i in range(need)])
 
     def extend(self, branches: Sequence[tuple[int, int, bool]], num_tokens: int, what: str = "extend") -> Growth:
-        """Grow every branch by ``num_tokens`` slots.
+        """:meth:`grow`, then :meth:`commit`: grow every branch by ``num_tokens`` slots in one step."""
+        growth = self.grow(branches, num_tokens, what)
+        self.commit(growth)
+        return growth
+
+    def grow(self, branches: Sequence[tuple[int, int, bool]], num_tokens: int, what: str = "extend") -> Growth:
+        """Decide how every branch grows by ``num_tokens`` slots, changing nothing (:meth:`commit` applies it,
+        so the caller can run the copies first and drop the decision if they fail).
 
         ``branches[b] = (end, tail_page, holds_tail)``: the branch's path holds ``end`` tokens; when ``end``
         is not a multiple of ``page_size``, ``tail_page`` is the page holding its last token and ``holds_tail``
         says the growing node already holds that page (else it continues an ancestor's page and, in place,
         starts holding it too). Branches that leave the same page are decided in order: the first continues
-        in place if the page allows it, the others copy. Raises :class:`OutOfPages` before changing anything
-        when the free pages do not cover the call's fresh pages and copies.
+        in place if the page allows it, the others copy. Raises :class:`OutOfPages` when the free pages do not
+        cover the call's fresh pages and copies.
         """
         s, k = self.page_size, num_tokens
         claimed: dict[int, int] = {}  # tail page -> fill once this call's earlier branches have claimed slots
@@ -138,24 +150,40 @@ class PageAllocator:
         self._check_fits(need, what)
 
         growth = Growth(new_pages=[])
+        upcoming = iter(self._free[::-1])  # the pages commit() will take, in order
+
+        def take(fill: int) -> int:
+            page = next(upcoming)
+            growth.taken.append((page, fill))
+            return page
+
         for off, tail, holds_tail, in_place, fresh in decided:
             pages = []
             if off and in_place:
                 if not holds_tail:
                     pages.append(tail)
-                    self._refcount[tail] += 1
-                self._fill[tail] = min(s, off + k)
+                growth.continued.append((tail, min(s, off + k), not holds_tail))
             elif off:
-                page = self._take(min(s, off + k))
+                page = take(min(s, off + k))
                 pages.append(page)
                 growth.copy_src.append(tail)
                 growth.copy_dst.append(page)
                 growth.copy_slots.append(off)
             first_fresh = k - (min(s - off, k) if off else 0)  # tokens left for fresh pages
-            pages.extend(self._take(min(s, first_fresh - i * s)) for i in range(fresh))
+            pages.extend(take(min(s, first_fresh - i * s)) for i in range(fresh))
             growth.new_pages.append(pages)
-        self.pages_copied += len(growth.copy_src)
         return growth
+
+    def commit(self, growth: Growth) -> None:
+        """Apply what :meth:`grow` decided; nothing may have changed the allocator in between."""
+        if [page for page, _ in growth.taken] != self._free[: -len(growth.taken) - 1 : -1]:
+            raise RuntimeError("growth: expected the allocator unchanged since grow() decided it")
+        for _, fill in growth.taken:
+            self._take(fill)
+        for page, fill, new_holder in growth.continued:
+            self._refcount[page] += new_holder
+            self._fill[page] = fill
+        self.pages_copied += len(growth.copy_src)
 
     def release(self, pages: Iterable[int], start: int) -> None:
         """A node that held ``pages`` (its page list) and started at path position ``start`` is gone: each page

@@ -8,23 +8,22 @@ page at index ``j`` is the page of the deepest node on the path that covers ``j`
 lives in flat slot ``page * page_size + p % page_size``.
 
 Node ids are ints handed out in creation order and never reused. A released node is gone for callers at once;
-it stays in the tree as an internal node while it has children (their paths run through it). Which pages
-exist and who may write where is the page allocator's business (:mod:`treeattn.pages`); the tree only
-records the page lists it is given.
+it stays in the tree as an internal node only while some live node's path reads a page through it: every
+page a node holds is read by a live path (see :meth:`NodeTree.release`), so the pages in use are exactly the
+pages the live paths read. Which pages exist and who may write where is the page allocator's business
+(:mod:`treeattn.pages`); the tree only records the page lists it is given.
 """
 
 from __future__ import annotations
 
 from array import array
+from collections.abc import Mapping, Set as AbstractSet
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 __all__ = ["Node", "NodeTree", "PlanWalk"]
-
-_EMPTY = np.zeros(0, dtype=np.int64)
-
 
 class Node:
     """One node. Read its fields; change nodes only through :class:`NodeTree`.
@@ -34,7 +33,7 @@ class Node:
     reads them in place); ``released``.
     """
 
-    __slots__ = ("id", "parent", "children", "start", "end", "pages", "released", "_path", "_path_end")
+    __slots__ = ("id", "parent", "children", "start", "end", "pages", "released")
 
     def __init__(self, node_id: int, parent: "Node | None", start: int, end: int, pages: array):
         self.id = node_id
@@ -44,8 +43,6 @@ class Node:
         self.end = end
         self.pages = pages
         self.released = False
-        self._path: np.ndarray | None = None  # page ids of the root→node path, valid while _path_end == end
-        self._path_end = -1
 
     def __repr__(self) -> str:
         parent = None if self.parent is None else self.parent.id
@@ -152,6 +149,9 @@ class NodeTree:
             node_ids = node_ids.reshape(-1).tolist()
         elif isinstance(node_ids, (str, bytes)) or not hasattr(node_ids, "__iter__"):
             raise ValueError(f"{arg}: expected a node or a sequence of nodes, got {type(node_ids).__name__}")
+        elif isinstance(node_ids, (AbstractSet, Mapping)):  # (query and slot order follow the sequence's)
+            raise ValueError(f"{arg}: expected a sequence of nodes (list, tuple, numpy array or 1-D tensor; a set "
+                             f"or dict has no defined order), got {type(node_ids).__name__}")
         node_ids = list(node_ids)
         # The common case in C-level passes (this runs every decode step): only ints, all live. A float or a
         # bool would hash as some node's id, so the types are checked, not just the lookups.
@@ -220,19 +220,64 @@ class NodeTree:
         n.end += num_tokens
 
     def release(self, n: Node) -> list[tuple[array, int]]:
-        """Release ``n`` and remove it and every released ancestor left without children. Returns the removed
-        nodes' ``(pages, start)``, for the allocator to take back."""
+        """Release ``n``: callers can no longer use it. Returns the runs of pages no reader's path reads any
+        more, as ``(pages, start)`` (the pages, and the path position their first page is claimed from), for
+        the allocator to take back."""
         n.released = True
         del self._live[n.id]
-        removed = []
-        while n is not None and n.released and not n.children:
-            removed.append((n.pages, n.start))
-            if n.parent is not None:
-                del n.parent.children[n.id]
-            del self._nodes[n.id]
-            n.pages, n._path = array("i"), None
-            n = n.parent
-        return removed
+        return self._settle(n)
+
+    @staticmethod
+    def _is_reader(n: Node) -> bool:
+        """``n``'s path must stay readable: a live node. (The one place that says who reads; a cached or
+        pinned sequence would count here too.)"""
+        return not n.released
+
+    def _settle(self, n: Node) -> list[tuple[array, int]]:
+        """Trim the tree above ``n``, a node that just stopped being a reader, so that every page a node holds
+        is read by some reader's path through it. Walking up while the node is no reader:
+
+        - without children: it is removed with its pages;
+        - without tokens: it is spliced out (its children continue its parent);
+        - ending mid-page in a page none of its children continues in place (each copied it on write, so no
+          path through it reads that page): its tokens in that page already sit in every child's copy, so
+          they become the children's (each child now starts where the node's last full page ends, or where
+          the node starts) and the node gives the page up, which may leave it without tokens.
+
+        Anything else is read by some path and stops the walk. Only releases make pages unreadable: an append
+        to a child of such a node continues its page in place (the first child to leave a page does)."""
+        freed: list[tuple[array, int]] = []
+        s = self.page_size
+        while n is not None and not self._is_reader(n):
+            parent = n.parent
+            if not n.children:
+                freed.append((n.pages, n.start))
+                if parent is not None:
+                    del parent.children[n.id]
+                del self._nodes[n.id]
+                n.pages = array("i")
+            elif n.start == n.end:
+                for kid in n.children.values():
+                    kid.parent = parent
+                    if parent is not None:
+                        parent.children[kid.id] = kid
+                if parent is not None:
+                    del parent.children[n.id]
+                del self._nodes[n.id]
+                n.children = {}
+                self._last_walk = None  # (a reused walk may pass through n)
+            elif n.end % s and all(kid.pages and kid.pages[0] != n.pages[-1] for kid in n.children.values()):
+                end = max(n.start, n.end - n.end % s)
+                freed.append((array("i", [n.pages.pop()]), end))
+                n.end = end
+                for kid in n.children.values():
+                    kid.start = end
+                self._last_walk = None  # (starts and page lists changed under it)
+                continue  # n may be left without tokens
+            else:
+                break
+            n = parent
+        return freed
 
     # ---- slots ----
 
@@ -242,29 +287,35 @@ class NodeTree:
         pos = np.arange(n.start, n.end, dtype=np.int64)
         return np.asarray(n.pages, dtype=np.int64)[pos // s - n.start // s] * s + pos % s
 
-    def last_slots(self, nodes: list[Node], num_tokens: int) -> list[int]:
-        """Flat slots of each node's last ``num_tokens`` positions (all its own), node-major. Plain ints: a
-        decode step asks for a few per node, where a numpy pass per node would cost more than the arithmetic."""
+    def grow_slots(self, nodes: list[Node], new_pages, num_tokens: int) -> np.ndarray:
+        """int64 flat slots of each node's next ``num_tokens`` positions once it grows by ``new_pages[i]``
+        (:meth:`grow`'s arguments), node-major; the tree is not changed. Plain ints per position: a decode step
+        asks for a few per node, where a numpy pass per node would cost more than the arithmetic."""
         s = self.page_size
         out = []
-        for n in nodes:
-            pages, first = n.pages, n.start // s
-            out.extend(pages[p // s - first] * s + p % s for p in range(n.end - num_tokens, n.end))
-        return out
+        for n, extra in zip(nodes, new_pages):
+            pages, first, held = n.pages, n.start // s, len(n.pages)
+            for p in range(n.end, n.end + num_tokens):
+                j = p // s - first
+                out.append((pages[j] if j < held else extra[j - held]) * s + p % s)
+        return np.array(out, dtype=np.int64)
 
     def path_pages(self, n: Node) -> np.ndarray:
-        """int64 page ids of the root→n path (indices ``0 .. ceil(n.end / page_size) - 1``), cached per node."""
-        chain = []
+        """int64 page ids of the root→n path (indices ``0 .. ceil(n.end / page_size) - 1``).
+
+        Gathered by a walk up from ``n`` on every call: O(nodes on the path + path pages) time, nothing kept
+        (a cache per node would hold a whole path array at every node: quadratic memory on deep chains)."""
+        s = self.page_size
+        out = np.empty(-(-n.end // s), dtype=np.int64)
+        limit = len(out)  # indices [limit, ...) are written: a deeper node covering an index wins
         m = n
-        while m is not None and m._path_end != m.end:
-            chain.append(m)
+        while m is not None and limit:
+            first = m.start // s
+            if m.pages and limit > first:
+                out[first:limit] = np.frombuffer(m.pages, dtype=np.int32, count=limit - first)
+                limit = first
             m = m.parent
-        base = m._path if m is not None else _EMPTY
-        for m in reversed(chain):
-            if m.pages:
-                base = np.concatenate([base[: m.start // self.page_size], np.asarray(m.pages, dtype=np.int64)])
-            m._path, m._path_end = base, m.end
-        return n._path
+        return out
 
     def path_slots(self, n: Node) -> np.ndarray:
         """int64 flat slots of every token on the root→n path, in order."""
