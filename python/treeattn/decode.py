@@ -25,7 +25,7 @@ import torch
 from . import _dispatch, reference
 from ._dispatch import register
 from ._validate import (
-    check_backend_dtype, check_cache_dtype, check_float_tensor, check_kv_scale, check_no_grad, check_out,
+    check_cache_dtype, check_float_tensor, check_kv_scale, check_no_grad, check_out,
     check_plan_matches, check_positive_dims, check_sm_scale, is_fp8,
 )
 from .plan import PlanArgs, TreePlan, plan_of
@@ -181,7 +181,7 @@ def _registered_impl(spec: _OpSpec, *args) -> None:
     factors = (rest[num_scales:] + (1.0,) * num_scales)[:num_scales]
     scales = tuple(_join_scale(t, f, c) for t, f, c in zip(tensors, factors, caches))
     plan = plan_of(plan_tensors)
-    backend = _backend_for(spec.name, q)
+    backend = _dispatch.select_for(spec.name, "q", q)
     key = ("registered", spec, backend, sm_scale, _layout(q), *map(_layout, caches), _layout(out), _layout(lse),
            _layout(partial_o), _layout(partial_lse), *map(_scale_key, scales))
     step = None if plan is None else plan.prepared.get(key)
@@ -263,12 +263,6 @@ def _plain(tensors) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
-def _backend_for(op: str, q: torch.Tensor) -> str:
-    backend = _dispatch.select(op, q.device)
-    check_backend_dtype("q", q, backend)
-    return backend
-
-
 def _validate(spec: _OpSpec, q, caches, plan, sm_scale, scales, v_head_dim):
     """Every argument check of a decode op (O(1) metadata reads): returns the softmax scale as a float, the
     output width and the FP8 scales as the kernels read them."""
@@ -324,7 +318,7 @@ def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_he
             op(q, *args[:num_caches], plan_tensors, *args[num_caches:num_caches + 2], *workspace, scale, page_size,
                max_queries, *[t for t, _ in split], *[f for _, f in split])
     else:
-        run = _dispatch.implementation(spec.name, q.device, _backend_for(spec.name, q))(
+        run = _dispatch.implementation(spec.name, q.device, _dispatch.select_for(spec.name, "q", q))(
             q, *caches, plan, out, lse_out, *workspace, scale, *kernel_scales
         )
         if any(k is not s for k, s in zip(kernel_scales, scales)):
