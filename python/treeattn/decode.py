@@ -120,7 +120,7 @@ def _prepare_triton(spec: _OpSpec, *args):
 
 def _prepare_reference(spec: _OpSpec, q, *args):
     num_caches = len(spec.caches)
-    plan, sm_scale = args[num_caches], args[num_caches + 5]
+    plan, _out, _lse, _partial_o, _partial_lse, sm_scale = args[num_caches:num_caches + 6]
     table = (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)  # not the plan: runs are kept on it
 
     def run(q, *tensors):
@@ -149,14 +149,15 @@ def _contiguous_scales(run, num_tensors: int):
 def _split_scale(scale) -> tuple[torch.Tensor | None, float]:
     """A validated scale as the registered ops take it."""
     if isinstance(scale, torch.Tensor):
-        return scale.contiguous(), 1.0
+        return scale, 1.0
     return None, 1.0 if scale is None else float(scale)
 
 
 def _join_scale(tensor: torch.Tensor | None, factor: float, cache: torch.Tensor):
-    """Inverse of :func:`_split_scale` inside a registered op: the tensor, the float, or None (16-bit cache)."""
+    """Inverse of :func:`_split_scale` inside a registered op: the tensor (contiguous: kernels index per-head
+    scales with stride 1), the float, or None (16-bit cache)."""
     if tensor is not None:
-        return tensor
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
     return factor if is_fp8(cache.dtype) else None
 
 
@@ -181,6 +182,8 @@ def _registered_impl(spec: _OpSpec, *args) -> None:
     factors = (rest[num_scales:] + (1.0,) * num_scales)[:num_scales]
     scales = tuple(_join_scale(t, f, c) for t, f, c in zip(tensors, factors, caches))
     plan = plan_of(plan_tensors)
+    if plan is not None and (plan.page_size, plan.max_queries_per_item) != (page_size, max_queries):
+        plan = None  # the plan's tensors with other ints: prepare for what was passed
     backend = _dispatch.select_for(spec.name, "q", q)
     key = ("registered", spec, backend, sm_scale, _layout(q), *map(_layout, caches), _layout(out), _layout(lse),
            _layout(partial_o), _layout(partial_lse), *map(_scale_key, scales))
@@ -231,10 +234,6 @@ def _layout(t) -> tuple:
     """What a launch depends on in a tensor besides its data: type, shape, strides, dtype, device; and whether
     it requires grad (such a tensor is refused with grad mode on, so it never takes a prepared step)."""
     return (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
-
-
-def _optional_layout(t):
-    return None if t is None else _layout(t)
 
 
 def _scale_key(scale):
@@ -293,12 +292,14 @@ def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_he
     if not torch.compiler.is_compiling():
         try:
             key = (spec, _dispatch.forced(), type(sm_scale), sm_scale, type(v_head_dim), v_head_dim, _layout(q),
-                   *map(_layout, caches), _optional_layout(out), _optional_layout(lse_out), *map(_scale_key, scales))
+                   *map(_layout, caches), None if out is None else _layout(out),
+                   None if lse_out is None else _layout(lse_out), *map(_scale_key, scales))
             step = plan.prepared[key]
         except (AttributeError, KeyError, TypeError):  # first call with this layout, or a bad argument
             step = None
         if step is not None and plan.max_page_id < caches[0].shape[0]:
-            out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
+            if out is None or lse_out is None:
+                out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
             step.run(q, *caches, out, lse_out, *scales)
             return (out, lse_out) if return_lse else out
     scale, width, kernel_scales = _validate(spec, q, caches, plan, sm_scale, scales, v_head_dim)
