@@ -53,6 +53,7 @@ class _OpSpec:
     check_shapes: Callable  # (q, caches, plan, v_head_dim) -> (output width, KV heads a scale may have or None)
     reference: Callable  # (q, caches, table, sm_scale, scales, width) -> fp32 (o, lse)
     triton: str  # "module.prepare function" in treeattn.triton_kernels
+    input_layouts: Callable  # (caches, scales) -> their part of a call's layout key (see _decode)
     sm_scale_hint: str | None = None  # set: sm_scale is required, and this is the error without it
 
 
@@ -98,10 +99,13 @@ def _mla_reference(q, caches, table, sm_scale, scales, width):
 _GQA = _OpSpec(
     "tree_decode", ("k_cache", "v_cache"), ("k_scale", "v_scale"), 4, "num_qo_heads",
     _gqa_shapes, _gqa_reference, "gqa_decode.prepare_tree_decode",
+    lambda caches, scales: (_input_layout(caches[0]), _input_layout(caches[1]), _scale_key(scales[0]),
+                            _scale_key(scales[1])),
 )
 _MLA = _OpSpec(
     "mla_tree_decode", ("kv_cache",), ("kv_scale",), 3, "num_heads",
     _mla_shapes, _mla_reference, "mla_decode.prepare_mla_tree_decode",
+    lambda caches, scales: (_input_layout(caches[0]), _scale_key(scales[0])),
     sm_scale_hint=(
         "sm_scale: required for MLA (the absorbed head dim 576 is not the attention's true head dim); "
         "DeepSeek-V3 uses 1/sqrt(192)·mscale² (1/sqrt(qk_nope_head_dim + qk_rope_head_dim) times the YaRN "
@@ -185,8 +189,8 @@ def _registered_impl(spec: _OpSpec, *args) -> None:
     if plan is not None and (plan.page_size, plan.max_queries_per_item) != (page_size, max_queries):
         plan = None  # the plan's tensors with other ints: prepare for what was passed
     backend = _dispatch.select_for(spec.name, "q", q)
-    key = ("registered", spec, backend, sm_scale, _layout(q), *map(_layout, caches), _layout(out), _layout(lse),
-           _layout(partial_o), _layout(partial_lse), *map(_scale_key, scales))
+    key = ("registered", spec, backend, sm_scale, _layout(q), spec.input_layouts(caches, scales), _layout(out),
+           _layout(lse), _layout(partial_o), _layout(partial_lse))
     step = None if plan is None else plan.prepared.get(key)
     if step is None:
         step_plan = PlanArgs(plan_tensors, page_size, max_queries) if plan is None else plan
@@ -231,14 +235,20 @@ _MAX_STEPS_PER_PLAN = 64  # layouts seen with one plan; past this the plan's tab
 
 
 def _layout(t) -> tuple:
-    """What a launch depends on in a tensor besides its data: type, shape, strides, dtype, device; and whether
-    it requires grad (such a tensor is refused with grad mode on, so it never takes a prepared step)."""
+    """What a launch depends on in a tensor besides its data: type, shape, strides, dtype, device."""
+    return (type(t), t.shape, t.stride(), t.dtype, t.device)
+
+
+def _input_layout(t) -> tuple:
+    """An input's :func:`_layout` and whether it requires grad (refused with grad mode on, so such an input
+    must never find a step kept for one that does not)."""
     return (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
 
 
 def _scale_key(scale):
-    """A scale's part of a layout key: a tensor's layout, or a float's type and value (fixed in the launch)."""
-    return _layout(scale) if isinstance(scale, torch.Tensor) else (type(scale), scale)
+    """A scale's part of a layout key: a tensor's input layout, or a float's type and value (fixed in the
+    launch)."""
+    return _input_layout(scale) if isinstance(scale, torch.Tensor) else (type(scale), scale)
 
 
 def _remember(plan: TreePlan, key: tuple, step: _Step) -> _Step:
@@ -291,9 +301,10 @@ def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_he
     key = None
     if not torch.compiler.is_compiling():
         try:
-            key = (spec, _dispatch.forced(), type(sm_scale), sm_scale, type(v_head_dim), v_head_dim, _layout(q),
-                   *map(_layout, caches), None if out is None else _layout(out),
-                   None if lse_out is None else _layout(lse_out), *map(_scale_key, scales))
+            # Per-op layouts of the caches and scales: a loop over them (map, a comprehension) costs more.
+            key = (spec, _dispatch.forced(), type(sm_scale), sm_scale, type(v_head_dim), v_head_dim,
+                   _input_layout(q), spec.input_layouts(caches, scales), None if out is None else _layout(out),
+                   None if lse_out is None else _layout(lse_out))
             step = plan.prepared[key]
         except (AttributeError, KeyError, TypeError):  # first call with this layout, or a bad argument
             step = None
