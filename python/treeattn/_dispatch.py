@@ -17,7 +17,10 @@ import torch
 
 from ._validate import check_backend_dtype
 
-__all__ = ["AVAILABLE", "BACKEND_ORDER", "backend_for", "backends", "force", "implementation", "register", "run", "select", "select_for"]
+__all__ = [
+    "AVAILABLE", "BACKEND_ORDER", "backend_for", "backends", "force", "implementation", "register", "run", "select",
+    "select_for",
+]
 
 BACKEND_ORDER = ("cuda", "triton", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {}

@@ -139,7 +139,9 @@ def check_device(device) -> torch.device:
         )
     index = torch.cuda.current_device() if dev.index is None else dev.index
     if index >= torch.cuda.device_count():
-        raise ValueError(f"device: expected a CUDA index < {torch.cuda.device_count()} (devices present), got {device!r}")
+        raise ValueError(
+            f"device: expected a CUDA index < {torch.cuda.device_count()} (devices present), got {device!r}"
+        )
     return torch.device("cuda", index)
 
 

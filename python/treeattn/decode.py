@@ -69,12 +69,16 @@ def _gqa_shapes(q, caches, plan, v_head_dim):
         )
     num_qo_heads, head_dim = q.shape[1], q.shape[2]
     if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache: expected head_dim {head_dim} (q.shape[2]) in dim 3, got shape {list(k_cache.shape)}")
+        raise ValueError(
+            f"k_cache: expected head_dim {head_dim} (q.shape[2]) in dim 3, got shape {list(k_cache.shape)}"
+        )
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: expected shape {list(k_cache.shape)} (same as k_cache), got {list(v_cache.shape)}")
     num_kv_heads = k_cache.shape[2]
     if num_qo_heads % num_kv_heads != 0:
-        raise ValueError(f"q: expected num_qo_heads to be a multiple of num_kv_heads={num_kv_heads}, got {num_qo_heads}")
+        raise ValueError(
+            f"q: expected num_qo_heads to be a multiple of num_kv_heads={num_kv_heads}, got {num_qo_heads}"
+        )
     return head_dim, num_kv_heads
 
 
@@ -82,7 +86,9 @@ def _mla_shapes(q, caches, plan, v_head_dim):
     (kv_cache,) = caches
     head_dim = q.shape[2]
     if kv_cache.shape[2] != head_dim:
-        raise ValueError(f"kv_cache: expected head_dim {head_dim} (q.shape[2]) in dim 2, got shape {list(kv_cache.shape)}")
+        raise ValueError(
+            f"kv_cache: expected head_dim {head_dim} (q.shape[2]) in dim 2, got shape {list(kv_cache.shape)}"
+        )
     if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= head_dim:
         raise ValueError(f"v_head_dim: expected an int in 1..{head_dim} (q.shape[2]), got {v_head_dim!r}")
     return v_head_dim, None
@@ -171,7 +177,8 @@ def _schema(spec: _OpSpec) -> str:
     factors = "".join(f", float {name}_factor=1.0" for name in spec.scales)
     return (
         f"(Tensor q, {caches}Tensor[] plan_tensors, Tensor(a1!) out, Tensor(a2!) lse, Tensor(a3!) partial_o, "
-        f"Tensor(a4!) partial_lse, float sm_scale, SymInt page_size, SymInt max_queries_per_item{scales}{factors}) -> ()"
+        f"Tensor(a4!) partial_lse, float sm_scale, SymInt page_size, SymInt max_queries_per_item"
+        f"{scales}{factors}) -> ()"
     )
 
 
@@ -350,7 +357,8 @@ def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_he
 @overload
 def tree_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan, *,
-    sm_scale: float | None = ..., k_scale: torch.Tensor | float | None = ..., v_scale: torch.Tensor | float | None = ...,
+    sm_scale: float | None = ..., k_scale: torch.Tensor | float | None = ...,
+    v_scale: torch.Tensor | float | None = ...,
     out: torch.Tensor | None = ..., lse_out: torch.Tensor | None = ..., return_lse: Literal[False] = ...,
 ) -> torch.Tensor: ...
 
@@ -358,7 +366,8 @@ def tree_decode(
 @overload
 def tree_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan, *,
-    sm_scale: float | None = ..., k_scale: torch.Tensor | float | None = ..., v_scale: torch.Tensor | float | None = ...,
+    sm_scale: float | None = ..., k_scale: torch.Tensor | float | None = ...,
+    v_scale: torch.Tensor | float | None = ...,
     out: torch.Tensor | None = ..., lse_out: torch.Tensor | None = ..., return_lse: Literal[True],
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
