@@ -15,7 +15,12 @@ from typing import Callable
 
 import torch
 
-__all__ = ["BACKEND_ORDER", "backend_for", "backends", "force", "implementation", "register", "run", "select"]
+from ._validate import check_backend_dtype
+
+__all__ = [
+    "AVAILABLE", "BACKEND_ORDER", "backend_for", "backends", "force", "implementation", "register", "run", "select",
+    "select_for",
+]
 
 BACKEND_ORDER = ("cuda", "triton", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -77,18 +82,21 @@ def _as_device(device) -> torch.device:
     return torch.device(device)
 
 
-def backends(device=None) -> dict[str, str | None]:
-    """Every backend, in the order ops prefer them, mapped to None when it can serve ``device`` and otherwise
-    to why it cannot. ``device``: a torch.device or string, a plan or a tensor (its device); default CUDA when
-    available, else CPU.
+AVAILABLE = "available"
+
+
+def backends(device=None) -> dict[str, str]:
+    """Every backend, in the order ops prefer them, mapped to ``"available"`` when it can serve ``device`` and
+    otherwise to why it cannot. ``device``: a torch.device or string, a plan or a tensor (its device); default
+    CUDA when available, else CPU.
 
     Example:
         >>> treeattn.backends("cpu")
         {'cuda': 'cuda: the CUDA extension serves CUDA tensors, got device cpu',
-         'triton': 'triton: CPU needs TRITON_INTERPRET=1 set before triton is imported', 'reference': None}
+         'triton': 'triton: CPU needs TRITON_INTERPRET=1 set before triton is imported', 'reference': 'available'}
     """
     device = _as_device(device)
-    return {backend: _unavailable(backend, device) for backend in BACKEND_ORDER}
+    return {backend: _unavailable(backend, device) or AVAILABLE for backend in BACKEND_ORDER}
 
 
 def backend_for(op: str, device=None) -> str:
@@ -116,6 +124,14 @@ def select(op: str, device: torch.device) -> str:
     return backend
 
 
+def select_for(op: str, name: str, t: torch.Tensor) -> str:
+    """:func:`select` for the device of argument ``name`` (``t``), which the backend must be able to compute
+    in (the Triton interpreter on CPU has no bfloat16)."""
+    backend = select(op, t.device)
+    check_backend_dtype(name, t, backend)
+    return backend
+
+
 def _warn_reference_fallback(op: str, device: torch.device) -> None:
     global _warned_reference_fallback
     if not _warned_reference_fallback:
@@ -131,11 +147,12 @@ def _warn_reference_fallback(op: str, device: torch.device) -> None:
 def _choose(op: str, device: torch.device) -> str:
     impls = _IMPLS.get(op, {})
     if _forced is not None:
-        if _forced not in impls or _unavailable(_forced, device) is not None:
+        why = f"{_forced}: does not implement {op}" if _forced not in impls else _unavailable(_forced, device)
+        if why is not None:
             raise ValueError(
                 f"TREEATTN_BACKEND: expected a backend available for {op} on {device} "
                 f"(one of {[b for b in BACKEND_ORDER if b in impls and _unavailable(b, device) is None]}), "
-                f"got {_forced!r}"
+                f"got {_forced!r} ({why})"
             )
         return _forced
     for backend in BACKEND_ORDER:

@@ -80,15 +80,69 @@ def check_positive_dims(name: str, t: torch.Tensor, dims: tuple[int, ...], what:
         raise ValueError(f"{name}: expected {what} >= 1, got shape {list(t.shape)}")
 
 
+_FP32 = torch.finfo(torch.float32)
+
+
+def check_positive_scale(name: str, value, what: str = "real number") -> float:
+    """A scale the kernels take as an fp32 argument: a real number (not a bool, a string or a tensor) that is
+    positive and finite in fp32 (a value past fp32's maximum would become inf there, and the output NaN; one
+    below its smallest subnormal, 0). Returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a finite positive {what}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}: expected a finite positive {what}, got {value!r}")
+    if not _FP32.tiny * 2**-23 <= value <= _FP32.max:
+        raise ValueError(
+            f"{name}: expected a positive number representable in fp32 (in [{_FP32.tiny * 2**-23:.4g}, "
+            f"{_FP32.max:.6g}]), got {value!r}"
+        )
+    return float(value)
+
+
 def check_sm_scale(sm_scale) -> float:
-    """A softmax scale is a finite positive real number (not a bool, a string or a tensor); returns it as a
-    float."""
-    if (
-        isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real)
-        or not math.isfinite(sm_scale) or sm_scale <= 0
-    ):
-        raise ValueError(f"sm_scale: expected a finite positive real number, got {sm_scale!r}")
-    return float(sm_scale)
+    """A softmax scale: positive and finite in fp32 (:func:`check_positive_scale`); returns it as a float."""
+    return check_positive_scale("sm_scale", sm_scale)
+
+
+def check_no_grad(named_tensors) -> None:
+    """The ops have no backward: with grad mode on, an input that requires grad would give an output that
+    silently does not. ``named_tensors``: ``(name, tensor or None or float)`` pairs."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in named_tensors:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(
+                f"{name}: expected a tensor that does not require grad (treeattn's attention ops have no "
+                f"backward; call them under torch.no_grad() or torch.inference_mode(), or pass {name}.detach()), "
+                "got requires_grad=True"
+            )
+
+
+def check_device(device) -> torch.device:
+    """A CPU or CUDA device that exists here (``None`` is the caller's to resolve); CUDA devices get their
+    index."""
+    expected = "a CPU or CUDA torch.device or device string ('cpu', 'cuda', 'cuda:1')"
+    if isinstance(device, (bool, np.bool_)):
+        raise TypeError(f"device: expected {expected}, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: expected {expected}, got {device!r}") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device: expected {expected}, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device: expected an available device, got {device!r} but CUDA is not available "
+            "(torch.cuda.is_available() is False); pass device='cpu', or leave device out for the default"
+        )
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: expected a CUDA index < {torch.cuda.device_count()} (devices present), got {device!r}"
+        )
+    return torch.device("cuda", index)
 
 
 def check_backend_dtype(name: str, t: torch.Tensor, backend: str) -> None:
@@ -133,7 +187,7 @@ def check_cache_dtype(name: str, cache: torch.Tensor, ref_name: str, ref: torch.
 def check_kv_scale(
     name: str, scale, cache: torch.Tensor, cache_name: str, num_heads: int | None, *,
     num_layers: int | None = None, read_device_values: bool = False,
-) -> None:
+):
     """Validate the dequantization scale of ``cache``: true values are ``cache.to(float32) * scale``.
 
     An FP8 cache needs a scale; a 16/32-bit cache takes none. A scale is a finite positive Python float or
@@ -142,6 +196,9 @@ def check_kv_scale(
     ``[num_layers, num_heads]`` (MLA: ``[num_layers]``). Values are checked where that costs no device sync
     (Python floats, CPU tensors outside torch.compile) or when ``read_device_values``; the kernels turn any
     other bad scale into NaN output, never a plausible answer.
+
+    Returns the scale as kernels read it: a tensor contiguous (a strided or expanded view is copied: kernels
+    index per-head scales with stride 1), a float as a float, None.
     """
     if not is_fp8(cache.dtype):
         if scale is not None:
@@ -167,8 +224,7 @@ def check_kv_scale(
         readable = (scale.device.type == "cpu" or read_device_values) and not torch.compiler.is_compiling()
         if readable and not bool(torch.isfinite(scale).all() & (scale > 0).all()):
             raise ValueError(f"{name}: expected finite positive values, got {scale.tolist()}")
-        return
+        return scale if scale.is_contiguous() else scale.contiguous()
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ValueError(f"{name}: expected {shapes}, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name}: expected a finite positive scale, got {scale!r}")
+    return check_positive_scale(name, scale, "scale")

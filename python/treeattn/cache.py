@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import kv_ops  # noqa: F401  (registers the treeattn::kv_write_run / copy_pages_run ops)
-from ._validate import check_float_tensor, check_int, check_kv_scale, is_fp8
+from ._validate import check_device, check_float_tensor, check_int, check_kv_scale, is_fp8
 from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
 from .tree import NodeTree
@@ -54,26 +54,7 @@ def _resolve_device(device) -> torch.device:
     """``None``: the current CUDA device when CUDA is available, else the CPU. CUDA devices get their index."""
     if device is None:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    expected = "a CPU or CUDA torch.device or device string ('cpu', 'cuda', 'cuda:1'), or None for the default"
-    if isinstance(device, bool):
-        raise TypeError(f"device: expected {expected}, got {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device: expected {expected}, got {device!r}") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise ValueError(f"device: expected {expected}, got {device!r}")
-    if not torch.cuda.is_available():
-        raise ValueError(
-            f"device: expected an available device, got {device!r} but CUDA is not available "
-            "(torch.cuda.is_available() is False); pass device='cpu', or leave device out for the default"
-        )
-    index = torch.cuda.current_device() if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device: expected a CUDA index < {torch.cuda.device_count()} (devices present), got {device!r}")
-    return torch.device("cuda", index)
+    return check_device(device)
 
 
 class _KnownSlots:

@@ -1,87 +1,155 @@
-"""Decode ops: GQA :func:`tree_decode` and absorbed-MLA :func:`mla_tree_decode`.
+"""Decode ops: GQA :func:`tree_decode` and absorbed-MLA :func:`mla_tree_decode`, one path for both.
 
-A public op validates its arguments (O(1) metadata reads, no device sync), allocates the outputs the caller
-did not pass, and runs the backend that serves the device: the Triton launchers of
-``treeattn.triton_kernels.gqa_decode`` / ``mla_decode`` (stage 1, then the stage-2 merge) or the fp32
-reference. Each op is also registered with ``torch.library`` (with a fake implementation), and that
-registered op is what ``torch.compile`` traces.
+Both ops are the same five stages, driven by a small per-op spec (:class:`_OpSpec`: the names of its cache
+and scale arguments, its shape checks, its backends): find the step prepared for this argument layout on
+the plan; otherwise validate (O(1) metadata reads, no device sync), pick the backend, prepare the launches
+and keep them on the plan (``plan.prepared``); allocate the outputs the caller did not pass; run. As in a
+wrapper whose ``plan()`` does the work once and whose ``run()`` only checks and calls, a later call with the
+same plan and layout checks only what can change under a fixed layout (the plan's page bound, after
+``plan.update_``) and launches.
 
-The host path is paid once per layer, so its work is done once per (plan, argument layout): the first call
-with a plan and tensors of given shapes, strides, dtypes and devices validates them, picks the backend and
-prepares the launches; later calls with the same layout check what can change under a fixed layout (the
-plan's page bound), allocate the outputs and launch. Eager calls with plain tensors run the backend
-directly; other tensor types, and ``torch.compile``, go through the registered op.
+Each op is also registered with ``torch.library`` (with a fake implementation); that registered op is what
+``torch.compile`` traces and what tensor subclasses go through. It receives the plan's tensors, finds the
+live plan they belong to (:func:`treeattn.plan.plan_of`) and reuses its prepared launches the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
+from dataclasses import dataclass
+from typing import Callable, Literal, overload
 
 import torch
 
 from . import _dispatch, reference
 from ._dispatch import register
 from ._validate import (
-    check_backend_dtype, check_cache_dtype, check_float_tensor, check_kv_scale, check_out, check_plan_matches,
-    check_positive_dims, check_sm_scale, is_fp8,
+    check_cache_dtype, check_float_tensor, check_kv_scale, check_no_grad, check_out,
+    check_plan_matches, check_positive_dims, check_sm_scale, is_fp8,
 )
-from .plan import PlanArgs, TreePlan
+from .plan import PlanArgs, TreePlan, plan_of
 
 __all__ = ["tree_decode", "mla_tree_decode"]
 
-_SM_SCALE_HINT = (
-    "sm_scale: required for MLA (the absorbed head dim 576 is not the attention's true head dim); "
-    "DeepSeek-V3 uses 1/sqrt(192)·mscale² (1/sqrt(qk_nope_head_dim + qk_rope_head_dim) times the YaRN "
-    "mscale squared; HF: DeepseekV3Attention.scaling)"
+
+# ---- the two ops as data ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class _OpSpec:
+    """What differs between the decode ops.
+
+    Backends share one calling convention (the Triton entry points' own): ``prepare(q, *caches, plan, out,
+    lse, partial_o, partial_lse, sm_scale, *scales)`` returns ``run(q, *caches, out, lse, *scales)`` for
+    tensors laid out like these; an FP8 scale is a tensor, a float (fixed when the run is prepared) or None.
+    """
+
+    name: str
+    caches: tuple[str, ...]  # cache argument names, in calling order
+    scales: tuple[str, ...]  # their FP8 scales, one per cache
+    cache_ndim: int
+    heads: str  # what q's dim 1 is called in messages
+    check_shapes: Callable  # (q, caches, plan, v_head_dim) -> (output width, KV heads a scale may have or None)
+    reference: Callable  # (q, caches, table, sm_scale, scales, width) -> fp32 (o, lse)
+    triton: str  # "module.prepare function" in treeattn.triton_kernels
+    input_layouts: Callable  # (caches, scales) -> their part of a call's layout key (see _decode)
+    sm_scale_hint: str | None = None  # set: sm_scale is required, and this is the error without it
+
+
+def _gqa_shapes(q, caches, plan, v_head_dim):
+    k_cache, v_cache = caches
+    check_positive_dims("k_cache", k_cache, (2, 3), "num_kv_heads and head_dim")
+    page_size = plan.page_size
+    if k_cache.shape[1] != page_size and k_cache.shape[2] == page_size:
+        raise ValueError(
+            f"k_cache: expected NHD layout [num_pages, page_size, num_kv_heads, head_dim] with page_size "
+            f"{page_size} (from plan) in dim 1, got shape {list(k_cache.shape)}, which looks like HND "
+            "[num_pages, num_kv_heads, page_size, head_dim]; pass k_cache.transpose(1, 2) (a view, no copy)"
+        )
+    num_qo_heads, head_dim = q.shape[1], q.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"k_cache: expected head_dim {head_dim} (q.shape[2]) in dim 3, got shape {list(k_cache.shape)}"
+        )
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: expected shape {list(k_cache.shape)} (same as k_cache), got {list(v_cache.shape)}")
+    num_kv_heads = k_cache.shape[2]
+    if num_qo_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"q: expected num_qo_heads to be a multiple of num_kv_heads={num_kv_heads}, got {num_qo_heads}"
+        )
+    return head_dim, num_kv_heads
+
+
+def _mla_shapes(q, caches, plan, v_head_dim):
+    (kv_cache,) = caches
+    head_dim = q.shape[2]
+    if kv_cache.shape[2] != head_dim:
+        raise ValueError(
+            f"kv_cache: expected head_dim {head_dim} (q.shape[2]) in dim 2, got shape {list(kv_cache.shape)}"
+        )
+    if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= head_dim:
+        raise ValueError(f"v_head_dim: expected an int in 1..{head_dim} (q.shape[2]), got {v_head_dim!r}")
+    return v_head_dim, None
+
+
+def _gqa_reference(q, caches, table, sm_scale, scales, width):
+    return reference.tree_decode(q, *caches, *table, sm_scale=sm_scale, k_scale=scales[0], v_scale=scales[1])
+
+
+def _mla_reference(q, caches, table, sm_scale, scales, width):
+    return reference.mla_tree_decode(q, *caches, *table, sm_scale=sm_scale, v_head_dim=width, kv_scale=scales[0])
+
+
+_GQA = _OpSpec(
+    "tree_decode", ("k_cache", "v_cache"), ("k_scale", "v_scale"), 4, "num_qo_heads",
+    _gqa_shapes, _gqa_reference, "gqa_decode.prepare_tree_decode",
+    lambda caches, scales: (_input_layout(caches[0]), _input_layout(caches[1]), _scale_key(scales[0]),
+                            _scale_key(scales[1])),
+)
+_MLA = _OpSpec(
+    "mla_tree_decode", ("kv_cache",), ("kv_scale",), 3, "num_heads",
+    _mla_shapes, _mla_reference, "mla_decode.prepare_mla_tree_decode",
+    lambda caches, scales: (_input_layout(caches[0]), _scale_key(scales[0])),
+    sm_scale_hint=(
+        "sm_scale: required for MLA (the absorbed head dim 576 is not the attention's true head dim); "
+        "DeepSeek-V3 uses 1/sqrt(192)·mscale² (1/sqrt(qk_nope_head_dim + qk_rope_head_dim) times the YaRN "
+        "mscale squared; HF: DeepseekV3Attention.scaling)"
+    ),
 )
 
 
-# ---- backends: each returns a run for tensors laid out like the ones given --------------------------------
-# GQA runs take (q, k_cache, v_cache, out, lse, k_scale, v_scale); MLA runs take (q, kv_cache, out, lse,
-# kv_scale). FP8 scales are a tensor, a float (fixed when the run is prepared) or None (16-bit caches).
+# ---- backends --------------------------------------------------------------------------------------------
 
 
-@register("tree_decode", "triton")
-def _tree_decode_triton(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale, k_scale, v_scale):
-    return _dispatch.triton_kernels.gqa_decode.prepare_tree_decode(
-        q, k_cache, v_cache, plan, out, lse, *workspace, sm_scale, k_scale, v_scale
-    )
+def _prepare_triton(spec: _OpSpec, *args):
+    module, function = spec.triton.split(".")
+    return getattr(getattr(_dispatch.triton_kernels, module), function)(*args)
 
 
-@register("tree_decode", "reference")
-def _tree_decode_reference(q, k_cache, v_cache, plan, out, lse, workspace, sm_scale, k_scale, v_scale):
-    table = (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)  # not the plan: runs are cached per plan
+def _prepare_reference(spec: _OpSpec, q, *args):
+    num_caches = len(spec.caches)
+    plan, _out, _lse, _partial_o, _partial_lse, sm_scale = args[num_caches:num_caches + 6]
+    table = (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)  # not the plan: runs are kept on it
 
-    def run(q, k_cache, v_cache, out, lse, k_scale, v_scale):
-        o_ref, lse_ref = reference.tree_decode(
-            q, k_cache, v_cache, *table, sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale
-        )
+    def run(q, *tensors):
+        caches, (out, lse), scales = tensors[:num_caches], tensors[num_caches:num_caches + 2], tensors[num_caches + 2:]
+        o_ref, lse_ref = spec.reference(q, caches, table, sm_scale, scales, out.shape[2])
         out.copy_(o_ref)
         lse.copy_(lse_ref)
 
     return run
 
 
-@register("mla_tree_decode", "triton")
-def _mla_tree_decode_triton(q, kv_cache, plan, out, lse, workspace, sm_scale, kv_scale):
-    return _dispatch.triton_kernels.mla_decode.prepare_mla_tree_decode(
-        q, kv_cache, plan, out, lse, *workspace, sm_scale, kv_scale
-    )
+def _contiguous_scales(run, num_tensors: int):
+    """``run`` for scale tensors that arrive strided (a strided or expanded view): kernels index per-head
+    scales with stride 1, so each call passes contiguous copies."""
 
+    def contiguous_run(*args):
+        run(*args[:num_tensors], *(s.contiguous() if isinstance(s, torch.Tensor) else s for s in args[num_tensors:]))
 
-@register("mla_tree_decode", "reference")
-def _mla_tree_decode_reference(q, kv_cache, plan, out, lse, workspace, sm_scale, kv_scale):
-    table = (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)  # not the plan: runs are cached per plan
-
-    def run(q, kv_cache, out, lse, kv_scale):
-        o_ref, lse_ref = reference.mla_tree_decode(
-            q, kv_cache, *table, sm_scale=sm_scale, v_head_dim=out.shape[2], kv_scale=kv_scale
-        )
-        out.copy_(o_ref)
-        lse.copy_(lse_ref)
-
-    return run
+    return contiguous_run
 
 
 # ---- registered ops (what torch.compile traces; eager calls with plain tensors skip the wrapper) ----------
@@ -96,71 +164,66 @@ def _split_scale(scale) -> tuple[torch.Tensor | None, float]:
 
 
 def _join_scale(tensor: torch.Tensor | None, factor: float, cache: torch.Tensor):
-    """Inverse of :func:`_split_scale` inside a registered op: the tensor, the float, or None (16-bit cache)."""
+    """Inverse of :func:`_split_scale` inside a registered op: the tensor (contiguous: kernels index per-head
+    scales with stride 1), the float, or None (16-bit cache)."""
     if tensor is not None:
-        return tensor
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
     return factor if is_fp8(cache.dtype) else None
 
 
-@torch.library.custom_op("treeattn::tree_decode_run", mutates_args=("out", "lse", "partial_o", "partial_lse"))
-def _tree_decode_run(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    plan_tensors: list[torch.Tensor],
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    partial_o: torch.Tensor,
-    partial_lse: torch.Tensor,
-    sm_scale: float,
-    page_size: int,
-    max_queries_per_item: int,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
-    k_scale_factor: float = 1.0,
-    v_scale_factor: float = 1.0,
-) -> None:
-    plan = PlanArgs(plan_tensors, page_size, max_queries_per_item)
-    k_scale = _join_scale(k_scale, k_scale_factor, k_cache)
-    v_scale = _join_scale(v_scale, v_scale_factor, v_cache)
-    prepare = _dispatch.implementation("tree_decode", q.device, _backend_for("tree_decode", q))
-    run = prepare(q, k_cache, v_cache, plan, out, lse, (partial_o, partial_lse), sm_scale, k_scale, v_scale)
-    run(q, k_cache, v_cache, out, lse, k_scale, v_scale)
+def _schema(spec: _OpSpec) -> str:
+    caches = "".join(f"Tensor {name}, " for name in spec.caches)
+    scales = "".join(f", Tensor? {name}=None" for name in spec.scales)
+    factors = "".join(f", float {name}_factor=1.0" for name in spec.scales)
+    return (
+        f"(Tensor q, {caches}Tensor[] plan_tensors, Tensor(a1!) out, Tensor(a2!) lse, Tensor(a3!) partial_o, "
+        f"Tensor(a4!) partial_lse, float sm_scale, SymInt page_size, SymInt max_queries_per_item"
+        f"{scales}{factors}) -> ()"
+    )
 
 
-@_tree_decode_run.register_fake
-def _(q, k_cache, v_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item,
-      k_scale=None, v_scale=None, k_scale_factor=1.0, v_scale_factor=1.0):
-    return None
+def _registered_impl(spec: _OpSpec, *args) -> None:
+    """The registered op's body: finds the plan its tensors belong to and runs (or prepares) its step there.
+    Arguments as in :func:`_schema` (trailing defaults may be left out)."""
+    num_caches, num_scales = len(spec.caches), len(spec.scales)
+    q, caches, plan_tensors = args[0], args[1:1 + num_caches], args[1 + num_caches]
+    out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries = args[2 + num_caches:9 + num_caches]
+    rest = args[9 + num_caches:]
+    tensors = (rest[:num_scales] + (None,) * num_scales)[:num_scales]
+    factors = (rest[num_scales:] + (1.0,) * num_scales)[:num_scales]
+    scales = tuple(_join_scale(t, f, c) for t, f, c in zip(tensors, factors, caches))
+    plan = plan_of(plan_tensors)
+    if plan is not None and (plan.page_size, plan.max_queries_per_item) != (page_size, max_queries):
+        plan = None  # the plan's tensors with other ints: prepare for what was passed
+    backend = _dispatch.select_for(spec.name, "q", q)
+    key = ("registered", spec, backend, sm_scale, _layout(q), spec.input_layouts(caches, scales), _layout(out),
+           _layout(lse), _layout(partial_o), _layout(partial_lse))
+    step = None if plan is None else plan.prepared.get(key)
+    if step is None:
+        step_plan = PlanArgs(plan_tensors, page_size, max_queries) if plan is None else plan
+        run = _dispatch.implementation(spec.name, q.device, backend)(
+            q, *caches, step_plan, out, lse, partial_o, partial_lse, sm_scale, *scales
+        )
+        if plan is not None:
+            step = _remember(plan, key, _Step((), (), run))
+    else:
+        run = step.run
+    run(q, *caches, out, lse, *scales)
 
 
-@torch.library.custom_op(
-    "treeattn::mla_tree_decode_run", mutates_args=("out", "lse", "partial_o", "partial_lse")
-)
-def _mla_tree_decode_run(
-    q: torch.Tensor,
-    kv_cache: torch.Tensor,
-    plan_tensors: list[torch.Tensor],
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    partial_o: torch.Tensor,
-    partial_lse: torch.Tensor,
-    sm_scale: float,
-    page_size: int,
-    max_queries_per_item: int,
-    kv_scale: torch.Tensor | None = None,
-    kv_scale_factor: float = 1.0,
-) -> None:
-    plan = PlanArgs(plan_tensors, page_size, max_queries_per_item)
-    kv_scale = _join_scale(kv_scale, kv_scale_factor, kv_cache)
-    prepare = _dispatch.implementation("mla_tree_decode", q.device, _backend_for("mla_tree_decode", q))
-    prepare(q, kv_cache, plan, out, lse, (partial_o, partial_lse), sm_scale, kv_scale)(q, kv_cache, out, lse, kv_scale)
+def _register(spec: _OpSpec):
+    op = torch.library.custom_op(
+        f"treeattn::{spec.name}_run", functools.partial(_registered_impl, spec),
+        mutates_args=("out", "lse", "partial_o", "partial_lse"), schema=_schema(spec),
+    )
+    op.register_fake(lambda *args: None)
+    return op
 
 
-@_mla_tree_decode_run.register_fake
-def _(q, kv_cache, plan_tensors, out, lse, partial_o, partial_lse, sm_scale, page_size, max_queries_per_item,
-      kv_scale=None, kv_scale_factor=1.0):
-    return None
+for _spec in (_GQA, _MLA):
+    register(_spec.name, "triton")(functools.partial(_prepare_triton, _spec))
+    register(_spec.name, "reference")(functools.partial(_prepare_reference, _spec))
+    _register(_spec)
 
 
 # ---- prepared steps: what one (plan, argument layout) needs, computed on its first call ------------------
@@ -175,8 +238,6 @@ class _Step:
         self.out_shape, self.lse_shape, self.run = out_shape, lse_shape, run
 
 
-# plan -> {layout key: _Step}. Weak keys: a plan's steps go with the plan.
-_steps: "weakref.WeakKeyDictionary[TreePlan, dict]" = weakref.WeakKeyDictionary()
 _MAX_STEPS_PER_PLAN = 64  # layouts seen with one plan; past this the plan's table is cleared (never unbounded)
 
 
@@ -185,20 +246,23 @@ def _layout(t) -> tuple:
     return (type(t), t.shape, t.stride(), t.dtype, t.device)
 
 
-def _optional_layout(t):
-    return None if t is None else _layout(t)
+def _input_layout(t) -> tuple:
+    """An input's :func:`_layout` and whether it requires grad (refused with grad mode on, so such an input
+    must never find a step kept for one that does not)."""
+    return (type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
 
 
 def _scale_key(scale):
-    """A scale's part of a layout key: a tensor's layout, or a float's type and value (fixed in the launch)."""
-    return _layout(scale) if isinstance(scale, torch.Tensor) else (type(scale), scale)
+    """A scale's part of a layout key: a tensor's input layout, or a float's type and value (fixed in the
+    launch)."""
+    return _input_layout(scale) if isinstance(scale, torch.Tensor) else (type(scale), scale)
 
 
-def _remember(plan: TreePlan, key: tuple, step: _Step) -> None:
-    steps = _steps.get(plan)
-    if steps is None or len(steps) >= _MAX_STEPS_PER_PLAN:
-        steps = _steps[plan] = {}
-    steps[key] = step
+def _remember(plan: TreePlan, key: tuple, step: _Step) -> _Step:
+    if len(plan.prepared) >= _MAX_STEPS_PER_PLAN:
+        plan.prepared.clear()
+    plan.prepared[key] = step
+    return step
 
 
 def _outputs(q, out_shape: tuple, lse_shape: tuple, out, lse_out):
@@ -210,38 +274,102 @@ def _outputs(q, out_shape: tuple, lse_shape: tuple, out, lse_out):
     return out, lse_out
 
 
-def _buffers(q: torch.Tensor, plan: TreePlan, out, lse_out, v_head_dim: int):
-    """Checks (or allocates) a decode op's outputs ``out [n, H, v_head_dim]`` (q's dtype) and ``lse_out [n, H]``
-    (fp32), and returns them with the plan's fp32 partial-state workspace (allocated once per step)."""
-    num_queries, num_heads = q.shape[0], q.shape[1]
-    out_shape, lse_shape = (num_queries, num_heads, v_head_dim), (num_queries, num_heads)
-    check_out("out", out, out_shape, q.dtype, q.device)
-    check_out("lse_out", lse_out, lse_shape, torch.float32, q.device)
-    return (*_outputs(q, out_shape, lse_shape, out, lse_out), plan.workspace(num_heads, v_head_dim))
-
-
 def _plain(tensors) -> bool:
     """Plain tensors run the backend directly; subclasses (fake tensors, ...) go through the registered op."""
     return all(type(t) is torch.Tensor for t in tensors)
 
 
-def _run_and_remember(plan: TreePlan, key, run, tensors: tuple, scales: tuple, return_lse: bool):
-    """Runs a step prepared by a first call (its tensors end with ``out, lse_out``) and keeps it for the
-    plan's later calls with the same argument layout."""
-    run(*tensors, *scales)
-    out, lse_out = tensors[-2:]
-    if key is not None and not torch.compiler.is_compiling():
-        _remember(plan, key, _Step(tuple(out.shape), tuple(lse_out.shape), run))
+def _validate(spec: _OpSpec, q, caches, plan, sm_scale, scales, v_head_dim):
+    """Every argument check of a decode op (O(1) metadata reads): returns the softmax scale as a float, the
+    output width and the FP8 scales as the kernels read them."""
+    if sm_scale is None and spec.sm_scale_hint is not None:
+        raise TypeError(spec.sm_scale_hint)
+    if sm_scale is not None:
+        sm_scale = check_sm_scale(sm_scale)
+    check_float_tensor("q", q, 3)
+    for name, cache in zip(spec.caches, caches):
+        check_float_tensor(name, cache, spec.cache_ndim, fp8=True)
+        check_cache_dtype(name, cache, "q", q)
+    if not isinstance(plan, TreePlan):
+        raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
+    check_positive_dims("q", q, (1, 2), f"{spec.heads} and head_dim")
+    width, scale_heads = spec.check_shapes(q, caches, plan, v_head_dim)
+    scales = tuple(
+        check_kv_scale(name, scale, cache, cache_name, scale_heads)
+        for name, scale, cache, cache_name in zip(spec.scales, scales, caches, spec.caches)
+    )
+    check_plan_matches(plan, q, caches[0], spec.caches[0])
+    check_no_grad((("q", q), *zip(spec.caches, caches), *zip(spec.scales, scales)))
+    return (1.0 / math.sqrt(q.shape[2]) if sm_scale is None else sm_scale), width, scales
+
+
+def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_head_dim, out, lse_out, return_lse):
+    """One decode op, both families (arguments as in :func:`tree_decode` / :func:`mla_tree_decode`)."""
+    key = None
+    if not torch.compiler.is_compiling():
+        try:
+            # Per-op layouts of the caches and scales: a loop over them (map, a comprehension) costs more.
+            key = (spec, _dispatch.forced(), type(sm_scale), sm_scale, type(v_head_dim), v_head_dim,
+                   _input_layout(q), spec.input_layouts(caches, scales), None if out is None else _layout(out),
+                   None if lse_out is None else _layout(lse_out))
+            step = plan.prepared[key]
+        except (AttributeError, KeyError, TypeError):  # first call with this layout, or a bad argument
+            step = None
+        if step is not None and plan.max_page_id < caches[0].shape[0]:
+            if out is None or lse_out is None:
+                out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
+            step.run(q, *caches, out, lse_out, *scales)
+            return (out, lse_out) if return_lse else out
+    scale, width, kernel_scales = _validate(spec, q, caches, plan, sm_scale, scales, v_head_dim)
+    out_shape, lse_shape = (q.shape[0], q.shape[1], width), (q.shape[0], q.shape[1])
+    check_out("out", out, out_shape, q.dtype, q.device)
+    check_out("lse_out", lse_out, lse_shape, torch.float32, q.device)
+    out, lse_out = _outputs(q, out_shape, lse_shape, out, lse_out)
+    workspace = plan.workspace(q.shape[1], width)
+    tensors = (q, *caches, out, lse_out)
+    if torch.compiler.is_compiling() or not _plain(tensors):
+        op = getattr(torch.ops.treeattn, f"{spec.name}_run")
+        plan_tensors, page_size, max_queries = plan.tensor_args(), plan.page_size, plan.max_queries_per_item
+        num_caches = len(caches)
+
+        def run(q, *args):
+            split = [_split_scale(s) for s in args[num_caches + 2:]]
+            op(q, *args[:num_caches], plan_tensors, *args[num_caches:num_caches + 2], *workspace, scale, page_size,
+               max_queries, *[t for t, _ in split], *[f for _, f in split])
+    else:
+        run = _dispatch.implementation(spec.name, q.device, _dispatch.select_for(spec.name, "q", q))(
+            q, *caches, plan, out, lse_out, *workspace, scale, *kernel_scales
+        )
+        if any(k is not s for k, s in zip(kernel_scales, scales)):
+            run = _contiguous_scales(run, len(tensors))
+    run(q, *caches, out, lse_out, *scales)
+    # A step kept for inputs that require grad (allowed under no_grad) would skip the grad check later.
+    if key is not None and not torch.compiler.is_compiling() and not any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (*tensors, *scales)
+    ):
+        _remember(plan, key, _Step(out_shape, lse_shape, run))
     return (out, lse_out) if return_lse else out
 
 
-def _backend_for(op: str, q: torch.Tensor) -> str:
-    backend = _dispatch.select(op, q.device)
-    check_backend_dtype("q", q, backend)
-    return backend
-
-
 # ---- public ops -----------------------------------------------------------------------------------------
+
+
+@overload
+def tree_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan, *,
+    sm_scale: float | None = ..., k_scale: torch.Tensor | float | None = ...,
+    v_scale: torch.Tensor | float | None = ...,
+    out: torch.Tensor | None = ..., lse_out: torch.Tensor | None = ..., return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def tree_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: TreePlan, *,
+    sm_scale: float | None = ..., k_scale: torch.Tensor | float | None = ...,
+    v_scale: torch.Tensor | float | None = ...,
+    out: torch.Tensor | None = ..., lse_out: torch.Tensor | None = ..., return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def tree_decode(
@@ -265,12 +393,12 @@ def tree_decode(
             other than K's is not supported), on q's device, in q's dtype or FP8 (``torch.float8_e4m3fn`` /
             ``torch.float8_e5m2``: half the bytes read per token).
         plan: from :func:`treeattn.plan` for this step's table (reuse it in every layer).
-        sm_scale: softmax scale, a finite positive number; default ``1/sqrt(head_dim)``.
+        sm_scale: softmax scale, positive and finite in fp32; default ``1/sqrt(head_dim)``.
         k_scale, v_scale: required for an FP8 cache, None otherwise: the true K is ``k_cache.to(float32) *
-            k_scale`` (V likewise). A finite positive float, or an fp32 tensor on q's device of shape ``[]``,
-            ``[1]`` or ``[num_kv_heads]`` (one per KV head). The kernels dequantize in registers: no copy of
-            the cache is made. Tensor values are checked on the host only for CPU tensors (no device sync);
-            on the GPU a scale that is not finite and positive turns the output NaN.
+            k_scale`` (V likewise). A float positive and finite in fp32, or an fp32 tensor on q's device of
+            shape ``[]``, ``[1]`` or ``[num_kv_heads]`` (one per KV head; any strides). The kernels dequantize
+            in registers: no copy of the cache is made. Tensor values are checked on the host only for CPU
+            tensors (no device sync); on the GPU a scale that is not finite and positive turns the output NaN.
         out: optional ``[num_queries, num_qo_heads, head_dim]`` in q's dtype, written in place.
         lse_out: optional fp32 ``[num_queries, num_qo_heads]`` for the LSE, written in place.
         return_lse: also return ``lse`` (fp32, natural log; -inf for a query with empty KV).
@@ -278,65 +406,30 @@ def tree_decode(
     Returns:
         ``o`` in q's dtype, or ``(o, lse)`` with ``return_lse=True``. Query head ``h`` reads KV head
         ``h // (num_qo_heads // num_kv_heads)``. No host synchronisation, and no allocation when ``out`` and
-        ``lse_out`` are given (after the plan's first layer): a step can be CUDA-graph captured.
+        ``lse_out`` are given (after the plan's first layer): a step can be CUDA-graph captured. There is no
+        backward: with grad mode on, inputs that require grad are refused.
 
     Example:
         >>> plan = treeattn.plan(kv_indptr, kv_indices, kv_last_page_len, page_size=16)
         >>> o = treeattn.tree_decode(q, k_cache, v_cache, plan)
     """
-    key = None
-    if not torch.compiler.is_compiling():
-        try:
-            key = ("tree_decode", _dispatch.forced(), plan.max_queries_per_item, type(sm_scale), sm_scale,
-                   _layout(q), _layout(k_cache), _layout(v_cache), _optional_layout(out), _optional_layout(lse_out),
-                   _scale_key(k_scale), _scale_key(v_scale))
-            step = _steps[plan][key]
-        except (AttributeError, KeyError, TypeError):  # first call with this layout, or a bad argument
-            step = None
-        if step is not None and plan.max_page_id < k_cache.shape[0]:
-            out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
-            step.run(q, k_cache, v_cache, out, lse_out, k_scale, v_scale)
-            return (out, lse_out) if return_lse else out
-    check_float_tensor("q", q, 3)
-    check_float_tensor("k_cache", k_cache, 4, fp8=True)
-    check_float_tensor("v_cache", v_cache, 4, fp8=True)
-    check_cache_dtype("k_cache", k_cache, "q", q)
-    check_cache_dtype("v_cache", v_cache, "q", q)
-    if not isinstance(plan, TreePlan):
-        raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
-    check_positive_dims("q", q, (1, 2), "num_qo_heads and head_dim")
-    check_positive_dims("k_cache", k_cache, (2, 3), "num_kv_heads and head_dim")
-    num_queries, num_qo_heads, head_dim = q.shape
-    if k_cache.shape[3] != head_dim:
-        raise ValueError(f"k_cache: expected head_dim {head_dim} (q.shape[2]) in dim 3, got shape {list(k_cache.shape)}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(
-            f"v_cache: expected shape {list(k_cache.shape)} (same as k_cache), got {list(v_cache.shape)}"
-        )
-    num_kv_heads = k_cache.shape[2]
-    if num_qo_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"q: expected num_qo_heads to be a multiple of num_kv_heads={num_kv_heads}, got {num_qo_heads}"
-        )
-    check_kv_scale("k_scale", k_scale, k_cache, "k_cache", num_kv_heads)
-    check_kv_scale("v_scale", v_scale, v_cache, "v_cache", num_kv_heads)
-    check_plan_matches(plan, q, k_cache, "k_cache")
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else check_sm_scale(sm_scale)
-    out, lse_out, workspace = _buffers(q, plan, out, lse_out, head_dim)
-    tensors = (q, k_cache, v_cache, out, lse_out)
-    if torch.compiler.is_compiling() or not _plain(tensors):
-        plan_tensors, page_size, max_queries = plan.tensor_args(), plan.page_size, plan.max_queries_per_item
+    return _decode(_GQA, q, (k_cache, v_cache), plan, sm_scale, (k_scale, v_scale), None, out, lse_out, return_lse)
 
-        def run(q, k_cache, v_cache, out, lse_out, k_scale, v_scale):
-            (k_tensor, k_factor), (v_tensor, v_factor) = _split_scale(k_scale), _split_scale(v_scale)
-            torch.ops.treeattn.tree_decode_run(
-                q, k_cache, v_cache, plan_tensors, out, lse_out, *workspace, scale, page_size, max_queries,
-                k_tensor, v_tensor, k_factor, v_factor,
-            )
-    else:
-        prepare = _dispatch.implementation("tree_decode", q.device, _backend_for("tree_decode", q))
-        run = prepare(q, k_cache, v_cache, plan, out, lse_out, workspace, scale, k_scale, v_scale)
-    return _run_and_remember(plan, key, run, tensors, (k_scale, v_scale), return_lse)
+
+@overload
+def mla_tree_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, plan: TreePlan, *, sm_scale: float | None = ..., v_head_dim: int = ...,
+    kv_scale: torch.Tensor | float | None = ..., out: torch.Tensor | None = ..., lse_out: torch.Tensor | None = ...,
+    return_lse: Literal[False] = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def mla_tree_decode(
+    q: torch.Tensor, kv_cache: torch.Tensor, plan: TreePlan, *, sm_scale: float | None = ..., v_head_dim: int = ...,
+    kv_scale: torch.Tensor | float | None = ..., out: torch.Tensor | None = ..., lse_out: torch.Tensor | None = ...,
+    return_lse: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def mla_tree_decode(
@@ -364,11 +457,11 @@ def mla_tree_decode(
             dtype or FP8 (``torch.float8_e4m3fn`` / ``torch.float8_e5m2``).
         plan: from :func:`treeattn.plan` for this step's table (``num_qo_heads=num_heads, num_kv_heads=1``
             sizes its query blocks for MLA; any plan is exact). Reuse it in every layer.
-        sm_scale: **required** softmax scale, a finite positive number. DeepSeek-V3 uses
+        sm_scale: **required** softmax scale, positive and finite in fp32. DeepSeek-V3 uses
             ``1/sqrt(192)·mscale²`` (qk_nope 128 + qk_rope 64), not ``1/sqrt(576)``.
         v_head_dim: width of V and of the output, ``1..head_dim`` (512 = kv_lora_rank for DeepSeek-V3).
         kv_scale: required for an FP8 cache, None otherwise: the true latent row is ``kv_cache.to(float32) *
-            kv_scale``; a finite positive float or an fp32 tensor ``[]`` / ``[1]`` on q's device (checked as
+            kv_scale``; a float or an fp32 tensor ``[]`` / ``[1]`` on q's device (checked as
             :func:`tree_decode` checks ``k_scale``).
         out: optional ``[num_queries, num_heads, v_head_dim]`` in q's dtype, written in place.
         lse_out: optional fp32 ``[num_queries, num_heads]`` for the LSE, written in place.
@@ -379,6 +472,7 @@ def mla_tree_decode(
         ``o_proj`` after), or ``(o, lse)`` with ``return_lse=True``; ``lse`` is fp32 ``[num_queries, num_heads]``,
         natural log, -inf (and ``o`` 0) for a query with empty KV. No host synchronisation and, with ``out``
         and ``lse_out`` given, no allocation after the plan's first layer: a step can be CUDA-graph captured.
+        No backward, as for :func:`tree_decode`.
 
     Raises:
         TypeError: ``sm_scale`` missing. ValueError: a bad argument (the message names it, with the expected
@@ -390,48 +484,4 @@ def mla_tree_decode(
         >>> scale = 192 ** -0.5 * mscale**2
         >>> o = treeattn.mla_tree_decode(q, kv_cache, plan, sm_scale=scale)  # q [n, 16, 576] -> o [n, 16, 512]
     """
-    key = None
-    if not torch.compiler.is_compiling():
-        try:
-            key = ("mla_tree_decode", _dispatch.forced(), plan.max_queries_per_item, type(sm_scale), sm_scale,
-                   type(v_head_dim), v_head_dim, _layout(q), _layout(kv_cache),
-                   _optional_layout(out), _optional_layout(lse_out), _scale_key(kv_scale))
-            step = _steps[plan][key]
-        except (AttributeError, KeyError, TypeError):  # first call with this layout, or a bad argument
-            step = None
-        if step is not None and plan.max_page_id < kv_cache.shape[0]:
-            out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
-            step.run(q, kv_cache, out, lse_out, kv_scale)
-            return (out, lse_out) if return_lse else out
-    if sm_scale is None:
-        raise TypeError(_SM_SCALE_HINT)
-    scale = check_sm_scale(sm_scale)
-    check_float_tensor("q", q, 3)
-    check_float_tensor("kv_cache", kv_cache, 3, fp8=True)
-    check_cache_dtype("kv_cache", kv_cache, "q", q)
-    if not isinstance(plan, TreePlan):
-        raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
-    check_positive_dims("q", q, (1, 2), "num_heads and head_dim")
-    num_queries, num_heads, head_dim = q.shape
-    if kv_cache.shape[2] != head_dim:
-        raise ValueError(
-            f"kv_cache: expected head_dim {head_dim} (q.shape[2]) in dim 2, got shape {list(kv_cache.shape)}"
-        )
-    if isinstance(v_head_dim, bool) or not isinstance(v_head_dim, int) or not 1 <= v_head_dim <= head_dim:
-        raise ValueError(f"v_head_dim: expected an int in 1..{head_dim} (q.shape[2]), got {v_head_dim!r}")
-    check_kv_scale("kv_scale", kv_scale, kv_cache, "kv_cache", None)
-    check_plan_matches(plan, q, kv_cache, "kv_cache")
-    out, lse_out, workspace = _buffers(q, plan, out, lse_out, v_head_dim)
-    tensors = (q, kv_cache, out, lse_out)
-    if torch.compiler.is_compiling() or not _plain(tensors):
-        plan_tensors, page_size, max_queries = plan.tensor_args(), plan.page_size, plan.max_queries_per_item
-
-        def run(q, kv_cache, out, lse_out, kv_scale):
-            torch.ops.treeattn.mla_tree_decode_run(
-                q, kv_cache, plan_tensors, out, lse_out, *workspace, scale, page_size, max_queries,
-                *_split_scale(kv_scale),
-            )
-    else:
-        prepare = _dispatch.implementation("mla_tree_decode", q.device, _backend_for("mla_tree_decode", q))
-        run = prepare(q, kv_cache, plan, out, lse_out, workspace, scale, kv_scale)
-    return _run_and_remember(plan, key, run, tensors, (kv_scale,), return_lse)
+    return _decode(_MLA, q, (kv_cache,), plan, sm_scale, (kv_scale,), v_head_dim, out, lse_out, return_lse)

@@ -10,7 +10,7 @@ import torch
 
 from . import _dispatch, reference
 from ._dispatch import register
-from ._validate import check_backend_dtype, check_float_tensor, check_out, check_same
+from ._validate import check_float_tensor, check_no_grad, check_out, check_same
 
 __all__ = ["merge_state"]
 
@@ -63,7 +63,8 @@ def merge_state(
     Returns:
         ``(o, lse)``: ``lse = log(exp(lse_a) + exp(lse_b))``, ``o = o_a·exp(lse_a − lse) + o_b·exp(lse_b − lse)``
         in o_a's dtype (computed in fp32). A state with ``lse = -inf`` contributes nothing (its ``o`` is not
-        used); both empty gives ``o = 0, lse = -inf``; a NaN in either state gives NaN.
+        used); both empty gives ``o = 0, lse = -inf``; a NaN in either state gives NaN. No backward: with grad
+        mode on, inputs that require grad are refused.
 
     Example:
         >>> o, lse = treeattn.merge_state(o_prefix, lse_prefix, o_suffix, lse_suffix)
@@ -84,8 +85,9 @@ def merge_state(
             raise ValueError(f"{name}: expected the last dim contiguous, got strides {list(lse.stride())}")
     check_out("out", out, o_a.shape, o_a.dtype, o_a.device)
     check_out("lse_out", lse_out, o_a.shape[:2], torch.float32, o_a.device)
+    check_no_grad((("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)))
     if not torch.compiler.is_compiling():
-        check_backend_dtype("o_a", o_a, _dispatch.select("merge_state", o_a.device))
+        _dispatch.select_for("merge_state", "o_a", o_a)
     if out is None:
         out = torch.empty_like(o_a)
     if lse_out is None:

@@ -20,15 +20,16 @@ nothing.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import _planner
-from ._validate import check_index_tensor, check_int
+from ._validate import check_device, check_index_tensor, check_int
 
-__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "PLAN_TENSOR_FIELDS", "PlanArgs"]
+__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "PLAN_TENSOR_FIELDS", "PlanArgs", "plan_of"]
 
 # The plan's int32 tensors, in the planner's buffer order (what the registered ops take).
 PLAN_TENSOR_FIELDS: tuple[str, ...] = tuple(_planner.PIECES)
@@ -92,6 +93,10 @@ class TreePlan:
     Ints: ``num_queries``, ``page_size``, ``num_items``, ``num_partial_rows`` (rows of the fp32 workspace),
     ``max_queries_per_item`` (the kernels' query block: no item holds more queries), ``max_item_tokens``,
     ``max_page_id`` (-1 without pages); ``device``; ``stats``; ``capacity`` (None unless fixed-capacity).
+
+    ``prepared``: the decode ops' launches prepared for this plan, keyed by argument layout (filled by
+    ``treeattn.decode`` on a layout's first call; they refer to the plan's buffers, so they live and die with
+    it, and stay valid across :meth:`update_`).
     """
 
     def __init__(self, result: dict, page_size: int, device: torch.device, capacity: PlanCapacity | None,
@@ -113,6 +118,8 @@ class TreePlan:
         self.stats = stats
         self._options = options  # how treeattn.plan made it (update_ re-plans with them); None for tree plans
         self._workspaces: dict = {}
+        self.prepared: dict = {}
+        _live_plans[(self._buffer.device, self._buffer.data_ptr())] = self
 
     @property
     def num_merge_queries(self) -> int:
@@ -174,6 +181,21 @@ class TreePlan:
         return f"TreePlan(num_queries={self.num_queries}, page_size={self.page_size}, stats={self.stats})"
 
 
+# Live plans by their buffer's address: a registered op receives the plan's tensors, not the plan, and finds
+# the plan (and its prepared launches) again through them. Weak values: an entry goes with its plan.
+_live_plans: "weakref.WeakValueDictionary[tuple, TreePlan]" = weakref.WeakValueDictionary()
+
+
+def plan_of(tensors) -> TreePlan | None:
+    """The live plan whose device tensors (:meth:`TreePlan.tensor_args`) these are, or None (copies of them,
+    or tensors of no plan)."""
+    first, last = tensors[0], tensors[-1]
+    found = _live_plans.get((first.device, first.data_ptr()))
+    if found is None or len(tensors) != len(PLAN_TENSOR_FIELDS) or found.merge_ptr.data_ptr() != last.data_ptr():
+        return None
+    return found
+
+
 def plan(
     kv_indptr: torch.Tensor,
     kv_indices: torch.Tensor,
@@ -199,7 +221,8 @@ def plan(
         num_qo_heads, num_kv_heads: optional hints that size query blocks (rows = queries x group);
             for MLA pass ``num_kv_heads=1``. Any plan is exact for any head counts.
         num_pages: optional pool size (``>= 0``); page ids must then be ``< num_pages``.
-        device: where the plan's tensors live (default: ``kv_indices.device``).
+        device: where the plan's tensors live, a CPU or CUDA device present here (default:
+            ``kv_indices.device``).
         num_sms: streaming multiprocessors to fill (split-KV parallelism); default: the CUDA device's
             count, 132 (an H100/H200) for other devices.
         share_prefixes: False plans every query on its own (plain split-KV decode through the same
@@ -220,8 +243,7 @@ def plan(
         >>> p.stats["unique_tokens"], p.stats["naive_tokens"]
     """
     tables = _host_table(kv_indptr, kv_indices, kv_last_page_len)
-    if device is None:
-        device = kv_indices.device
+    device = check_device(kv_indices.device if device is None else device)
     options = _planner.Options(
         page_size=check_int("page_size", page_size, 1, _INT32_MAX),
         num_pages=None if num_pages is None else check_int("num_pages", num_pages, 0, 2**31),
@@ -229,8 +251,7 @@ def plan(
         **_hints(num_qo_heads, num_kv_heads, num_sms, device),
         capacity=_check_capacity(capacity),
     )
-    return TreePlan(_planner.plan_table(*tables, options), options.page_size, _check_device(device), capacity,
-                    options)
+    return TreePlan(_planner.plan_table(*tables, options), options.page_size, device, capacity, options)
 
 
 def plan_from_tree(
