@@ -191,8 +191,8 @@ def test_beam_search_never_runs_out_of_the_default_pool():
     model = tiny_model("llama", seed=6)
     g = torch.Generator().manual_seed(12)
     for ids, mask, page, new in [
-        (torch.randint(1, 128, (1, 7), generator=g), None, 64, 100),  # beams inside one page for the whole run
-        (*_padded_prompts(g), 4, 24),  # beams forking mid-page and across pages, a left-padded batch of two
+        (torch.randint(1, 128, (1, 7), generator=g), None, 32, 40),  # beams that stay in one page a long time
+        (*_padded_prompts(g), 4, 14),  # beams forking mid-page and across pages, a left-padded batch of two
     ]:
         kwargs = dict(num_beams=4, max_new_tokens=new, attention_mask=mask, pad_token_id=PAD, eos_token_id=None)
         ref = model.generate(ids, **kwargs)
