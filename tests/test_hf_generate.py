@@ -230,7 +230,8 @@ def test_prompt_arguments_like_model_generate():
     assert ref.shape == (1, 5) and ref[0, 0] == 3
     assert torch.equal(treeattn.hf.generate(model, max_new_tokens=4, bos_token_id=3, pad_token_id=PAD), ref)
     assert torch.equal(treeattn.hf.generate(model, None, max_new_tokens=4, bos_token_id=3, pad_token_id=PAD), ref)
-    with pytest.raises(ValueError, match=r"input_ids: expected a \[batch, length\] tensor with batch >= 1, got shape \[0, 5\]"):
+    empty = r"input_ids: expected a \[batch, length\] tensor with batch >= 1, got shape \[0, 5\]"
+    with pytest.raises(ValueError, match=empty):
         treeattn.hf.generate(model, torch.ones(0, 5, dtype=torch.long), max_new_tokens=2, pad_token_id=PAD)
     with pytest.raises(ValueError, match="input_ids: expected a .* or a bos_token_id"):
         treeattn.hf.generate(model, max_new_tokens=2, bos_token_id=None, pad_token_id=PAD)

@@ -233,8 +233,8 @@ class _FailOn:
 def _check_logprobs(model, search, nodes):
     for node in nodes:
         new = search.new_tokens(node)
-        assert_close(search.logprobs(node), teacher_forced_logprobs(model, search.tokens(node), len(new)), torch.float32,
-                     what=f"logprobs of node {node}")
+        expected = teacher_forced_logprobs(model, search.tokens(node), len(new))
+        assert_close(search.logprobs(node), expected, torch.float32, what=f"logprobs of node {node}")
 
 
 def test_expand_is_all_or_nothing_when_any_forward_fails(model):
@@ -313,4 +313,5 @@ def test_a_compiled_model():
     search = treeattn.hf.TreeSearch(torch.compile(model), page_size=PAGE, num_pages=32)
     assert search.model is model
     root = search.add_prompt(_prompt(5, 25))
-    _check_logprobs(model, search, search.expand(root, 2, max_new_tokens=2, generator=torch.Generator().manual_seed(0))[0])
+    kids = search.expand(root, 2, max_new_tokens=2, generator=torch.Generator().manual_seed(0))[0]
+    _check_logprobs(model, search, kids)

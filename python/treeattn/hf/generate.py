@@ -36,7 +36,7 @@ def default_num_pages(num_rows: int, max_length: int, page_size: int) -> int:
     return num_rows * -(-max(max_length - 1, 1) // page_size)
 
 
-def _prompt_shape(model, config, input_ids, generate_kwargs: dict) -> tuple[int, int]:
+def _prompt_shape(config, input_ids, generate_kwargs: dict) -> tuple[int, int]:
     """``(batch, length)`` of the prompt ``model.generate`` will run: ``input_ids``, else ``inputs_embeds``,
     else (as transformers starts a decoder-only model) one ``bos_token_id`` per row of the first tensor
     argument, one row without any."""
@@ -99,7 +99,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
             raise UnsupportedModel(f"{name}: {what} is not supported by treeattn.hf.generate")
     if config.use_cache is False:
         raise UnsupportedModel("use_cache: expected True (treeattn.hf.generate decodes from its cache), got False")
-    num_prompts, prompt_length = _prompt_shape(model, config, input_ids, generate_kwargs)
+    num_prompts, prompt_length = _prompt_shape(config, input_ids, generate_kwargs)
     num_rows = num_prompts * max(config.num_beams or 1, config.num_return_sequences or 1)
     max_length = prompt_length + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     if num_pages is None:
