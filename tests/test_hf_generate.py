@@ -17,7 +17,8 @@ from treeattn.testing import assert_close
 import transformers  # noqa: E402
 
 import treeattn.hf  # noqa: E402
-from treeattn.hf.testing import FAMILIES, tiny_model  # noqa: E402
+from treeattn.hf.generate import default_num_pages  # noqa: E402
+from treeattn.hf.testing import FAMILIES, cache_bytes, tiny_model  # noqa: E402
 
 PAD = 0
 PAGE = 4  # prompts of 7 and 5 real tokens end mid-page
@@ -149,8 +150,7 @@ def test_model_left_as_found_and_out_of_pages():
 
 def _gather_rows(cache):
     """Layer 0's stored K (GQA) or latent rows (MLA) along each row's path: a list of ``[length, ...]``."""
-    layer = cache.tree.layer(0)
-    pool = layer.kv_cache if cache.spec.mla else layer.k_cache
+    pool = cache.layer_kv(0)["kv_cache" if cache.spec.mla else "k_cache"]
     flat = pool.reshape(-1, *pool.shape[2:])
     return [flat[cache.tree.path_slots(node)] for node in cache.rows]
 
@@ -160,8 +160,8 @@ def test_cache_operations_are_tree_operations(model):
     transformers' DynamicLayer moves their tensors, and never copy a shared prefix."""
     ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(3))
     out = treeattn.hf.generate(model, ids, do_sample=True, num_return_sequences=2, max_new_tokens=3,
-                               pad_token_id=PAD, return_dict_in_generate=True, page_size=PAGE)
-    cache = out.cache
+                               pad_token_id=PAD, return_dict_in_generate=True, page_size=PAGE, num_pages=64)
+    cache = out.cache  # (a pool with room for crop, which rebuilds rows unshared)
     before = _gather_rows(cache)
     stored = cache.stats()["tokens_stored"]
     cache.batch_repeat_interleave(2)
@@ -182,6 +182,83 @@ def test_cache_operations_are_tree_operations(model):
         cache.crop(3)
     cache.release()
     assert cache.stats()["pages_used"] == 0 and cache.stats()["nodes"] == 0
+
+
+def test_beam_search_never_runs_out_of_the_default_pool():
+    """Beams fork and die every step: the pages only dropped beams read go back to the pool, so the default pool
+    (what one cache per row holds, rounded up to pages) is never short, page by page or across pages."""
+    model = tiny_model("llama", seed=6)
+    g = torch.Generator().manual_seed(12)
+    for ids, mask, page, new in [
+        (torch.randint(1, 128, (1, 7), generator=g), None, 32, 40),  # beams that stay in one page a long time
+        (*_padded_prompts(g), 4, 14),  # beams forking mid-page and across pages, a left-padded batch of two
+    ]:
+        kwargs = dict(num_beams=4, max_new_tokens=new, attention_mask=mask, pad_token_id=PAD, eos_token_id=None)
+        ref = model.generate(ids, **kwargs)
+        out = treeattn.hf.generate(model, ids, page_size=page, return_dict_in_generate=True, **kwargs)
+        assert torch.equal(out.sequences, ref)
+        stats = out.cache.stats()
+        assert stats["num_pages"] == default_num_pages(ids.shape[0] * 4, ids.shape[1] + new, page)
+        out.cache.release()
+        assert out.cache.stats()["pages_used"] == 0
+
+
+def test_default_pool_is_the_default_caches_memory_rounded_to_pages(model):
+    """The default pool holds what model.generate's own cache holds (padding included), plus at most one
+    partly filled page per row."""
+    g = torch.Generator().manual_seed(13)
+    ids, mask = _padded_prompts(g, lengths=(9, 4))
+    rows = 2 * 3
+    for kwargs in (dict(do_sample=True, num_return_sequences=3), dict(num_beams=3)):
+        ref, out = _both(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, **kwargs)
+        stats = out.cache.stats()
+        per_token = stats["bytes_per_page"] // PAGE
+        default = cache_bytes(ref.cache)
+        assert default == rows * (ids.shape[1] + 6 - 1) * per_token  # (the memory one cache per row holds)
+        pool = stats["num_pages"] * stats["bytes_per_page"]
+        assert default <= pool < default + rows * PAGE * per_token
+        assert stats["pages_used"] <= stats["num_pages"]
+        out.cache.release()
+
+
+def test_prompt_arguments_like_model_generate():
+    """No input_ids starts from bos_token_id as model.generate does; an empty batch is an error naming input_ids;
+    a torch.compile'd model is generated with the model under the wrapper, as its generate does."""
+    model = tiny_model("llama", seed=9)
+    ref = model.generate(max_new_tokens=4, bos_token_id=3, pad_token_id=PAD)
+    assert ref.shape == (1, 5) and ref[0, 0] == 3
+    assert torch.equal(treeattn.hf.generate(model, max_new_tokens=4, bos_token_id=3, pad_token_id=PAD), ref)
+    assert torch.equal(treeattn.hf.generate(model, None, max_new_tokens=4, bos_token_id=3, pad_token_id=PAD), ref)
+    empty = r"input_ids: expected a \[batch, length\] tensor with batch >= 1, got shape \[0, 5\]"
+    with pytest.raises(ValueError, match=empty):
+        treeattn.hf.generate(model, torch.ones(0, 5, dtype=torch.long), max_new_tokens=2, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="input_ids: expected a .* or a bos_token_id"):
+        treeattn.hf.generate(model, max_new_tokens=2, bos_token_id=None, pad_token_id=PAD)
+    ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    compiled = torch.compile(model)
+    ref = compiled.generate(ids, max_new_tokens=3, pad_token_id=PAD)
+    assert torch.equal(treeattn.hf.generate(compiled, ids, max_new_tokens=3, pad_token_id=PAD), ref)
+    assert model.config._attn_implementation == "sdpa" and "forward" not in vars(model)
+
+
+def test_layers_keys_and_values_are_what_a_dynamic_layer_holds(model):
+    """``cache.layers[i].keys`` / ``.values``: each row's KV at its positions, as model.generate's own cache holds
+    it (where a row stores padding, 0); read-only."""
+    g = torch.Generator().manual_seed(14)
+    ids, mask = _padded_prompts(g)
+    ref, out = _both(model, ids, attention_mask=mask, max_new_tokens=4, do_sample=False, num_return_sequences=1)
+    assert torch.equal(out.sequences, ref.sequences)
+    real = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype)], dim=1).bool()  # the positions rows store
+    for i in range(model.config.num_hidden_layers):
+        mine, theirs = out.cache.layers[i], ref.cache.layers[i]
+        for a, b in ((mine.keys, theirs.keys), (mine.values, theirs.values)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert bool((a.transpose(1, 2)[~real] == 0).all())
+            assert_close(a.transpose(1, 2)[real], b.transpose(1, 2)[real], torch.float32, what=f"layer {i} KV")
+    with pytest.raises(AttributeError, match="keys: .* read-only"):
+        out.cache.layers[0].keys = None
+    out.cache.release()
+    assert out.cache.layers[0].keys.shape[0] == 0
 
 
 def test_unsupported_models_and_options():
@@ -239,7 +316,7 @@ def test_optional_dependency():
         "try:\n"
         "    import treeattn.hf\n"
         "except ImportError as err:\n"
-        "    assert 'pip install transformers' in str(err), err\n"
+        "    assert 'pip install treeattn[hf]' in str(err), err\n"
         "else:\n"
         "    raise AssertionError('treeattn.hf imported without transformers')\n"
     )

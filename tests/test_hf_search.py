@@ -198,3 +198,119 @@ def test_search_state_machine():
     runner.settings = settings(max_examples=6, stateful_step_count=6, deadline=None,
                                suppress_health_check=list(HealthCheck))
     runner().runTest()
+
+
+# ---- expand is all or nothing ----
+
+
+def _state(search):
+    """Everything a failed expand must leave as it was: the live nodes with their tokens, log-probabilities,
+    parents and children, the stats (``pages_copied`` counts copies made, failed calls included) and which
+    pages are in use."""
+    stats = search.stats()
+    stats.pop("pages_copied")
+    allocator = search.cache.tree.allocator
+    nodes = {n: (search.tokens(n).tolist(), search.logprobs(n).tolist(), search.logprobs(n, processed=True).tolist(),
+                 search.parent(n), search.children(n)) for n in search.nodes()}
+    return nodes, stats, [p for p in range(stats["num_pages"]) if allocator.refcount(p)]
+
+
+class _FailOn:
+    """A forward pre-hook on one decoder layer that raises ``error`` on its ``k``-th call (after the layers
+    before it wrote their KV for the step)."""
+
+    def __init__(self, module, k: int, error=RuntimeError("injected failure")):
+        self.k, self.calls, self.error = k, 0, error
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.k:
+            raise self.error
+
+
+def _check_logprobs(model, search, nodes):
+    for node in nodes:
+        new = search.new_tokens(node)
+        expected = teacher_forced_logprobs(model, search.tokens(node), len(new))
+        assert_close(search.logprobs(node), expected, torch.float32, what=f"logprobs of node {node}")
+
+
+def test_expand_is_all_or_nothing_when_any_forward_fails(model):
+    """A failure injected at every forward of a multi-step expand (the unfed parent's step, then each batched
+    step) leaves the tree and the pool as they were; the retry's log-probabilities are the model's own."""
+    search = treeattn.hf.TreeSearch(model, page_size=PAGE, num_pages=128)
+    root = search.add_prompt(_prompt(6, 21))  # a mid-page prompt: children copy its tail page on write
+    unfed = search.expand([root], 1, max_new_tokens=2, generator=torch.Generator().manual_seed(4))[0][0]
+    layer = model.base_model.layers[-1]
+    snapshot = _state(search)
+    k = 1
+    while True:
+        hook = _FailOn(layer, k)
+        try:
+            groups = search.expand([root, unfed], 2, max_new_tokens=4, generator=torch.Generator().manual_seed(k))
+        except RuntimeError as err:
+            assert "injected failure" in str(err)
+            assert _state(search) == snapshot, f"state changed by a failure at forward {k}"
+            k += 1
+            continue
+        finally:
+            hook.handle.remove()
+        break
+    assert k == 5, "expected 4 forwards: the unfed parent's token, then 3 batched steps"
+    kids = [c for g in groups for c in g]
+    assert [search.parent(c) for c in kids] == [root, root, unfed, unfed]
+    _check_logprobs(model, search, kids + [unfed])
+    for node in search.nodes()[::-1]:
+        search.release(node)
+    assert search.stats()["pages_used"] == 0
+
+
+def test_expand_keyboard_interrupt_and_a_failed_prompt_change_nothing():
+    model = tiny_model("llama", seed=7)
+    search = treeattn.hf.TreeSearch(model, page_size=PAGE, num_pages=64)
+    root = search.add_prompt(_prompt(5, 22))
+    kid = search.expand([root], 1, max_new_tokens=3, generator=torch.Generator().manual_seed(1))[0][0]
+    snapshot = _state(search)
+    hook = _FailOn(model.base_model.layers[0], 3, KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.expand([kid, root], 3, max_new_tokens=5)
+    finally:
+        hook.handle.remove()
+    assert _state(search) == snapshot
+    # A prompt whose forward fails after it was stored (a hook on the whole model's output) is taken back.
+    def fail_after(*args):
+        raise RuntimeError("after the prompt")
+
+    handle = model.register_forward_hook(fail_after)
+    try:
+        with pytest.raises(RuntimeError, match="after the prompt"):
+            search.add_prompt(_prompt(9, 23))
+    finally:
+        handle.remove()
+    assert _state(search) == snapshot
+    kids = search.expand([kid], 2, max_new_tokens=3, generator=torch.Generator().manual_seed(2))[0]
+    _check_logprobs(model, search, kids + [kid])
+
+
+def test_expand_with_a_temperature_that_overflows_changes_nothing():
+    model = tiny_model("qwen2", seed=8)
+    search = treeattn.hf.TreeSearch(model, page_size=PAGE, num_pages=64)
+    root = search.add_prompt(_prompt(5, 24))
+    snapshot = _state(search)
+    with pytest.raises(ValueError, match="temperature: expected a temperature .* finite"):
+        search.expand(root, 2, max_new_tokens=3, temperature=1e-300)
+    assert _state(search) == snapshot and search.nodes() == [root]
+    kids = search.expand(root, 2, max_new_tokens=3, generator=torch.Generator().manual_seed(3))[0]
+    _check_logprobs(model, search, kids)
+
+
+def test_a_compiled_model():
+    """``TreeSearch(torch.compile(model))`` drives the model under the wrapper."""
+    model = tiny_model("llama", seed=7)
+    search = treeattn.hf.TreeSearch(torch.compile(model), page_size=PAGE, num_pages=32)
+    assert search.model is model
+    root = search.add_prompt(_prompt(5, 25))
+    kids = search.expand(root, 2, max_new_tokens=2, generator=torch.Generator().manual_seed(0))[0]
+    _check_logprobs(model, search, kids)

@@ -17,19 +17,20 @@ transformers' ``AttentionInterface``.
 :class:`TreeSearch` drives the same adapter from outside, step by step: the whole frontier of a search decoded
 together, one batched step at a time, with each node's tokens and log-probabilities.
 
-This subpackage needs HF transformers (``pip install transformers``); the rest of treeattn does not.
+This subpackage needs HF transformers (``pip install treeattn[hf]``); the rest of treeattn does not.
 """
 
 try:
     import transformers  # noqa: F401
 except ImportError as err:  # pragma: no cover  (the test suite has transformers)
     raise ImportError(
-        "treeattn.hf needs HF transformers, an optional dependency of treeattn: pip install transformers"
+        "treeattn.hf needs HF transformers, an optional dependency of treeattn: pip install treeattn[hf] "
+        "(or pip install transformers)"
     ) from err
 
 from .adapter import UnsupportedModel
-from .cache import TreeCache
+from .cache import CacheStep, TreeCache
 from .generate import generate
 from .search import TreeSearch
 
-__all__ = ["TreeCache", "TreeSearch", "generate", "UnsupportedModel"]
+__all__ = ["CacheStep", "TreeCache", "TreeSearch", "generate", "UnsupportedModel"]

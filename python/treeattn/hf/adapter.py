@@ -102,6 +102,14 @@ def _local_heads(attention, projection: str, heads: int, kind: str) -> int:
     return heads * local // full
 
 
+def unwrap_compiled(model):
+    """The module under ``torch.compile``'s wrapper (``torch.compile(model)`` is an ``OptimizedModule`` whose
+    ``generate`` is the wrapped model's): treeattn.hf drives the wrapped model itself, as ``generate`` does."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def inspect_model(model) -> ModelSpec:
     """The model's :class:`ModelSpec`; raises :class:`UnsupportedModel` naming what treeattn cannot serve."""
     config = getattr(model, "config", None)
@@ -188,18 +196,19 @@ def treeattn_attention(module, query, key, value, attention_mask, scaling=None, 
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise UnsupportedModel(f"{name}: attention with {name} is not supported by treeattn.hf")
+    step = cache.step
     window = kwargs.get("sliding_window")
-    if window is not None and cache._longest_row > window:
+    if window is not None and step.longest_row > window:
         raise UnsupportedModel(
             f"sliding_window: expected every sequence within the model's attention window ({window} tokens), got one "
-            f"of {cache._longest_row} tokens; treeattn does not implement sliding-window attention"
+            f"of {step.longest_row} tokens; treeattn does not implement sliding-window attention"
         )
     if dropout and module.training:
         raise UnsupportedModel("dropout: attention dropout (model.train()) is not supported; call model.eval()")
-    if cache._mode == "prefill":
-        own = _own_attention(cache._prefill_implementation, module)
+    if step.mode == "prefill":
+        own = _own_attention(step.prompt_attention, module)
         return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    if cache._mode != "decode" or query.shape[2] != 1:
+    if step.mode != "decode" or query.shape[2] != 1:
         raise RuntimeError(f"treeattn attention: expected one new token per row in a decode step, got query {list(query.shape)}")
     rows, heads = query.shape[0], query.shape[1]
     layer = module.layer_idx
@@ -209,7 +218,7 @@ def treeattn_attention(module, query, key, value, attention_mask, scaling=None, 
     if cache.spec.mla:
         out = _mla_decode(module, q, cache, layer, scaling)
     else:
-        out = treeattn.tree_decode(q.contiguous(), *cache.tree.layer(layer), cache.plan, sm_scale=scaling)
+        out = treeattn.tree_decode(q.contiguous(), **cache.layer_kv(layer), plan=step.plan, sm_scale=scaling)
     return out.to(device=query.device, dtype=query.dtype).view(rows, 1, heads, out.shape[-1]), None
 
 
@@ -225,7 +234,8 @@ def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:
     w_uk, w_uv = w_kv_b[:, :nope], w_kv_b[:, nope:]
     q_latent = torch.einsum("nhd,hdc->nhc", q[..., :nope], w_uk)
     q_absorbed = torch.cat([q_latent, q[..., nope:]], dim=-1).contiguous()
-    o_latent = treeattn.mla_tree_decode(q_absorbed, cache.tree.layer(layer), cache.plan, sm_scale=scaling, v_head_dim=rank)
+    o_latent = treeattn.mla_tree_decode(q_absorbed, **cache.layer_kv(layer), plan=cache.step.plan, sm_scale=scaling,
+                                        v_head_dim=rank)
     return torch.einsum("nhc,hdc->nhd", o_latent, w_uv)
 
 
@@ -233,9 +243,9 @@ def treeattn_mask(*args, **kwargs):
     """transformers mask function (``AttentionMaskInterface`` entry ``"treeattn"``): a prefill gets the mask of
     the model's own implementation; a decode step needs none (the plan is the mask)."""
     cache = _ACTIVE.get()
-    if cache is None or cache._mode != "prefill":
+    if cache is None or cache.step.mode != "prefill":
         return None
-    own = cache._prefill_implementation
+    own = cache.step.prompt_attention
     if own not in ALL_MASK_ATTENTION_FUNCTIONS:
         return None  # (what transformers does for an implementation without a mask function)
     return ALL_MASK_ATTENTION_FUNCTIONS[own](*args, **kwargs)
@@ -271,7 +281,7 @@ def _distinct_rows(tensors: list[torch.Tensor], num_rows: int) -> tuple[list[int
     return distinct, inverse
 
 
-def _prefill(forward, cache, kwargs: dict):
+def _prefill(forward, cache, kwargs: dict, attention: str):
     lead = kwargs.get("input_ids")
     if lead is None:
         lead = kwargs.get("inputs_embeds")
@@ -284,13 +294,8 @@ def _prefill(forward, cache, kwargs: dict):
     mask = kwargs.get("attention_mask")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
         raise UnsupportedModel("attention_mask: expected a 2-D [batch, length] padding mask (or None), got a custom mask")
-    cache._begin_prefill(len(distinct), length, mask)
-    try:
+    with cache.prefill(len(distinct), length, mask, row_of=inverse, attention=attention):
         out = forward(**kwargs)
-    except BaseException:
-        cache._abort_prefill()
-        raise
-    cache._end_prefill(inverse)
     if len(distinct) < num_rows:
         index = torch.tensor(inverse)
         if isinstance(out, tuple):
@@ -302,7 +307,7 @@ def _prefill(forward, cache, kwargs: dict):
     return out
 
 
-def _routed_forward(forward, cache):
+def _routed_forward(forward, cache, prompt_attention: str):
     signature = None
 
     @functools.wraps(forward)
@@ -318,16 +323,13 @@ def _routed_forward(forward, cache):
             raise UnsupportedModel("output_attentions: attention weights are not computed by treeattn's decode")
         token = _ACTIVE.set(cache)
         try:
-            if cache._needs_prefill:
-                return _prefill(forward, cache, kwargs)
+            if cache.expects_prompt:
+                return _prefill(forward, cache, kwargs, prompt_attention)
             lead = kwargs.get("input_ids")
             if lead is None:
                 lead = kwargs.get("inputs_embeds")
-            cache._begin_decode(lead.shape[0], lead.shape[1])
-            try:
+            with cache.decode(lead.shape[0], lead.shape[1]):
                 return forward(**kwargs)
-            finally:
-                cache._end_step()
         finally:
             _ACTIVE.reset(token)
 
@@ -343,10 +345,9 @@ def attached(model, cache):
         raise UnsupportedModel("model: its attention implementation is already 'treeattn' (nested use of one model)")
     had_forward = "forward" in model.__dict__
     saved_forward = model.__dict__.get("forward")
-    cache._prefill_implementation = own
     model.set_attn_implementation(IMPLEMENTATION)
     try:
-        model.forward = _routed_forward(model.forward, cache)
+        model.forward = _routed_forward(model.forward, cache, own)
         yield model
     finally:
         if had_forward:

@@ -9,27 +9,77 @@ or beams of one prompt) store it once and read it once per step. HF's cache oper
 - ``batch_select_indices(indices)``: the same with the rows kept; ``crop(-k)``: every row without its last ``k``
   tokens.
 
-A decode step appends one slot to every row and makes one ``TreePlan``, which every layer reuses. Padding is
-not stored: a left-padded prompt holds only its real tokens, which is what the model's padding mask lets a
-query see.
+The cache owns its step state machine. A forward pass through the cache is one step, opened and closed by
+the cache's own methods (the model adapter calls them; nothing else changes the cache's state):
+
+- :meth:`TreeCache.prefill` (a context manager): a prompt batch, one root per distinct prompt row holding its
+  real tokens; on a clean exit every batch row becomes a leaf forked from its prompt's root, on an exception
+  the roots are released and the cache is as it was;
+- :meth:`TreeCache.decode` (a context manager): one new token per row, one append and one plan for every layer.
+
+:attr:`TreeCache.step` is the running step, a read-only :class:`CacheStep` (what the attention function
+reads). A driver that chooses each step's batch itself (:class:`~treeattn.hf.TreeSearch`) uses
+:meth:`TreeCache.expect_prompt` and :meth:`TreeCache.set_rows`. Padding is not stored: a left-padded prompt
+holds only its real tokens, which is what the model's padding mask lets a query see.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections import Counter
+from collections.abc import Mapping
+from typing import Iterator
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import treeattn
 
-from .adapter import ModelSpec, UnsupportedModel, inspect_model
+from .adapter import ModelSpec, UnsupportedModel, inspect_model, unwrap_compiled
 
 DEFAULT_TOKENS = 16384  # pool size (in tokens) when num_pages is not given
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheStep:
+    """The step a :class:`TreeCache` is running: what its attention and mask functions read.
+
+    Attributes:
+        mode: ``"idle"`` (no forward pass through the cache), ``"prefill"`` (a prompt batch) or ``"decode"``
+            (one new token per row).
+        rows: the ``TreeKVCache`` node each batch row writes (prefill: the root of each distinct prompt row;
+            decode: the row's leaf).
+        slots: int64 flat slots the step writes, row-major (prefill: only the real tokens).
+        take: prefill: ``[real tokens]`` indices into the flat ``[rows * length]`` tokens of the batch that are
+            stored (padding is not); None in a decode step.
+        plan: decode: the ``TreePlan`` every layer reads; None otherwise.
+        longest_row: tokens on the longest row's path once the step's tokens are written.
+        prompt_attention: prefill: the model's own attention implementation (``"sdpa"``, ``"eager"``, ...), which
+            runs the prompt with the model's own mask.
+    """
+
+    mode: str = "idle"
+    rows: tuple[int, ...] = ()
+    slots: torch.Tensor | None = None
+    take: torch.Tensor | None = None
+    plan: treeattn.TreePlan | None = None
+    longest_row: int = 0
+    prompt_attention: str = "sdpa"
+
+
+_IDLE = CacheStep()
+
+
 class _TreeLayer(CacheLayerMixin):
-    """One layer's view of a :class:`TreeCache` (transformers walks ``cache.layers`` for per-layer facts)."""
+    """One layer's view of a :class:`TreeCache` (transformers walks ``cache.layers`` for per-layer facts).
+
+    ``keys`` / ``values`` are what a ``transformers.DynamicLayer`` would hold, materialized (a copy, made on
+    each read) from the shared pages: ``[rows, kv_heads, positions, head_dim]`` for GQA; for DeepSeek-V3 the
+    tensors its attention passes to ``update``, ``[rows, 1, positions, kv_lora_rank]`` (``c_kv``) and
+    ``[rows, 1, positions, rope_dim]`` (roped ``k_pe``). Positions a row does not store (left padding) are 0.
+    They are read-only: change the cache through its methods.
+    """
 
     is_compileable = False
     is_croppable = True
@@ -37,21 +87,37 @@ class _TreeLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, owner: "TreeCache", index: int):
-        super().__init__()
+        # (CacheLayerMixin.__init__ would assign keys/values, which are read-only here)
         self.owner, self.index = owner, index
         self.is_initialized = True
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.owner.dense_kv(self.index)[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.owner.dense_kv(self.index)[1]
+
+    @keys.setter
+    def keys(self, value) -> None:
+        raise AttributeError("keys: a TreeCache layer's keys are read-only (materialized from the shared pages)")
+
+    @values.setter
+    def values(self, value) -> None:
+        raise AttributeError("values: a TreeCache layer's values are read-only (materialized from the shared pages)")
 
     def lazy_initialization(self, key_states, value_states) -> None:
         return None
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return self.owner._write(self.index, key_states, value_states)
+        return self.owner.write(self.index, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner._positions + query_length, 0
+        return self.owner.positions + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.owner._positions
+        return self.owner.positions
 
     def get_max_length(self) -> int:
         return -1
@@ -66,16 +132,6 @@ class _TreeLayer(CacheLayerMixin):
         return None
 
 
-def _with_hint(err: treeattn.OutOfPages, num_pages: int, page_size: int, where: str) -> treeattn.OutOfPages:
-    hint = treeattn.OutOfPages(err.pages_needed, err.pages_free)
-    more = num_pages + err.pages_needed - err.pages_free
-    hint.args = (
-        f"{err.args[0]}; the TreeCache pool has num_pages={num_pages} (page_size={page_size}): pass num_pages="
-        f"{max(more, 2 * num_pages)} or more to {where}",
-    )
-    return hint
-
-
 class TreeCache(Cache):
     """A ``transformers.Cache`` over a ``treeattn.TreeKVCache``: each batch row is a leaf of the tree.
 
@@ -84,13 +140,18 @@ class TreeCache(Cache):
         page_size: tokens per page.
         num_pages: pool size (default: room for 16384 tokens).
         device, dtype: of the pool (default: the model's).
+        sized_by: the call whose ``num_pages`` an ``OutOfPages`` message tells to raise.
 
     ``stats()`` reports what the tree stores (``tokens_stored``) against one cache per row
-    (``tokens_if_unshared``), see ``treeattn.TreeKVCache.stats``. ``tree`` is the ``TreeKVCache`` and ``rows``
-    the leaf node of each batch row. Used through :func:`treeattn.hf.generate` (which sizes the pool).
+    (``tokens_if_unshared``), see ``treeattn.TreeKVCache.stats``. ``tree`` is the ``TreeKVCache``, ``rows``
+    the leaf node of each batch row, ``positions`` the positions each row has seen (padding included: what
+    transformers calls the sequence length), ``step`` the running :class:`CacheStep`. Used through
+    :func:`treeattn.hf.generate` (which sizes the pool) and :class:`treeattn.hf.TreeSearch`.
     """
 
-    def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, device=None, dtype=None):
+    def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, device=None, dtype=None,
+                 sized_by: str = "TreeCache(...)"):
+        model = unwrap_compiled(model)
         self.spec: ModelSpec = inspect_model(model)
         spec = self.spec
         if num_pages is None:
@@ -109,18 +170,11 @@ class TreeCache(Cache):
                 dtype=dtype, device=device,
             )
         super().__init__(layers=[_TreeLayer(self, i) for i in range(spec.num_layers)])
-        self.rows: list[int] = []  # leaf node of each batch row
-        self.plan: treeattn.TreePlan | None = None  # the running decode step's plan (every layer reads it)
-        self.hint_where = "TreeCache(...)"
-        self._positions = 0  # positions each row has seen, padding included (what transformers calls seq length)
-        self._needs_prefill = True
-        self._mode = "idle"
-        self._slots: torch.Tensor | None = None
-        self._take: torch.Tensor | None = None  # prefill: flat [row * length + position] of the real tokens
-        self._roots: list[int] = []
-        self._longest_row = 0
-        self._prompt_length = 0
-        self._prefill_implementation = "sdpa"
+        self.sized_by = sized_by
+        self._rows: tuple[int, ...] = ()
+        self._positions = 0
+        self._expects_prompt = True
+        self._step = _IDLE
 
     # ---- facts transformers asks for ----
 
@@ -133,8 +187,28 @@ class TreeCache(Cache):
         return self.tree.num_pages
 
     @property
+    def rows(self) -> tuple[int, ...]:
+        """The ``TreeKVCache`` leaf of each batch row."""
+        return self._rows
+
+    @property
+    def positions(self) -> int:
+        """Positions each row has seen, padding included (what transformers calls the sequence length)."""
+        return self._positions
+
+    @property
+    def step(self) -> CacheStep:
+        """The running step (``mode == "idle"`` between forward passes)."""
+        return self._step
+
+    @property
+    def expects_prompt(self) -> bool:
+        """True when the next forward pass through the cache is a prompt batch (a prefill)."""
+        return self._expects_prompt
+
+    @property
     def batch_size(self) -> int:
-        return len(self.rows)
+        return len(self._rows)
 
     @property
     def is_compileable(self) -> bool:
@@ -145,95 +219,174 @@ class TreeCache(Cache):
         return self.tree.stats()
 
     def __repr__(self) -> str:
-        return f"TreeCache(rows={len(self.rows)}, positions={self._positions}, {self.tree!r})"
+        return f"TreeCache(rows={len(self._rows)}, positions={self._positions}, {self.tree!r})"
 
-    # ---- steps (opened by the model's routed forward, see adapter.attached) ----
+    # ---- pool ----
 
-    def _out_of_pages(self, err):
-        return _with_hint(err, self.num_pages, self.page_size, self.hint_where)
+    def out_of_pages(self, err: treeattn.OutOfPages) -> treeattn.OutOfPages:
+        """``err`` with a message that says which ``num_pages`` to pass to :attr:`sized_by`."""
+        hint = treeattn.OutOfPages(err.pages_needed, err.pages_free)
+        more = self.num_pages + err.pages_needed - err.pages_free
+        hint.args = (
+            f"{err.args[0]}; the TreeCache pool has num_pages={self.num_pages} (page_size={self.page_size}): pass "
+            f"num_pages={max(more, 2 * self.num_pages)} or more to {self.sized_by}",
+        )
+        return hint
 
-    def _begin_prefill(self, num_rows: int, length: int, mask: torch.Tensor | None) -> None:
-        """Prompt rows ``[num_rows, length]`` (padding where ``mask`` is 0): one root per row holding its real tokens."""
+    def reserve(self, pages_needed: int, what: str) -> None:
+        """Raise ``OutOfPages`` (with the ``num_pages`` hint) unless ``pages_needed`` pages are free."""
+        free = self.tree.stats()["pages_free"]
+        if pages_needed > free:
+            raise self.out_of_pages(treeattn.OutOfPages(pages_needed, free, what))
+
+    def layer_kv(self, layer: int) -> Mapping[str, torch.Tensor]:
+        """Layer ``layer``'s pool as the decode op's keyword arguments (:meth:`treeattn.TreeKVCache.layer`):
+        ``k_cache``, ``v_cache`` (``k_scale``, ``v_scale`` for FP8) for GQA, ``kv_cache`` (``kv_scale``) for MLA,
+        so that ``treeattn.tree_decode(q, **cache.layer_kv(i), plan=cache.step.plan)`` fits every pool."""
+        return self.tree.layer(layer)
+
+    # ---- steps ----
+
+    def expect_prompt(self) -> None:
+        """The next forward pass through the cache is a prompt batch: its rows become new leaves. The rows the
+        cache holds now are not released (a driver that chose them owns them, see :meth:`set_rows`)."""
+        self._check_idle("expect_prompt")
+        self._expects_prompt = True
+
+    def set_rows(self, leaves) -> None:
+        """The following decode steps run ``leaves`` (live leaves of :attr:`tree`) as the batch rows. Nothing is
+        released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes."""
+        self._check_idle("set_rows")
+        self._rows = tuple(int(n) for n in leaves)
+        self._expects_prompt = False
+
+    def _check_idle(self, what: str) -> None:
+        if self._step.mode != "idle":
+            raise RuntimeError(f"TreeCache.{what}: expected no running step, got a {self._step.mode} step")
+
+    @contextlib.contextmanager
+    def prefill(self, num_rows: int, length: int, mask: torch.Tensor | None = None, *,
+                row_of: list[int] | None = None, attention: str = "sdpa") -> Iterator[CacheStep]:
+        """A prompt step over ``[num_rows, length]`` distinct prompt rows (padding where ``mask [num_rows,
+        length]`` is 0): one root per row holding its real tokens. On a clean exit batch row ``i`` becomes a
+        leaf forked from prompt row ``row_of[i]`` (default: row ``i``); on an exception the roots are released
+        and the cache is as it was. ``attention``: the model's own implementation, which runs the prompt."""
+        self._check_idle("prefill")
         if mask is None:
             real = [torch.arange(length)] * num_rows
         else:
             real = [torch.nonzero(row).flatten() for row in mask.detach().cpu()]
-        roots = []
+        roots: list[int] = []
         try:
             for r in real:
                 roots.append(self.tree.add(r.numel()))
         except treeattn.OutOfPages as err:
             for root in roots:
                 self.tree.release(root)
-            raise self._out_of_pages(err) from None
-        self._roots = roots
-        self._take = torch.cat([u * length + r for u, r in enumerate(real)]).to(self.tree.device)
-        self._slots = torch.cat([self.tree.slots(root) for root in roots]) if roots else None
-        self._longest_row = max((r.numel() for r in real), default=0)
-        self._prompt_length = length
-        self._positions = 0  # a prompt sees no past (TreeSearch prefills later prompts into a used cache)
-        self._mode = "prefill"
-
-    def _abort_prefill(self) -> None:
-        for root in self._roots:
-            self.tree.release(root)
-        self._roots, self._mode = [], "idle"
-
-    def _end_prefill(self, row_of: list[int]) -> None:
-        """Batch row ``i`` continues prompt row ``row_of[i]``: a leaf forked from that prompt's root."""
+            raise self.out_of_pages(err) from None
+        self._step = CacheStep(
+            mode="prefill", rows=tuple(roots),
+            slots=torch.cat([self.tree.slots(root) for root in roots]) if roots else None,
+            take=torch.cat([u * length + r for u, r in enumerate(real)]).to(self.tree.device) if real else None,
+            longest_row=max((r.numel() for r in real), default=0), prompt_attention=attention,
+        )
+        positions, self._positions = self._positions, 0  # a prompt sees no past (TreeSearch adds prompts later)
+        try:
+            yield self._step
+        except BaseException:
+            for root in roots:
+                self.tree.release(root)
+            self._positions = positions
+            raise
+        finally:
+            self._step = _IDLE
+        row_of = list(range(num_rows)) if row_of is None else row_of
         uses = Counter(row_of)
-        children = {u: self.tree.fork(root, uses[u]) for u, root in enumerate(self._roots)}
-        for root in self._roots:
+        children = {u: self.tree.fork(root, uses[u]) for u, root in enumerate(roots)}
+        for root in roots:
             self.tree.release(root)  # its children keep the prompt
-        self.rows = [children[u].pop() for u in reversed(row_of)][::-1]
-        self._roots, self._mode, self._needs_prefill = [], "idle", False
-        self._positions = self._prompt_length
+        self._rows = tuple([children[u].pop() for u in reversed(row_of)][::-1])
+        self._expects_prompt = False
+        self._positions = length
 
-    def _begin_decode(self, num_rows: int, num_tokens: int) -> None:
+    @contextlib.contextmanager
+    def decode(self, num_rows: int, num_tokens: int = 1) -> Iterator[CacheStep]:
+        """A decode step: one new token for each of the ``num_rows`` rows (one append and one plan for every
+        layer). The appended slots stay when the step raises (the rows' owner releases or keeps them)."""
+        self._check_idle("decode")
         if num_tokens != 1:
             raise UnsupportedModel(
                 f"input_ids: expected one new token per row after the prompt, got {num_tokens} "
                 "(assisted decoding and prompt continuation are not supported)"
             )
-        if num_rows != len(self.rows):
-            raise RuntimeError(f"TreeCache: expected {len(self.rows)} rows (the cache's), got {num_rows}")
+        if num_rows != len(self._rows):
+            raise RuntimeError(f"TreeCache: expected {len(self._rows)} rows (the cache's), got {num_rows}")
         try:
-            self._slots = self.tree.append(self.rows)
+            slots = self.tree.append(self._rows)
         except treeattn.OutOfPages as err:
-            raise self._out_of_pages(err) from None
-        self.plan = self.tree.plan(self.rows, num_qo_heads=self.spec.num_qo_heads)
-        self._longest_row = max((self.tree.length(r) for r in self.rows), default=0)
+            raise self.out_of_pages(err) from None
         self._positions += 1
-        self._mode = "decode"
+        self._step = CacheStep(
+            mode="decode", rows=self._rows, slots=slots,
+            plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
+            longest_row=max((self.tree.length(r) for r in self._rows), default=0),
+        )
+        try:
+            yield self._step
+        finally:
+            self._step = _IDLE
 
-    def _end_step(self) -> None:
-        self._mode = "idle"
-
-    def _write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
-        """Store a layer's new KV: ``a, b [rows, kv_heads, tokens, head_dim]`` (GQA keys and values) or
-        ``[rows, 1, tokens, kv_lora_rank]`` and ``[rows, 1, tokens, rope_dim]`` (MLA latent and roped key)."""
-        if self._mode not in ("prefill", "decode"):
+    def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
+        """Store a layer's new KV in the running step: ``a, b [rows, kv_heads, tokens, head_dim]`` (GQA keys
+        and values) or ``[rows, 1, tokens, kv_lora_rank]`` and ``[rows, 1, tokens, rope_dim]`` (MLA latent and
+        roped key). Returns ``(a, b)``: a prompt's own attention reads them; a decode step reads the tree."""
+        step = self._step
+        if step.mode == "idle":
             raise RuntimeError("TreeCache: written outside a step (use treeattn.hf.generate or treeattn.hf.TreeSearch)")
         rows, tokens = a.shape[0], a.shape[2]
         if self.spec.mla:
-            flat = torch.cat([a, b], dim=-1).transpose(1, 2).reshape(rows * tokens, -1)
-            if self._mode == "prefill":
-                flat = flat.index_select(0, self._take)
-            self.tree.write(layer, self._slots, flat.to(self.tree.dtype).contiguous())
+            flat = (torch.cat([a, b], dim=-1).transpose(1, 2).reshape(rows * tokens, -1),)
         else:
-            k = a.transpose(1, 2).reshape(rows * tokens, a.shape[1], a.shape[3])
-            v = b.transpose(1, 2).reshape(rows * tokens, b.shape[1], b.shape[3])
-            if self._mode == "prefill":
-                k, v = k.index_select(0, self._take), v.index_select(0, self._take)
-            self.tree.write(layer, self._slots, k.to(self.tree.dtype).contiguous(), v.to(self.tree.dtype).contiguous())
-        return a, b  # the model's own attention (prefill) reads them; a decode step reads the tree
+            flat = tuple(t.transpose(1, 2).reshape(rows * tokens, t.shape[1], t.shape[3]) for t in (a, b))
+        if step.take is not None:
+            flat = tuple(t.index_select(0, step.take) for t in flat)
+        self.tree.write(layer, step.slots, *(t.to(self.tree.dtype).contiguous() for t in flat))
+        return a, b
+
+    # ---- reading rows back ----
+
+    def _stored(self, layer: int, node: int, count: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The first ``count`` (default: all) stored rows of ``node``'s path in ``layer``, as ``write`` takes
+        them: ``(k, v)`` ``[count, kv_heads, head_dim]`` or ``(kv,)`` ``[count, kv_lora_rank + rope_dim]``."""
+        source = self.tree.path_slots(node)[:count]
+        return tuple(p.flatten(0, 1)[source] for name, p in self.layer_kv(layer).items() if name.endswith("cache"))
+
+    def dense_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer`` as a ``DynamicLayer`` would hold it (a copy): ``(keys, values)`` ``[rows, heads,
+        positions, dim]``, every row's stored KV right-aligned (left padding is 0). See ``_TreeLayer``."""
+        lengths = [self.tree.length(r) for r in self._rows]
+        width = max([self._positions, *lengths])
+        parts = []
+        for node, n in zip(self._rows, lengths):
+            stored = self._stored(layer, node)
+            if self.spec.mla:
+                rows = stored[0][:, None]  # [n, 1, rank + rope]
+                stored = (rows[..., : self.spec.kv_lora_rank], rows[..., self.spec.kv_lora_rank:])
+            parts.append(tuple(torch.nn.functional.pad(t.transpose(0, 1), (0, 0, width - n, 0)) for t in stored))
+        if not parts:
+            shapes = ((1, self.spec.kv_lora_rank), (1, self.spec.rope_dim)) if self.spec.mla else \
+                ((self.spec.num_kv_heads, self.spec.head_dim),) * 2
+            empty = (torch.zeros(0, h, width, d, dtype=self.tree.dtype, device=self.tree.device) for h, d in shapes)
+            return tuple(empty)
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
     # ---- HF's cache operations as tree operations ----
 
     def _select(self, picks: list[int]) -> None:
         """Row ``i`` becomes old row ``picks[i]``: once-chosen rows go on, multiply-chosen rows fork, unchosen
         rows are released."""
-        old = self.rows
+        self._check_idle("select")
+        old = self._rows
         if any(not 0 <= p < len(old) for p in picks):
             raise ValueError(f"indices: expected row indices in [0, {len(old)}), got {picks}")
         uses = Counter(picks)
@@ -243,13 +396,13 @@ class TreeCache(Cache):
         for p, node in enumerate(old):
             if uses.get(p, 0) != 1:
                 self.tree.release(node)  # not chosen, or its forks hold it now
-        self.rows = [heirs[p].pop() for p in reversed(picks)][::-1]
+        self._rows = tuple([heirs[p].pop() for p in reversed(picks)][::-1])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._select([r for r in range(len(self.rows)) for _ in range(repeats)])
+        self._select([r for r in range(len(self._rows)) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if indices.dtype == torch.bool:
@@ -258,45 +411,41 @@ class TreeCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """``crop(-k)`` drops every row's last ``k`` tokens (those rows are rebuilt unshared from their paths)."""
+        self._check_idle("crop")
         if tokens_to_remove > 0:
             raise ValueError(f"tokens_to_remove: expected a count <= 0 (tokens to drop, negated), got {tokens_to_remove}")
         drop = -tokens_to_remove
         if drop == 0:
             return
-        shortest = min((self.tree.length(r) for r in self.rows), default=0)
+        shortest = min((self.tree.length(r) for r in self._rows), default=0)
         if drop > shortest:
             raise ValueError(f"tokens_to_remove: expected at most {shortest} tokens (the shortest row), got {drop}")
         rebuilt = []
         try:
-            for node in self.rows:
+            for node in self._rows:
                 keep = self.tree.length(node) - drop
-                source = self.tree.path_slots(node)[:keep]
                 fresh = self.tree.add(keep)
                 rebuilt.append(fresh)
                 target = self.tree.slots(fresh)
                 for layer in range(self.spec.num_layers):
-                    pools = self.tree.layer(layer)
-                    if self.spec.mla:
-                        self.tree.write(layer, target, pools.reshape(-1, pools.shape[-1])[source])
-                    else:
-                        k, v = (p.reshape(-1, *p.shape[2:])[source] for p in pools)
-                        self.tree.write(layer, target, k, v)
+                    self.tree.write(layer, target, *self._stored(layer, node, keep))
         except treeattn.OutOfPages as err:
             for node in rebuilt:
                 self.tree.release(node)
-            raise self._out_of_pages(err) from None
-        for node in self.rows:
+            raise self.out_of_pages(err) from None
+        for node in self._rows:
             self.tree.release(node)
-        self.rows = rebuilt
+        self._rows = tuple(rebuilt)
         self._positions -= drop
 
     def release(self) -> None:
-        """Release every row: all pages return to the pool (the cache is empty afterwards)."""
-        for node in self.rows:
+        """Release every row: all pages return to the pool (the cache is empty afterwards; the next forward
+        pass through it is a prompt)."""
+        self._check_idle("release")
+        for node in self._rows:
             self.tree.release(node)
-        self.rows = []
-        self.plan = None
-        self._positions, self._needs_prefill = 0, True
+        self._rows = ()
+        self._positions, self._expects_prompt = 0, True
 
     def reset(self) -> None:
         self.release()

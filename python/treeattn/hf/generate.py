@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from .adapter import UnsupportedModel, attached
+from .adapter import UnsupportedModel, attached, unwrap_compiled
 from .cache import TreeCache
 
 # generate() options that need a cache treeattn does not provide, or attention outputs it does not compute.
@@ -25,11 +25,35 @@ def _generation_config(model, generate_kwargs: dict):
     return config
 
 
-def default_num_pages(num_prompts: int, prompt_length: int, num_rows: int, max_length: int, page_size: int) -> int:
-    """A pool that holds what one cache per row would hold (so it never needs more memory than the default
-    cache): every row's whole sequence, the prompts once more, and one copied page per row."""
-    pages = -(-max_length // page_size)
-    return num_rows * (pages + 1) + num_prompts * -(-prompt_length // page_size)
+def default_num_pages(num_rows: int, max_length: int, page_size: int) -> int:
+    """What one cache per row holds, in pages: ``num_rows`` sequences of ``max_length - 1`` tokens (the last
+    token is never fed back), each rounded up to whole pages. ``model.generate``'s default cache holds the
+    same tokens (padding included), so the pool never needs more memory than it, but for that rounding.
+
+    It suffices because a tree never holds more than its live rows' paths: pages only a released row read go
+    back to the pool, and a row's path (shared or not) is at most ``ceil((max_length - 1) / page_size)`` pages,
+    a page copied on write included."""
+    return num_rows * -(-max(max_length - 1, 1) // page_size)
+
+
+def _prompt_shape(config, input_ids, generate_kwargs: dict) -> tuple[int, int]:
+    """``(batch, length)`` of the prompt ``model.generate`` will run: ``input_ids``, else ``inputs_embeds``,
+    else (as transformers starts a decoder-only model) one ``bos_token_id`` per row of the first tensor
+    argument, one row without any."""
+    lead = input_ids if input_ids is not None else generate_kwargs.get("inputs_embeds")
+    if lead is None:
+        if config.bos_token_id is None:
+            raise ValueError("input_ids: expected a [batch, length] tensor of prompt token ids, or a bos_token_id "
+                             "to start from, got neither")
+        batch = next((v.shape[0] for v in generate_kwargs.values() if isinstance(v, torch.Tensor)), 1)
+        return batch, 1
+    name = "input_ids" if input_ids is not None else "inputs_embeds"
+    dims = 2 if input_ids is not None else 3
+    if not isinstance(lead, torch.Tensor) or lead.dim() != dims or lead.shape[0] == 0:
+        got = f"shape {list(lead.shape)}" if isinstance(lead, torch.Tensor) else type(lead).__name__
+        raise ValueError(f"{name}: expected a {'[batch, length]' if dims == 2 else '[batch, length, hidden]'} "
+                         f"tensor with batch >= 1, got {got}")
+    return lead.shape[0], lead.shape[1]
 
 
 @torch.no_grad()
@@ -45,9 +69,11 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         model: a HF causal LM (decoder-only; GQA/MHA families whose attention goes through transformers'
             ``AttentionInterface``, and DeepSeek-V3).
         input_ids: ``[batch, prompt_length]`` (left-padded with ``attention_mask`` for prompts of different
-            lengths), as for ``model.generate``.
+            lengths), as for ``model.generate``; None starts from ``bos_token_id`` as ``model.generate`` does.
+            ``model`` may be ``torch.compile(model)``: the model under the wrapper runs, as in its ``generate``.
         page_size: tokens per KV page.
-        num_pages: size of the page pool (default: as much as one cache per sequence would hold).
+        num_pages: size of the page pool (default: as much as one cache per sequence would hold, each
+            sequence rounded up to whole pages; see :func:`default_num_pages`).
         **generate_kwargs: anything ``model.generate`` takes (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``top_k``, ``top_p``, ``num_return_sequences``, ``num_beams``, ``eos_token_id``, ``pad_token_id``,
             ``attention_mask``, ``generation_config``, ``return_dict_in_generate``, ...).
@@ -63,6 +89,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     for name in ("cache", "past_key_values"):
         if generate_kwargs.get(name) is not None:
             raise ValueError(f"{name}: expected None (treeattn.hf.generate brings its own TreeCache), got {type(generate_kwargs[name]).__name__}")
+    model = unwrap_compiled(model)
     if input_ids is None:
         input_ids = generate_kwargs.pop("inputs", None)
     config = _generation_config(model, generate_kwargs)
@@ -72,16 +99,12 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
             raise UnsupportedModel(f"{name}: {what} is not supported by treeattn.hf.generate")
     if config.use_cache is False:
         raise UnsupportedModel("use_cache: expected True (treeattn.hf.generate decodes from its cache), got False")
-    lead = input_ids if input_ids is not None else generate_kwargs.get("inputs_embeds")
-    if lead is None:
-        raise ValueError("input_ids: expected a [batch, length] tensor of prompt token ids, got None")
-    num_prompts, prompt_length = lead.shape[0], lead.shape[1]
+    num_prompts, prompt_length = _prompt_shape(config, input_ids, generate_kwargs)
     num_rows = num_prompts * max(config.num_beams or 1, config.num_return_sequences or 1)
     max_length = prompt_length + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     if num_pages is None:
-        num_pages = default_num_pages(num_prompts, prompt_length, num_rows, max_length, page_size)
-    cache = TreeCache(model, page_size=page_size, num_pages=num_pages)
-    cache.hint_where = "treeattn.hf.generate"
+        num_pages = default_num_pages(num_rows, max(max_length, prompt_length + 1), page_size)
+    cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
     with attached(model, cache):
         out = model.generate(input_ids, cache=cache, **generate_kwargs)
     if not config.return_dict_in_generate:

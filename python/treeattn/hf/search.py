@@ -22,9 +22,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-import treeattn
-
-from .adapter import attached
+from .adapter import attached, unwrap_compiled
 from .cache import TreeCache
 
 
@@ -84,9 +82,10 @@ class TreeSearch:
     """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, device=None, dtype=None):
+        model = unwrap_compiled(model)
         self.model = model
-        self.cache = TreeCache(model, page_size=page_size, num_pages=num_pages, device=device, dtype=dtype)
-        self.cache.hint_where = "treeattn.hf.TreeSearch"
+        self.cache = TreeCache(model, page_size=page_size, num_pages=num_pages, device=device, dtype=dtype,
+                               sized_by="treeattn.hf.TreeSearch")
         self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
         self.device = next(model.parameters()).device
         self._keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -157,11 +156,15 @@ class TreeSearch:
             n = n.parent
 
     def _new_node(self, parent: _Node | None, tokens: list[int], cache_node: int) -> _Node:
-        n = _Node(self._next_id, parent, tokens, cache_node)
+        return self._adopt(_Node(None, parent, tokens, cache_node))
+
+    def _adopt(self, n: _Node) -> _Node:
+        """Give a drafted node its id and make it part of the tree."""
+        n.id = self._next_id
         self._next_id += 1
         self._nodes[n.id] = n
-        if parent is not None:
-            parent.children.add(n.id)
+        if n.parent is not None:
+            n.parent.children.add(n.id)
         return n
 
     def _forward(self, **inputs) -> torch.Tensor:
@@ -176,27 +179,27 @@ class TreeSearch:
         if not prompt:
             raise ValueError("input_ids: expected at least one token, got none")
         cache = self.cache
-        cache._needs_prefill = True
+        rows = cache.rows
+        cache.expect_prompt()
         try:
             with attached(self.model, cache):
                 logits = self._forward(input_ids=torch.tensor([prompt], device=self.device))
-        finally:
-            cache._needs_prefill = False
+        except BaseException:
+            if not cache.expects_prompt:  # the prefill was stored before the failure: take it back
+                cache.tree.release(cache.rows[0])
+            cache.set_rows(rows)
+            raise
         node = self._new_node(None, prompt, cache.rows[0])
         node.fed, node.next_logits = len(prompt), logits[0]
         return node.id
 
-    def _step(self, nodes: list[_Node]) -> torch.Tensor:
-        """Feed each node's next unfed token, all in one batched step; returns the logits ``[len(nodes), vocab]``."""
-        cache = self.cache
-        cache.rows = [n.cache_node for n in nodes]
-        tokens = torch.tensor([[n.tokens[n.fed]] for n in nodes], device=self.device)
-        positions = torch.tensor([[cache.tree.length(n.cache_node)] for n in nodes], device=self.device)
-        logits = self._forward(input_ids=tokens, position_ids=positions)
-        for n in nodes:
-            n.fed += 1
-        self._decode_steps += 1
-        return logits
+    def _step(self, cache_nodes: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` to cache leaf ``cache_nodes[i]``, all in one batched step; returns the logits
+        ``[len(cache_nodes), vocab]``."""
+        self.cache.set_rows(cache_nodes)
+        positions = [[self.cache.tree.length(c)] for c in cache_nodes]
+        return self._forward(input_ids=torch.tensor([[t] for t in tokens], device=self.device),
+                             position_ids=torch.tensor(positions, device=self.device))
 
     @torch.no_grad()
     def expand(self, nodes, num_samples: int, *, max_new_tokens: int, stop=None, temperature: float = 1.0,
@@ -219,8 +222,10 @@ class TreeSearch:
             For each node, its new children (in order).
 
         Raises:
-            ValueError: bad arguments (the tree is unchanged). treeattn.OutOfPages: the pool cannot hold the
-            expansion at its longest (the tree is unchanged; the message says which ``num_pages`` to pass).
+            ValueError: bad arguments. treeattn.OutOfPages: the pool cannot hold the expansion at its longest (the
+            message says which ``num_pages`` to pass). Whatever the call raises — these, or an exception from the
+            model, a logits processor or sampling, or a ``KeyboardInterrupt`` — the tree, its tokens and
+            log-probabilities and the pool's pages are as they were before the call (the generators have drawn).
         """
         if isinstance(nodes, (int, torch.Tensor)) and not isinstance(nodes, bool):
             nodes = [int(nodes)] if isinstance(nodes, int) else nodes.tolist()
@@ -234,30 +239,71 @@ class TreeSearch:
         processors = self._processors(temperature, top_k, top_p)
         self._reserve(parents, num_samples, max_new_tokens)
 
-        with attached(self.model, self.cache):
-            unfed = [n for n in dict.fromkeys(parents) if n.next_logits is None]
-            if unfed:  # their last sampled token: fed once, shared by all their children
-                for n, row in zip(unfed, self._step(unfed)):
-                    n.next_logits = row
-            families = []
-            for p in parents:
-                forks = self.cache.tree.fork(p.cache_node, num_samples)
-                families.append([self._new_node(p, [], c) for c in forks])
-            active = [list(f) for f in families]
-            logits = {id(c): f[0].parent.next_logits for f in families for c in f}
-            while any(active):
-                for i, group in enumerate(active):
-                    if not group:
-                        continue
-                    raw = torch.stack([logits[id(c)] for c in group])
-                    self._sample(group, raw, processors, generators[i])
-                    active[i] = [c for c in group if not self._finished(c, max_new_tokens, stops)]
-                running = [c for group in active for c in group]
-                if not running:
-                    break
-                for c, row in zip(running, self._step(running)):
-                    logits[id(c)] = row
+        # All or nothing: the call grows scratch cache nodes and draft children; only when every step has
+        # succeeded do they join the tree. On any exception (the model, a logits processor, sampling,
+        # OutOfPages, KeyboardInterrupt) the cache nodes it made are released, newest first, and the tree, its
+        # tokens, log-probabilities and the pool's pages are as they were.
+        made: list[int] = []
+        rows = self.cache.rows
+        try:
+            with attached(self.model, self.cache):
+                families, fed, steps = self._grow(parents, num_samples, max_new_tokens, stops, processors,
+                                                  generators, made)
+        except BaseException:
+            for node in reversed(made):
+                self.cache.tree.release(node)
+            raise
+        finally:
+            self.cache.set_rows(rows)
+        for n, (cache_node, logits) in fed.items():  # commit: nothing below raises
+            old, n.cache_node, n.next_logits = n.cache_node, cache_node, logits
+            n.fed += 1
+            self.cache.tree.release(old)  # (its child, the scratch node that holds the fed token, keeps it)
+        for group in families:
+            for c in group:
+                self._adopt(c)
+        self._decode_steps += steps
         return [[c.id for c in group] for group in families]
+
+    def _grow(self, parents: list[_Node], num_samples: int, max_new_tokens: int, stops, processors, generators,
+              made: list[int]) -> tuple[list[list[_Node]], dict, int]:
+        """The work of :meth:`expand`, done on new cache nodes only (each appended to ``made`` as it is made):
+        returns the draft children of each parent, for each unfed parent ``(the scratch cache node that holds
+        its fed last token, the next token's logits)``, and the number of batched decode steps."""
+        tree, steps = self.cache.tree, 0
+        fed: dict[_Node, tuple[int, torch.Tensor]] = {}
+        unfed = [n for n in dict.fromkeys(parents) if n.next_logits is None]
+        if unfed:  # their last sampled token: fed once into a scratch child, shared by all their children
+            scratch = []
+            for n in unfed:
+                scratch.append(tree.fork(n.cache_node, 1)[0])
+                made.append(scratch[-1])
+            logits = self._step(scratch, [n.tokens[-1] for n in unfed])
+            steps += 1
+            fed = {n: (c, row) for n, c, row in zip(unfed, scratch, logits)}
+        families, logits = [], {}
+        for p in parents:
+            base, first = fed.get(p, (p.cache_node, p.next_logits))
+            forks = tree.fork(base, num_samples)
+            made.extend(forks)
+            families.append([_Node(None, p, [], c) for c in forks])
+            logits.update((id(c), first) for c in families[-1])
+        active = [list(f) for f in families]
+        while any(active):
+            for i, group in enumerate(active):
+                if not group:
+                    continue
+                raw = torch.stack([logits[id(c)] for c in group])
+                self._sample(group, raw, processors, generators[i])
+                active[i] = [c for c in group if not self._finished(c, max_new_tokens, stops)]
+            running = [c for group in active for c in group]
+            if not running:
+                break
+            for c, row in zip(running, self._step([c.cache_node for c in running], [c.tokens[-1] for c in running])):
+                c.fed += 1
+                logits[id(c)] = row
+            steps += 1
+        return families, fed, steps
 
     # ---- expand's parts ----
 
@@ -265,6 +311,11 @@ class TreeSearch:
         last = torch.tensor([[c.tokens[-1] if c.tokens else c.parent.tokens[-1]] for c in group], device=raw.device)
         scores = processors(last, raw)
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            raise ValueError(
+                "temperature: expected a temperature (with top_k, top_p) that keeps the sampling distribution "
+                "finite, got NaN or inf probabilities (a temperature too small for the logits overflows them)"
+            )
         picks = torch.multinomial(probs, 1, generator=generator)[:, 0]
         raw_lp = torch.log_softmax(raw, dim=-1).gather(1, picks[:, None])[:, 0].tolist()
         processed_lp = torch.log_softmax(scores, dim=-1).gather(1, picks[:, None])[:, 0].tolist()
@@ -321,10 +372,7 @@ class TreeSearch:
         included)."""
         page = self.cache.page_size
         unfed = sum(1 for n in dict.fromkeys(parents) if n.next_logits is None)
-        need = unfed + len(parents) * num_samples * (-(-(max_new_tokens - 1) // page) + 1)
-        free = self.cache.stats()["pages_free"]
-        if need > free:
-            raise self.cache._out_of_pages(treeattn.OutOfPages(need, free, "expand"))
+        self.cache.reserve(unfed + len(parents) * num_samples * (-(-(max_new_tokens - 1) // page) + 1), "expand")
 
     def format_tree(self, root: int | None = None, *, max_tokens: int = 8) -> str:
         """The tree under ``root`` (default: every prompt) as text, one node a line: id, its new tokens (the
