@@ -106,13 +106,14 @@ class Eviction(NamedTuple):
     ``release``: cache nodes the index no longer reads (release them); ``truncate``: ``(node, end)`` for
     cache nodes whose indexed tail was evicted (keep positions ``[.., end)``, free their pages from page
     index ``ceil(end / page_size)`` on); ``pages``: the pages freed (sorted); ``tokens``: tokens evicted;
-    ``segments``: ``(key, node, start, end)`` of every evicted index node, in eviction order."""
+    ``evicted``: the evicted :class:`IndexNode` s, in eviction order (``cache_node``, ``start``, ``end``,
+    ``stamp``... as they were)."""
 
     release: list
     truncate: list
     pages: list
     tokens: int
-    segments: list
+    evicted: list
 
 
 class IndexNode:
@@ -483,7 +484,7 @@ class PrefixIndex:
         heap = [(n.stamp, n.serial, n) for n in self._evictable.values()]
         heapq.heapify(heap)
         freed: list[int] = []
-        segments, cut = [], {}
+        evicted, cut = [], {}
         tokens = 0
         while heap and not done(freed):
             _, _, n = heapq.heappop(heap)
@@ -498,7 +499,7 @@ class PrefixIndex:
             key, count = self._cache_refs[n.cache_node]
             self._cache_refs[n.cache_node] = (key, count - 1)
             cut[n.cache_node] = min(cut.get(n.cache_node, n.start), n.start)
-            segments.append((n.key, n.cache_node, n.start, n.end))
+            evicted.append(n)
             if parent.parent is None and not parent.children:
                 del self._roots[parent.key]
             self._update_candidate(parent)
@@ -509,7 +510,7 @@ class PrefixIndex:
             del self._cache_refs[c]
         truncate = sorted((c, e) for c, e in cut.items() if c in self._cache_refs)
         self._counters["evicted_tokens"] += tokens
-        return Eviction(release, truncate, sorted(freed), tokens, segments)
+        return Eviction(release, truncate, sorted(freed), tokens, evicted)
 
     def clear(self) -> Eviction:
         """Evict every unlocked node and reset the counters (locked paths stay cached)."""
