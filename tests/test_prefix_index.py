@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from treeattn.prefix_index import Eviction, Match, PrefixIndex, Segment
@@ -210,3 +210,336 @@ def test_unlock_twice_is_an_error():
     with pytest.raises(ValueError, match="lock: expected a held lock, got one already unlocked"):
         ix.unlock(lock)
     assert ix.stats()["locked_pages"] == 0
+
+
+# ---- state machine against a brute-force model ---------------------------------------------------------
+
+
+class FakeCache:
+    """A paged cache reduced to bookkeeping, with TreeKVCache's node model: a node continues its parent's
+    path at a fork position (possibly inside the parent), holding the pages of its own positions; a fork inside
+    a page continues it in place when no one claimed the next slot, else copies it. A node lives while it is
+    indexed, live, or has a living child; a page is free when no living node holds it."""
+
+    def __init__(self, page_size: int, num_pages: int):
+        self.s = page_size
+        self.free = set(range(num_pages))
+        self.nodes: dict[int, dict] = {}
+        self.holders: dict[int, set[int]] = {}  # page -> nodes holding it
+        self.next_id = 0
+
+    def path_pages(self, nid: int, upto: int) -> list[int]:
+        """Page ids of the node's path over positions [0, upto)."""
+        n = self.nodes[nid]
+        own = n["pages"][: -(-upto // self.s) - n["start"] // self.s]
+        if n["parent"] is None:
+            return list(own)
+        return self.path_pages(n["parent"], n["start"])[: n["start"] // self.s] + list(own)
+
+    def fill(self, page: int) -> int:
+        """Slots of ``page`` claimed by some living node."""
+        out = 0
+        for h in self.holders[page]:
+            n = self.nodes[h]
+            first = n["start"] // self.s
+            j = n["pages"].index(page) + first
+            out = max(out, min(self.s, n["end"] - j * self.s))
+        return out
+
+    def plan(self, base, m: int, length: int):
+        """Pages a new node forking from ``base`` at ``m`` (None, 0: a fresh root) holding [m, length) needs:
+        (pages needed, whether the shared partial page continues in place)."""
+        in_place = False
+        need = -(-length // self.s) - m // self.s
+        if m % self.s:
+            page = self.path_pages(base, m)[-1]
+            in_place = self.fill(page) == m % self.s
+            need -= in_place
+        return need, in_place
+
+    def add(self, base, m: int, length: int, tokens, in_place: bool) -> int:
+        nid, self.next_id = self.next_id, self.next_id + 1
+        pages = []
+        if m % self.s and in_place:
+            pages.append(self.path_pages(base, m)[-1])
+        while len(pages) < -(-length // self.s) - m // self.s:
+            pages.append(min(self.free))
+            self.free.remove(pages[-1])
+        self.nodes[nid] = dict(parent=base, start=m, end=length, pages=pages, tokens=list(tokens[:length]),
+                               indexed=False, live=False, kids=0)
+        for p in pages:
+            self.holders.setdefault(p, set()).add(nid)
+        if base is not None:
+            self.nodes[base]["kids"] += 1
+        return nid
+
+    def segments(self, nid: int) -> list[Segment]:
+        n = self.nodes[nid]
+        head = [] if n["parent"] is None else self.segments(n["parent"])
+        if head:  # the parent's segment ends where this node forked from it
+            last = head[-1]
+            keep = -(-n["start"] // self.s) - last.start // self.s if n["start"] > last.start else 0
+            head[-1] = Segment(last.node, last.start, n["start"], last.pages[:keep])
+            head = [h for h in head if h.end > h.start]
+        return head + [Segment(nid, n["start"], n["end"], tuple(n["pages"]))]
+
+    def _drop(self, nid: int, pages, freed: list) -> None:
+        for p in pages:
+            self.holders[p].discard(nid)
+            if not self.holders[p]:
+                del self.holders[p]
+                self.free.add(p)
+                freed.append(p)
+
+    def maybe_release(self, nid, freed: list) -> None:
+        while nid is not None:
+            n = self.nodes[nid]
+            if n["indexed"] or n["live"] or n["kids"]:
+                return
+            self._drop(nid, n["pages"], freed)
+            del self.nodes[nid]
+            nid = n["parent"]
+            if nid is not None:
+                self.nodes[nid]["kids"] -= 1
+
+    def truncate(self, nid: int, end: int, freed: list) -> None:
+        n = self.nodes[nid]
+        keep = -(-end // self.s) - n["start"] // self.s
+        for other in self.nodes.values():
+            assert other["parent"] != nid or other["start"] <= end, "truncated below a living fork"
+        self._drop(nid, n["pages"][keep:], freed)
+        n["pages"], n["end"], n["tokens"] = n["pages"][:keep], end, n["tokens"][:end]
+
+
+KEYS = [None, "", b"", 0, False, "0", (0,), (False,)]
+
+
+def model_key(key):
+    """The model's own key identity: type and repr (independent of the index's canonical keys)."""
+    return type(key).__name__, repr(key)
+
+
+def lcp(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class PrefixIndexMachine(RuleBasedStateMachine):
+    @initialize(page_size=st.integers(1, 4), num_pages=st.integers(4, 16))
+    def setup(self, page_size, num_pages):
+        self.index = PrefixIndex(page_size)
+        self.cache = FakeCache(page_size, num_pages)
+        self.num_pages = num_pages
+        self.cached: dict[tuple, set[tuple]] = {}  # model key -> cached token sequences (prefixes stay cached)
+        self.live: list[tuple] = []  # (key, tokens, lock, fake nodes)
+        self.counts = dict(prompt_tokens=0, hit_tokens=0, evicted_tokens=0)
+
+    # ---- the model ----
+
+    def model_match(self, key, tokens) -> int:
+        best = max((lcp(t, tokens) for t in self.cached.get(model_key(key), ())), default=0)
+        return min(best, max(len(tokens) - 1, 0))
+
+    def snapshot(self) -> dict:
+        """serial -> (stamp, locks, children, parent serial (None: a root), path tokens), before an eviction
+        changes the nodes (a later split also changes an evicted node's ancestors)."""
+        return {n.serial: (n.stamp, n.locks, len(n.children), None if n.parent.parent is None else n.parent.serial,
+                           tuple(self.index.path_tokens(n).tolist())) for n in self.index.nodes()}
+
+    def apply(self, ev: Eviction, before: dict) -> None:
+        """Apply an eviction to the fake cache and the model; check it against LRU order and the pages freed."""
+        # LRU: each victim is the least recently used unlocked leaf at its turn (ties: the older node).
+        children = {serial: info[2] for serial, info in before.items()}
+        candidates = {serial for serial, info in before.items() if not info[1] and not info[2]}
+        for victim in ev.evicted:
+            assert victim.serial == min(candidates, key=lambda serial: (before[serial][0], serial))
+            candidates.remove(victim.serial)
+            parent = before[victim.serial][3]
+            if parent is not None:
+                children[parent] -= 1
+                if not children[parent] and not before[parent][1]:
+                    candidates.add(parent)
+        freed: list[int] = []
+        for nid in ev.release:  # first: a released node may have forked from a truncated one
+            self.cache.nodes[nid]["indexed"] = False
+            self.cache.maybe_release(nid, freed)
+        for nid, end in ev.truncate:
+            self.cache.truncate(nid, end, freed)
+        assert sorted(freed) == ev.pages
+        for what, happened in (("evicted", ev.evicted), ("truncated", ev.truncate), ("hidden pages evicted",
+                                any(n.hidden for n in ev.evicted))):
+            if happened:
+                event(what)
+        # The model forgets the evicted tokens: each victim is a leaf, so no cached sequence runs past it.
+        for victim in ev.evicted:
+            path = before[victim.serial][4]
+            seqs = self.cached[model_key_of[victim.key]]
+            for t in list(seqs):
+                if t[: victim.end] == path:
+                    assert len(t) <= victim.end, "evicted a node some cached sequence runs past"
+                    seqs.discard(t)
+                    if victim.start:
+                        seqs.add(t[: victim.start])
+        self.counts["evicted_tokens"] += ev.tokens
+
+    def evict(self, num_pages: int) -> Eviction:
+        before = self.snapshot()
+        evictable = self.index.evictable_pages()
+        ev = self.index.evict(num_pages)
+        if num_pages > evictable:
+            assert ev.evicted == [] and ev.pages == []
+        else:
+            assert len(ev.pages) >= num_pages
+        self.apply(ev, before)
+        return ev
+
+    # ---- rules ----
+
+    @rule(key=st.one_of(st.sampled_from(KEYS[:2]), st.sampled_from(KEYS)), tokens=st.lists(st.integers(0, 2), min_size=1, max_size=9),
+          extend=st.booleans(), use_match=st.booleans(), split=st.integers(0, 8), keep_live=st.booleans())
+    def request(self, key, tokens, extend, use_match, split, keep_live):
+        """A sequence arrives: match, fork from the hit (or prefill all of it), evict if short, insert."""
+        mk = model_key(key)
+        if extend and self.cached.get(mk):  # the next turn of a cached sequence
+            tokens = list(sorted(self.cached[mk])[len(tokens) % len(self.cached[mk])]) + tokens
+        self.counts["prompt_tokens"] += len(tokens)
+        expected = self.model_match(key, tokens)
+        m = self.index.match(key, tokens)
+        assert m.length == expected
+        self.counts["hit_tokens"] += m.length
+        if m.length:
+            # A hit reads only living pages holding exactly the matched tokens.
+            assert m.node in self.cache.nodes
+            assert self.cache.nodes[m.node]["tokens"][: m.length] == tokens[: m.length]
+            assert m.length <= self.cache.nodes[m.node]["end"]
+        hit = self.index.lock(m)
+        base, at = (m.node, m.length) if use_match and m.length else (None, 0)
+        need, in_place = self.cache.plan(base, at, len(tokens))
+        if need > len(self.cache.free):
+            self.evict(need - len(self.cache.free))
+            need, in_place = self.cache.plan(base, at, len(tokens))
+        if need > len(self.cache.free):  # out of pages: nothing changes
+            event("out of pages")
+            self.index.unlock(hit)
+            return
+        made = []
+        cut = at + split
+        if base is None and 0 < cut < len(tokens):  # prefilled as two nodes
+            made.append(self.cache.add(None, 0, cut, tokens, False))
+            base, at = made[-1], cut
+            in_place = self.cache.plan(base, at, len(tokens))[1]
+        made.append(self.cache.add(base, at, len(tokens), tokens, in_place))
+        ins = self.index.insert(key, tokens, self.cache.segments(made[-1]))
+        if m.length:
+            event(f"hit {'inside' if m.length < self.cache.nodes[m.node]['end'] else 'at the end of'} a cache node")
+        for what, happened in (("forked inside a page in place", in_place and at % self.index.page_size),
+                               ("forked inside a page, copied", not in_place and at % self.index.page_size),
+                               ("inserted hidden pages", any(n.hidden for n in ins.nodes)),
+                               ("duplicate tokens", ins.duplicate_tokens)):
+            if happened:
+                event(what)
+        for n in ins.nodes:
+            self.cache.nodes[n.cache_node]["indexed"] = True
+        self.cached.setdefault(mk, set()).add(tuple(tokens))
+        model_key_of.setdefault(ins.match.entry.key, mk)
+        if keep_live:
+            for nid in made:
+                self.cache.nodes[nid]["live"] = True
+            self.live.append((key, tokens, self.index.lock(ins), made))
+        self.index.unlock(hit)
+        for nid in made[::-1]:
+            if nid in self.cache.nodes:
+                self.cache.maybe_release(nid, [])
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def finish(self, i):
+        """A live sequence ends: its tokens stay cached, unlocked."""
+        key, tokens, lock, made = self.live.pop(i % len(self.live))
+        self.index.unlock(lock)
+        for nid in made:
+            self.cache.nodes[nid]["live"] = False
+        for nid in made[::-1]:
+            if nid in self.cache.nodes:
+                self.cache.maybe_release(nid, [])
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def live_tokens_stay(self, i):
+        key, tokens, _, _ = self.live[i % len(self.live)]
+        self.counts["prompt_tokens"] += len(tokens) + 1
+        m = self.index.match(key, tokens + [0])
+        self.counts["hit_tokens"] += m.length
+        assert m.length >= len(tokens)
+
+    @rule(key=st.sampled_from(KEYS), tokens=st.lists(st.integers(0, 2), min_size=1, max_size=9),
+          node=st.integers(0, 40))
+    def bad_insert(self, key, tokens, node):
+        """An insert that fails (a cache node of another key, or a page list one short) changes nothing."""
+        before = snapshot(self.index)
+        owner = next((n.key for n in self.index.nodes() if n.cache_node == node), None)
+        if owner is not None and model_key_of[owner] != model_key(key):
+            segs = [Segment(node, 0, len(tokens), tuple(range(-(-len(tokens) // self.index.page_size))))]
+            message = "path: expected cache nodes of key"
+            event("insert on another key's cache node refused")
+        else:
+            segs = [Segment(10**6, 0, len(tokens), tuple(range(-(-len(tokens) // self.index.page_size) - 1)))]
+            message = r"path\[0\].pages: expected"
+        with pytest.raises(ValueError, match=message):
+            self.index.insert(key, tokens, segs)
+        assert snapshot(self.index) == before
+
+    @rule(num_pages=st.integers(0, 6))
+    def evict_pages(self, num_pages):
+        self.evict(num_pages)
+
+    @rule()
+    def clear(self):
+        before = self.snapshot()
+        self.apply(self.index.clear(), before)
+        self.counts = dict.fromkeys(self.counts, 0)
+        assert self.index.stats()["evictable_pages"] == 0
+
+    # ---- invariants ----
+
+    @invariant()
+    def books_agree(self):
+        nodes = self.index.nodes()
+        stats = self.index.stats()
+        for name, value in self.counts.items():
+            assert stats[name] == value, name
+        # Every cached token counted once: the distinct non-empty prefixes of the model's sequences per key.
+        distinct = sum(len({t[:i] for t in seqs for i in range(1, len(t) + 1)}) for seqs in self.cached.values())
+        assert stats["cached_tokens"] == distinct == sum(n.end - n.start for n in nodes)
+        held = {p for n in nodes for p in n.held_pages()}
+        locked = {p for n in nodes if n.locks for p in n.held_pages()}
+        assert stats["cached_pages"] == len(held) and stats["locked_pages"] == len(locked)
+        assert stats["evictable_pages"] == len(held - locked)
+        # Whatever the index holds lives in the cache; the cache's pages are exactly the free list's complement.
+        assert held <= set(self.cache.holders)
+        assert set(self.cache.holders) | self.cache.free == set(range(self.num_pages))
+        assert not set(self.cache.holders) & self.cache.free
+        indexed = {n.cache_node for n in nodes}
+        assert indexed == {nid for nid, n in self.cache.nodes.items() if n["indexed"]}
+        # Each index node's pages are its cache node's pages over its positions.
+        for n in nodes:
+            assert list(n.pages) == self.cache.path_pages(n.cache_node, n.end)[n.start // self.index.page_size:]
+            assert self.cache.nodes[n.cache_node]["tokens"][n.start: n.end] == n.tokens.tolist()
+        # Locks: a node's count is the number of live sequences whose locked path runs through it.
+        expected = {}
+        for _, _, lock, _ in self.live:
+            m = lock.entry
+            while m is not None and m.parent is not None:
+                expected[m.serial] = expected.get(m.serial, 0) + 1
+                m = m.parent
+        assert {n.serial: n.locks for n in nodes if n.locks} == expected
+
+
+model_key_of: dict = {}  # the index's canonical key -> the model's key (filled as sequences are inserted)
+
+PrefixIndexMachine.TestCase.settings = settings(
+    max_examples=300, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
+)
+test_prefix_index_state_machine = PrefixIndexMachine.TestCase
