@@ -97,6 +97,22 @@ def test_duplicate_prefix_keeps_the_first_copy_and_holds_the_hidden_pages():
     assert ix.evict(2).pages == [0, 1] and ix.stats()["nodes"] == 0
 
 
+def test_a_split_graft_keeps_its_hidden_pages_in_the_upper_half():
+    ix = PrefixIndex(page_size=2)
+    one_node(ix, "k", [1, 2, 3, 4], node=0)  # pages 0, 1
+    ix.insert("k", [1, 2, 3, 4, 5, 6], [Segment(1, 0, 4, (10, 11)), Segment(2, 4, 6, (12,))])
+    # Node 3 forks from node 2 at 5, inside page 12 (a copy: page 13), and splits node 2's index node.
+    ins = ix.insert("k", [1, 2, 3, 4, 5, 9],
+                    [Segment(1, 0, 4, (10, 11)), Segment(2, 4, 5, (12,)), Segment(3, 5, 6, (13,))])
+    assert [(n.cache_node, n.start, n.end, n.pages, n.hidden) for n in ix.nodes()] == [
+        (0, 0, 4, (0, 1), ()), (2, 5, 6, (12,), ()), (2, 4, 5, (12,), (10, 11)), (3, 5, 6, (13,), ())]
+    assert ins.duplicate_tokens == 4
+    ev = ix.evict(1)  # node 2's tail (not touched by the insert) frees nothing, then node 3 frees page 13
+    assert (ev.truncate, ev.release, ev.pages) == ([(2, 5)], [3], [13])
+    ev = ix.evict(1)
+    assert (ev.truncate, ev.release, ev.pages) == ([], [2], [10, 11, 12])
+
+
 def test_full_duplicate_indexes_nothing():
     ix = PrefixIndex(page_size=4)
     one_node(ix, "k", [1, 2, 3], node=0)
