@@ -187,9 +187,16 @@ def as_tokens(tokens, name: str = "tokens") -> np.ndarray:
     elif isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__"):
         raise ValueError(f"{name}: expected a 1-D sequence of token ids, got {type(tokens).__name__}")
     elif not isinstance(tokens, np.ndarray):
-        if any(isinstance(t, (bool, np.bool_)) for t in tokens):
+        types = set(map(type, tokens))  # (one C-level pass: a bool would pass as the token id 0 or 1)
+        if types & {bool, np.bool_}:
             raise ValueError(f"{name}: expected integer token ids, got a bool")
-        tokens = np.asarray(tokens) if len(tokens) else np.zeros(0, dtype=np.int64)
+        if types <= {int} and len(tokens):
+            try:
+                tokens = np.array(tokens, dtype=np.int64)
+            except OverflowError:
+                raise ValueError(f"{name}: expected token ids in [0, 2**63), got {max(tokens)}") from None
+        else:
+            tokens = np.asarray(tokens) if len(tokens) else np.zeros(0, dtype=np.int64)
     if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
         raise ValueError(f"{name}: expected a 1-D sequence of integer token ids, got {tokens.dtype} of shape "
                          f"{list(tokens.shape)}")
