@@ -32,13 +32,14 @@ def one_node(index, key, tokens, node, first_page=0):
 def test_match_is_token_granular_and_leaves_the_last_token():
     ix = PrefixIndex(page_size=4)
     one_node(ix, "k", [5, 6, 7, 8, 9, 10], node=3)
-    assert ix.match("k", [5, 6, 7, 1]) == Match(3, 3, ix.match("k", [5, 6, 7, 1]).entry)  # mid-page, mid-node
+    m = ix.match("k", [5, 6, 7, 1])  # ends inside a page and inside the node
+    assert (m.node, m.length) == (3, 3) and m.entry.cache_node == 3
     assert ix.match("k", [5, 6, 7, 8, 9, 10]).length == 5  # a full hit still computes the last token
     assert ix.match("k", [5, 6, 7, 8, 9, 10, 11]).length == 6
     assert ix.match("k", [5]).length == 0 and ix.match("k", []).length == 0
     assert ix.match("k", [4, 6]) == Match(None, 0, None)
     stats = ix.stats()
-    assert stats["prompt_tokens"] == 4 + 6 + 7 + 1 + 0 + 2 + 4 and stats["hit_tokens"] == 3 + 5 + 6 + 3
+    assert stats["prompt_tokens"] == 4 + 6 + 7 + 1 + 0 + 2 and stats["hit_tokens"] == 3 + 5 + 6
 
 
 def test_match_walks_a_split_tree_and_inputs_of_every_kind():
@@ -46,7 +47,7 @@ def test_match_walks_a_split_tree_and_inputs_of_every_kind():
     one_node(ix, None, [1, 2, 3, 4], node=0)
     one_node(ix, None, [1, 2, 9, 9, 9], node=1, first_page=10)
     one_node(ix, None, [1, 2, 3, 4, 5, 6], node=2, first_page=20)
-    assert ix.match(None, [1, 2, 9, 9, 9, 0]) .node == 1
+    assert ix.match(None, [1, 2, 9, 9, 9, 0]).node == 1
     for toks in ([1, 2, 3, 4, 5, 0], np.array([1, 2, 3, 4, 5, 0], dtype=np.uint16), torch.tensor([1, 2, 3, 4, 5, 0])):
         m = ix.match(None, toks)
         assert (m.node, m.length) == (2, 5)
@@ -351,6 +352,7 @@ class PrefixIndexMachine(RuleBasedStateMachine):
         self.cached: dict[tuple, set[tuple]] = {}  # model key -> cached token sequences (prefixes stay cached)
         self.live: list[tuple] = []  # (key, tokens, lock, fake nodes)
         self.counts = dict(prompt_tokens=0, hit_tokens=0, evicted_tokens=0)
+        self.model_key_of: dict = {}  # the index's canonical key -> the model's key, as sequences are inserted
 
     # ---- the model ----
 
@@ -391,7 +393,7 @@ class PrefixIndexMachine(RuleBasedStateMachine):
         # The model forgets the evicted tokens: each victim is a leaf, so no cached sequence runs past it.
         for victim in ev.evicted:
             path = before[victim.serial][4]
-            seqs = self.cached[model_key_of[victim.key]]
+            seqs = self.cached[self.model_key_of[victim.key]]
             for t in list(seqs):
                 if t[: victim.end] == path:
                     assert len(t) <= victim.end, "evicted a node some cached sequence runs past"
@@ -459,7 +461,7 @@ class PrefixIndexMachine(RuleBasedStateMachine):
         for n in ins.nodes:
             self.cache.nodes[n.cache_node]["indexed"] = True
         self.cached.setdefault(mk, set()).add(tuple(tokens))
-        model_key_of.setdefault(ins.match.entry.key, mk)
+        assert self.model_key_of.setdefault(ins.match.entry.key, mk) == mk  # one index key per model key
         if keep_live:
             for nid in made:
                 self.cache.nodes[nid]["live"] = True
@@ -496,7 +498,7 @@ class PrefixIndexMachine(RuleBasedStateMachine):
         """An insert that fails (a cache node of another key, or a page list one short) changes nothing."""
         before = snapshot(self.index)
         owner = next((n.key for n in self.index.nodes() if n.cache_node == node), None)
-        if owner is not None and model_key_of[owner] != model_key(key):
+        if owner is not None and self.model_key_of[owner] != model_key(key):
             segs = [Segment(node, 0, len(tokens), tuple(range(-(-len(tokens) // self.index.page_size))))]
             message = "path: expected cache nodes of key"
             event("insert on another key's cache node refused")
@@ -552,8 +554,6 @@ class PrefixIndexMachine(RuleBasedStateMachine):
                 m = m.parent
         assert {n.serial: n.locks for n in nodes if n.locks} == expected
 
-
-model_key_of: dict = {}  # the index's canonical key -> the model's key (filled as sequences are inserted)
 
 PrefixIndexMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)

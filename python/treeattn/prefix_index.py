@@ -51,6 +51,13 @@ node holds it any more; pages shared with a locked node or another cached node s
 :class:`Eviction`: release the cache nodes the index no longer reads at all, and cut the others back to the
 given end (their pages past it are the freed ones).
 
+**The caller's contract.** ``insert`` trusts that the path holds those tokens' KV under that key (it checks
+the shape of the path, and that no cache node is indexed under two keys). Lock right after ``match``: a match
+ends inside an index node and its lock holds that whole node; if the node is split and its lower half evicted
+before the lock is taken, ``lock`` refuses the stale match (match again). Apply an :class:`Eviction` by
+releasing first and cutting back second (a released node may have forked inside one that is cut back), and
+keep every cache node of a path alive while a descendant is (the cache's tree does).
+
 **Statistics.** ``prompt_tokens`` (tokens given to ``match``), ``hit_tokens`` (tokens matched),
 ``cached_tokens`` (tokens the index holds, each once), ``evicted_tokens``, ``cached_pages`` (pages some
 index node holds), ``evictable_pages`` (of those, the pages no locked node holds: what evicting every
