@@ -391,6 +391,7 @@ class PrefixIndexMachine(RuleBasedStateMachine):
             if happened:
                 event(what)
         # The model forgets the evicted tokens: each victim is a leaf, so no cached sequence runs past it.
+        distinct_before = self.model_tokens()
         for victim in ev.evicted:
             path = before[victim.serial][4]
             seqs = self.cached[self.model_key_of[victim.key]]
@@ -400,7 +401,12 @@ class PrefixIndexMachine(RuleBasedStateMachine):
                     seqs.discard(t)
                     if victim.start:
                         seqs.add(t[: victim.start])
+        assert distinct_before - self.model_tokens() == ev.tokens
         self.counts["evicted_tokens"] += ev.tokens
+
+    def model_tokens(self) -> int:
+        """Tokens the model holds, each once: the distinct non-empty prefixes of its sequences, per key."""
+        return sum(len({t[:i] for t in seqs for i in range(1, len(t) + 1)}) for seqs in self.cached.values())
 
     def evict(self, num_pages: int) -> Eviction:
         before = self.snapshot()
@@ -528,9 +534,7 @@ class PrefixIndexMachine(RuleBasedStateMachine):
         stats = self.index.stats()
         for name, value in self.counts.items():
             assert stats[name] == value, name
-        # Every cached token counted once: the distinct non-empty prefixes of the model's sequences per key.
-        distinct = sum(len({t[:i] for t in seqs for i in range(1, len(t) + 1)}) for seqs in self.cached.values())
-        assert stats["cached_tokens"] == distinct == sum(n.end - n.start for n in nodes)
+        assert stats["cached_tokens"] == self.model_tokens() == sum(n.end - n.start for n in nodes)
         held = {p for n in nodes for p in n.held_pages()}
         locked = {p for n in nodes if n.locks for p in n.held_pages()}
         assert stats["cached_pages"] == len(held) and stats["locked_pages"] == len(locked)

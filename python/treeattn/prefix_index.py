@@ -16,7 +16,7 @@ children are found by their first token, then a whole run is compared at once). 
 tokens to one cache node and the positions ``[start, end)`` there, and holds the physical pages of those
 positions (the partly shared first and last page included). Inserting a path splits edges at the tokens
 where sequences diverge and at the cache node boundaries of the path; a split keeps the original object as
-the lower half, so a :class:`Match` or :class:`PrefixLock` taken before stays valid.
+the lower half, so a :class:`PrefixLock` taken before still holds it (and the new upper half).
 
 **Semantics of a match.** ``match(key, tokens)`` walks the key's tree comparing actual tokens (never
 hashes), through whole edges and into the middle of one, and returns the cache node holding the last
