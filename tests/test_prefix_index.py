@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, event, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from treeattn.prefix_index import Eviction, Match, PrefixIndex, Segment
+from treeattn import TreeKVCache
+from treeattn.prefix_index import Eviction, Match, PrefixIndex, Segment, cache_path
 
 
 def snapshot(index: PrefixIndex):
@@ -186,6 +187,31 @@ def test_locks_survive_splits_and_clear_keeps_locked_paths():
     assert ix.clear().release == [0] and ix.stats() == PrefixIndex(3).stats()
     with pytest.raises(ValueError, match="match: expected a Match whose tokens are still cached"):
         ix.lock(ins)
+
+
+def test_page_accounting_agrees_with_tree_kv_cache():
+    """The index's freed pages are the pages TreeKVCache frees when it releases the evicted nodes: a prompt of
+    6 tokens (page_size 4), one branch continuing its partial page in place, one copying it."""
+    cache = TreeKVCache(1, 1, 16, page_size=4, num_pages=16, dtype=torch.float32, device="cpu")
+    ix = PrefixIndex(page_size=4)
+    prompt = [11, 12, 13, 14, 15, 16]
+    root = cache.add(len(prompt))
+    kids = cache.fork(root, 2)
+    for kid in kids:
+        cache.append([kid], 3)
+    assert cache.stats()["pages_copied"] == 1
+    tokens = {root: prompt, kids[0]: prompt + [1, 2, 3], kids[1]: prompt + [4, 5, 6]}
+    for node in (root, *kids):
+        ix.insert("k", tokens[node], cache_path(cache.tree.node(node)))
+    assert ix.stats()["cached_pages"] == cache.stats()["pages_used"] == 5
+    for _ in range(3):
+        free_before = set(cache.allocator.free_pages())
+        ev = ix.evict(1)
+        assert ev.truncate == []
+        for node in ev.release:
+            cache.release(node)
+        assert sorted(set(cache.allocator.free_pages()) - free_before) == ev.pages
+    assert cache.stats()["pages_used"] == 0 and ix.stats()["nodes"] == 0
 
 
 # ---- errors -------------------------------------------------------------------------------------------

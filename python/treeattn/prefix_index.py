@@ -74,7 +74,7 @@ import torch
 
 from ._validate import check_int
 
-__all__ = ["PrefixIndex", "Segment", "Match", "Insertion", "Eviction", "PrefixLock", "IndexNode"]
+__all__ = ["PrefixIndex", "Segment", "cache_path", "Match", "Insertion", "Eviction", "PrefixLock", "IndexNode"]
 
 
 class Segment(NamedTuple):
@@ -85,6 +85,17 @@ class Segment(NamedTuple):
     start: int
     end: int
     pages: tuple
+
+
+def cache_path(node) -> list[Segment]:
+    """The :class:`Segment` s of a cache node's root→node path, from nodes with ``treeattn.tree.Node``'s
+    fields (``id``, ``parent``, ``start``, ``end``, ``pages``); nodes holding no tokens are left out."""
+    chain = []
+    while node is not None:
+        if node.end > node.start:
+            chain.append(Segment(node.id, node.start, node.end, tuple(node.pages)))
+        node = node.parent
+    return chain[::-1]
 
 
 class Match(NamedTuple):
