@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, settings, strategies as st
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
 from treeattn import TreeKVCache
 from treeattn.prefix_index import Eviction, Match, PrefixIndex, Segment, cache_path
 
@@ -225,7 +225,8 @@ def test_page_accounting_agrees_with_tree_kv_cache():
     (lambda ix: ix.match("k", [[1, 2]]), r"tokens: expected a 1-D .*shape \[1, 2\]"),
     (lambda ix: ix.match("k", [1, -2]), r"tokens: expected token ids in \[0, 2\*\*63\)"),
     (lambda ix: ix.match("k", "ab"), "tokens: expected a 1-D sequence of token ids, got str"),
-    (lambda ix: ix.match("k", torch.tensor([1.0])), "tokens: expected integer token ids, got a tensor of torch.float32"),
+    (lambda ix: ix.match("k", torch.tensor([1.0])),
+     "tokens: expected integer token ids, got a tensor of torch.float32"),
     (lambda ix: ix.insert("k", [1, 2], [Segment(0, 0, 1, (0,))]), r"path: expected segments covering \[0, 2\)"),
     (lambda ix: ix.insert("k", [1, 2], [Segment(0, 1, 2, (0,))]), r"path\[0\].start: expected 0"),
     (lambda ix: ix.insert("k", [1, 2, 3], [Segment(0, 0, 3, (0,))]), r"path\[0\].pages: expected 2 page ids"),
@@ -234,7 +235,8 @@ def test_page_accounting_agrees_with_tree_kv_cache():
     (lambda ix: ix.insert("k", [1, 2], 5), "path: expected a sequence of"),
     (lambda ix: ix.evict(-1), "num_pages: expected an int >= 0, got -1"),
     (lambda ix: ix.lock((0, 1)), "match: expected a Match"),
-    (lambda ix: ix.lock(PrefixIndex(2).insert("k", [1], [Segment(0, 0, 1, (0,))])), "match: expected a Match of this index"),
+    (lambda ix: ix.lock(PrefixIndex(2).insert("k", [1], [Segment(0, 0, 1, (0,))])),
+     "match: expected a Match of this index"),
     (lambda ix: ix.unlock("lock"), "lock: expected a PrefixLock"),
 ])
 def test_bad_input_names_the_argument_and_changes_nothing(call, message):
@@ -447,7 +449,8 @@ class PrefixIndexMachine(RuleBasedStateMachine):
 
     # ---- rules ----
 
-    @rule(key=st.one_of(st.sampled_from(KEYS[:2]), st.sampled_from(KEYS)), tokens=st.lists(st.integers(0, 2), min_size=1, max_size=9),
+    @rule(key=st.one_of(st.sampled_from(KEYS[:2]), st.sampled_from(KEYS)),
+          tokens=st.lists(st.integers(0, 2), min_size=1, max_size=9),
           extend=st.booleans(), use_match=st.booleans(), split=st.integers(0, 8), keep_live=st.booleans())
     def request(self, key, tokens, extend, use_match, split, keep_live):
         """A sequence arrives: match, fork from the hit (or prefill all of it), evict if short, insert."""
@@ -507,7 +510,7 @@ class PrefixIndexMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 100))
     def finish(self, i):
         """A live sequence ends: its tokens stay cached, unlocked."""
-        key, tokens, lock, made = self.live.pop(i % len(self.live))
+        _, _, lock, made = self.live.pop(i % len(self.live))
         self.index.unlock(lock)
         for nid in made:
             self.cache.nodes[nid]["live"] = False

@@ -104,7 +104,7 @@ class Match(NamedTuple):
 
     node: int | None
     length: int
-    entry: "IndexNode | None"
+    entry: IndexNode | None
 
 
 class Insertion(NamedTuple):
@@ -362,7 +362,8 @@ class PrefixIndex:
     def _check_path(self, path, length: int) -> list[Segment]:
         """``path`` as Segments running from position 0 to ``length`` without gaps, page lists of the right size."""
         if isinstance(path, (str, bytes)) or not hasattr(path, "__iter__"):
-            raise ValueError(f"path: expected a sequence of (node, start, end, pages) segments, got {type(path).__name__}")
+            raise ValueError(
+                f"path: expected a sequence of (node, start, end, pages) segments, got {type(path).__name__}")
         segs, pos = [], 0
         for i, seg in enumerate(path):
             if not isinstance(seg, tuple) or len(seg) != 4:
