@@ -364,7 +364,7 @@ class PrefixIndex:
         if isinstance(path, (str, bytes)) or not hasattr(path, "__iter__"):
             raise ValueError(
                 f"path: expected a sequence of (node, start, end, pages) segments, got {type(path).__name__}")
-        segs, pos = [], 0
+        segs, seen, pos = [], set(), 0
         for i, seg in enumerate(path):
             if not isinstance(seg, tuple) or len(seg) != 4:
                 raise ValueError(f"path[{i}]: expected a (node, start, end, pages) segment, got {seg!r}")
@@ -373,12 +373,17 @@ class PrefixIndex:
             end = check_int(f"path[{i}].end", seg[2], start)
             if start != pos:
                 raise ValueError(f"path[{i}].start: expected {pos} (where the path so far ends), got {start}")
+            if node in seen:
+                raise ValueError(f"path[{i}].node: expected each cache node once on a path, got node {node} again")
+            if isinstance(seg[3], (str, bytes)) or not hasattr(seg[3], "__iter__"):
+                raise ValueError(f"path[{i}].pages: expected a sequence of page ids, got {type(seg[3]).__name__}")
             pages = tuple(check_int(f"path[{i}].pages", p, 0) for p in seg[3])
             want = _ceil_div(end, self.page_size) - start // self.page_size if end > start else 0
             if len(pages) != want:
                 raise ValueError(f"path[{i}].pages: expected {want} page ids (positions [{start}, {end}) with "
                                  f"page_size {self.page_size}), got {len(pages)}")
             segs.append(Segment(node, start, end, pages))
+            seen.add(node)
             pos = end
         if pos != length:
             raise ValueError(f"path: expected segments covering [0, {length}) (len(tokens)), got [0, {pos})")
