@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import treeattn
 from treeattn import reference
 from treeattn.testing import WORKLOADS, assert_close, poisoned_cache, random_table, tree_table, workload_table
 

@@ -5,14 +5,13 @@ random call sequences that mix valid and invalid calls."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from cache_model import DIM, DTYPE, HKV, LAYERS, assert_unchanged, check_books, make_cache, snapshot
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import treeattn
 from treeattn import OutOfPages, PlanCapacity, TreeKVCache
 from treeattn._dispatch import force
-
-from cache_model import DIM, DTYPE, HKV, LAYERS, assert_unchanged, check_books, make_cache, snapshot
 
 
 def _rows(n):

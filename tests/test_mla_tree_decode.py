@@ -15,9 +15,14 @@ from hypothesis import strategies as st
 import treeattn
 from treeattn import _dispatch
 from treeattn.testing import (
-    PagedTable, assert_close, check_decode, poisoned_cache, random_table, tree_table, workload_table,
+    PagedTable,
+    assert_close,
+    check_decode,
+    poisoned_cache,
+    random_table,
+    tree_table,
+    workload_table,
 )
-
 
 DEEPSEEK_SCALE = 192 ** -0.5  # 1/sqrt(qk_nope + qk_rope) (mscale 1)
 # (head_dim, v_head_dim) besides DeepSeek-V3's 576 = 512 + 64: a half-size 256 + 32, a small odd split, no rope.

@@ -7,7 +7,8 @@ from array import array
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from planner_oracle import check_tree_plan, random_forest, table_of_tree
 
 import treeattn

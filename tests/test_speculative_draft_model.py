@@ -4,6 +4,7 @@ children drawn from the draft distribution, errors."""
 import pytest
 import torch
 from test_speculative_verify import ToyModel, chi_square_p_value, one_thread  # noqa: F401  (fixture)
+
 from treeattn.speculative import ROOT, draft_model_tree
 
 

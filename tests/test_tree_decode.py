@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import treeattn
 from treeattn.testing import PagedTable, assert_close, check_decode, fp8_cache, poisoned_cache, random_table, tree_table

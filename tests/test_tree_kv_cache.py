@@ -6,22 +6,33 @@ misuse error. The pools are tiny and poisoned with NaN, so a stray read of a slo
 import math
 from collections.abc import Mapping
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from cache_model import (
+    DIM,
+    DTYPE,
+    HKV,
+    HQ,
+    LAYERS,
+    Model,
+    assert_unchanged,
+    check_books,
+    check_pool,
+    live_path_pages,
+    make_cache,
+    poison,
+    snapshot,
+    write,
+)
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import treeattn
 from treeattn import OutOfPages, TreeKVCache
 from treeattn._dispatch import force
-from treeattn.testing import TOLERANCE, assert_close, assert_same_plan, relative_error
-
-from cache_model import (
-    DIM, DTYPE, HKV, HQ, LAYERS, Model, assert_unchanged, check_books, check_pool, live_path_pages, make_cache, poison,
-    snapshot, write,
-)
+from treeattn.testing import TOLERANCE, assert_close, relative_error
 
 TOL = TOLERANCE[DTYPE]
 

@@ -134,7 +134,7 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lookup(key: tuple) -> TileConfig:
     best, best_score = None, -1
     for row_key, config in TABLE:
@@ -152,7 +152,7 @@ def tile_config(kernel: str, arch: int, head_dim: int, group: int, dtype, rows: 
     return _lookup((kernel, arch, head_dim, group, _dtype_name(dtype), rows))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_arch(index: int) -> int:
     major, minor = torch.cuda.get_device_capability(index)
     return major * 10 + minor

@@ -196,7 +196,7 @@ class TreeKVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         kv_scale: torch.Tensor | float | None = None,
-    ) -> "TreeKVCache":
+    ) -> TreeKVCache:
         """MLA cache (absorbed form): one latent row ``c_kv (kv_lora_rank) ‖ k_pe (rope_dim)`` per token.
         ``layer(i)`` holds the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
         ``treeattn.mla_tree_decode`` takes (``mla_tree_decode(q, **cache.layer(i), plan=plan, sm_scale=s)``);

@@ -44,7 +44,7 @@ class PagedTable:
     def num_queries(self) -> int:
         return self.kv_last_page_len.shape[0]
 
-    def to(self, device) -> "PagedTable":
+    def to(self, device) -> PagedTable:
         return PagedTable(
             self.kv_indptr.to(device), self.kv_indices.to(device), self.kv_last_page_len.to(device),
             self.page_size, self.num_pages,
