@@ -173,7 +173,7 @@ def test_out_lse_out_and_plan_reuse(device):
     kv = poisoned_cache(table, (576,), torch.float32, device, generator=g)
     out = torch.empty(3, 16, 512, device=device)
     lse_out = torch.empty(3, 16, device=device)
-    for layer in range(2):  # every layer reuses the plan (and its workspace)
+    for _layer in range(2):  # every layer reuses the plan (and its workspace)
         q = torch.randn(3, 16, 576, generator=g).to(device)
         o, lse = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.07, out=out, lse_out=lse_out, return_lse=True)
         assert o is out and lse is lse_out

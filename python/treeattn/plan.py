@@ -174,7 +174,8 @@ class TreePlan:
             raise ValueError(f"plan: expected items of <= {self.max_queries_per_item} queries, got "
                              f"{result['max_queries_per_item']}")
         self._buffer.copy_(_staged(torch.from_numpy(result["packed"]), self.device), non_blocking=True)
-        self.stats, self.max_item_tokens, self.max_page_id = result["stats"], result["max_item_tokens"], result["max_page_id"]
+        self.stats = result["stats"]
+        self.max_item_tokens, self.max_page_id = result["max_item_tokens"], result["max_page_id"]
         return self
 
     def __repr__(self) -> str:

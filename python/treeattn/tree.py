@@ -203,7 +203,8 @@ class NodeTree:
         for n in nodes:
             if n.children:
                 raise ValueError(
-                    f"{action}: node {n.id} has children (its tokens are shared); {action} to a leaf, e.g. fork({n.id}, 1)"
+                    f"{action}: node {n.id} has children (its tokens are shared); {action} to a leaf, "
+                    f"e.g. fork({n.id}, 1)"
                 )
             if n.id in seen:
                 raise ValueError(f"{action}: node {n.id} appears twice in {arg}")
