@@ -96,7 +96,8 @@ def test_depth_budget_and_support_limits():
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"next_logits: expected a callable"):
         draft_model_tree(None, 4)
-    with pytest.raises(ValueError, match=r"next_logits: expected a \[1, vocab\] tensor \(one row per path\), got shape \[2, 5\]"):
+    with pytest.raises(ValueError,
+                       match=r"next_logits: expected a \[1, vocab\] tensor \(one row per path\), got shape \[2, 5\]"):
         draft_model_tree(lambda paths: torch.zeros(2, 5), 4)
     with pytest.raises(ValueError, match=r"next_logits: expected a \[1, vocab\] tensor"):
         draft_model_tree(lambda paths: [0.0], 4)
