@@ -136,13 +136,15 @@ def summary_lines(rows: list[dict]) -> list[dict]:
         case = f"{row['workload']}" + (f", MLA {row['heads']} heads" if row["kind"] == "mla" else ", GQA")
         lines.append({"case": case, "measure": "bytes per layer, FP8 cache (model)",
                       "value": f"{row['fp8_bytes'] / 1e6:.1f} MB",
-                      "vs": f"{row['bf16_bytes'] / row['fp8_bytes']:.2f}× fewer than bf16 ({row['bf16_bytes'] / 1e6:.1f} MB)"})
+                      "vs": f"{row['bf16_bytes'] / row['fp8_bytes']:.2f}× fewer than bf16 "
+                            f"({row['bf16_bytes'] / 1e6:.1f} MB)"})
         for fmt in FP8_FORMATS:
             where = "kernels" if row.get("bf16_us") or row.get("bf16_error") else "reference"
             lines.append({
                 "case": f"{case}, {fmt}", "measure": f"decode rel. error vs fp32 ({where})",
                 "value": f"{row[f'fp8_{fmt}_rel_err_vs_fp32']:.2e}",
-                "vs": f"bf16 cache {row['bf16_rel_err_vs_fp32']:.2e}; FP8 vs bf16 {row[f'fp8_{fmt}_rel_err_vs_bf16']:.2e}",
+                "vs": f"bf16 cache {row['bf16_rel_err_vs_fp32']:.2e}; "
+                      f"FP8 vs bf16 {row[f'fp8_{fmt}_rel_err_vs_bf16']:.2e}",
             })
             us, base = row.get(f"fp8_{fmt}_us"), row.get("bf16_us")
             if us and base:

@@ -76,8 +76,8 @@ def timed(fn, on_gpu: bool):
 def run_row(model, name: str, prompt_length: int, new_tokens: int, seed: int = 0) -> dict:
     on_gpu = torch.cuda.is_available()
     device = next(model.parameters()).device
-    prompt = torch.randint(3, model.config.vocab_size, (1, prompt_length), generator=torch.Generator().manual_seed(seed),
-                           ).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, model.config.vocab_size, (1, prompt_length), generator=generator).to(device)
     kwargs = dict(ROWS[name], max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
                   return_dict_in_generate=True)
     if on_gpu:  # warm-up (Triton compiles, cuBLAS picks kernels)
@@ -144,8 +144,8 @@ def summary_lines(rows: list[dict]) -> list[dict]:
         same = "identical sequences" if r["identical_sequences"] else "SEQUENCES DIFFER"
         lines.append({"case": case, "measure": "KV bytes at the end (peak)",
                       "value": f"{r['tree_kv_bytes'] / 1e6:.2f} MB ({r['tree_kv_peak_bytes'] / 1e6:.2f} MB)",
-                      "vs": f"{r['default_cache_kv_bytes'] / r['tree_kv_bytes']:.1f}x fewer than model.generate's cache "
-                            f"({r['default_cache_kv_bytes'] / 1e6:.2f} MB); {same}"})
+                      "vs": f"{r['default_cache_kv_bytes'] / r['tree_kv_bytes']:.1f}x fewer than "
+                            f"model.generate's cache ({r['default_cache_kv_bytes'] / 1e6:.2f} MB); {same}"})
         if "speedup" in r:
             lines.append({"case": case, "measure": "tokens/s (GPU)", "value": f"{r['tree_tokens_per_s']:.0f}",
                           "vs": f"{r['speedup']:.2f}x model.generate ({r['default_tokens_per_s']:.0f} tokens/s)"})

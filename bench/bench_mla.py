@@ -5,7 +5,8 @@ Rows: bestofN_P4k_N64_S256 (prompt 4096 shared by 64 branches of 256) and plain 
 (batch 128 x 4096 context). GPU: kernel µs (CUDA-graph replay, do_bench median after warm-up), GB/s on unique KV
 bytes, TFLOP/s, x the floor = max(unique bytes / copy bandwidth measured in this run, FLOPs / 675 TFLOP/s);
 treeattn with sharing off (per-branch split-KV decode through the same kernel) and the MLA peers of
-``peers.py`` (FlashInfer's MLA wrapper when importable, a split-KV Triton decode) on the same caches. ``--sweep`` also times stage-1 tile configs (block_m, block_n, warps, stages).
+``peers.py`` (FlashInfer's MLA wrapper when importable, a split-KV Triton decode) on the same caches.
+``--sweep`` also times stage-1 tile configs (block_m, block_n, warps, stages).
 CPU: the plans, the stage-1 tiling, and the bytes and FLOPs each method would read/do; no timings, the peers
 recorded as skipped.
 
@@ -15,6 +16,7 @@ recorded as skipped.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -136,10 +138,10 @@ def run_gpu(bandwidth_gbs: float, sweep: bool, device: str = "cuda") -> list[dic
             out = q.new_empty(table.num_queries, num_heads, KV_LORA)
             lse = torch.empty(table.num_queries, num_heads, device=device)
             methods = {
-                "treeattn": lambda p=shared: treeattn.mla_tree_decode(q, kv_cache, p, sm_scale=SM_SCALE, out=out,
-                                                                      lse_out=lse),
-                "treeattn_per_branch": lambda p=per_branch: treeattn.mla_tree_decode(
-                    q, kv_cache, p, sm_scale=SM_SCALE, out=out, lse_out=lse),
+                "treeattn": functools.partial(treeattn.mla_tree_decode, q, kv_cache, shared, sm_scale=SM_SCALE,
+                                              out=out, lse_out=lse),
+                "treeattn_per_branch": functools.partial(treeattn.mla_tree_decode, q, kv_cache, per_branch,
+                                                         sm_scale=SM_SCALE, out=out, lse_out=lse),
             }
             common.time_methods(row, methods)
             if sweep:

@@ -48,8 +48,10 @@ def tree_search(model, prompt, width: int, depth: int, samples: int, step_tokens
             k = width if r == 0 else samples
             gens = [torch.Generator().manual_seed(1000 * seed + 100 * r + i) for i in range(len(beams))]
             groups = search.expand(beams, k, max_new_tokens=step_tokens, stop=[[DELIMITER]], generator=gens)
-            rounds.append([(b, [len(search.new_tokens(c)) for c in g], len(search.tokens(b))) for b, g in zip(beams, groups)])
-            ranked = sorted((c for g in groups for c in g), key=lambda c: search.logprobs(c).mean().item(), reverse=True)
+            rounds.append([(b, [len(search.new_tokens(c)) for c in g], len(search.tokens(b)))
+                           for b, g in zip(beams, groups)])
+            ranked = sorted((c for g in groups for c in g), key=lambda c: search.logprobs(c).mean().item(),
+                            reverse=True)
             beams = ranked[:width]
             for c in ranked[width:]:
                 search.release(c)

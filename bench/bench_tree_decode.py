@@ -12,6 +12,7 @@ the bytes each method would read; no kernel timings, the peers recorded as skipp
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -129,8 +130,8 @@ def run_gpu(names, bandwidth_gbs, sweep: bool = False) -> list[dict]:
                "plan_host_us": plan_host_us(table)}
         out = torch.empty_like(q)
         methods = {
-            "treeattn": lambda: treeattn.tree_decode(q, k_cache, v_cache, shared, out=out),
-            "treeattn_per_branch": lambda: treeattn.tree_decode(q, k_cache, v_cache, per_branch, out=out),
+            "treeattn": functools.partial(treeattn.tree_decode, q, k_cache, v_cache, shared, out=out),
+            "treeattn_per_branch": functools.partial(treeattn.tree_decode, q, k_cache, v_cache, per_branch, out=out),
         }
         common.time_methods(row, methods)
         if sweep:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-
 import common
 import splitkv_triton as splitkv_kernels
+import torch
+
 from treeattn.testing import PagedTable, relative_error
 
 NO_GPU = "no GPU: torch.cuda.is_available() is False"
@@ -133,7 +133,8 @@ def flex_attention(case: Case, compile: bool = True):
     """torch flex_attention: all queries as one sequence over the whole pool (one copy of each token), the
     tree as a block mask of each query's ancestors. If the default (decoding) kernel has no valid choice for
     the shape, the general flex kernel is forced (``kernel_options``)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as flex
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as flex
 
     q, t = case.q, case.table
     n, hkv = q.shape[0], case.k_cache.shape[2]

@@ -34,7 +34,8 @@ SUITE = ("bench_plan", "bench_cache_plan", "bench_host", "bench_tree_decode", "b
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
     parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"folder for the JSON results, summary.md and plots (default {DEFAULT_OUT}, ignored by git)")
+                        help=f"folder for the JSON results, summary.md and plots "
+                             f"(default {DEFAULT_OUT}, ignored by git)")
     args = parser.parse_args(argv)
     env = {"cuda_available": torch.cuda.is_available()}
     if env["cuda_available"]:

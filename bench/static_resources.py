@@ -174,7 +174,8 @@ def compile_one(spec: dict) -> dict:
             num_warps=kernel.metadata.num_warps, num_stages=kernel.metadata.num_stages, error=None,
         )
     except Exception as exc:  # a launch that does not compile is a finding, not a crash of the check
-        result.update(error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"[:300])
+        last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        result.update(error=f"{type(exc).__name__}: {last_line}"[:300])
     result["compile_s"] = round(time.perf_counter() - start, 2)
     if result["error"] is None:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)

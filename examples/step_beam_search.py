@@ -93,7 +93,8 @@ def main(argv=None):
           f"{100 * s['memory_saved']:.0f}% of the pages saved vs one cache per leaf")
     print(f"KV at the widest round: {peak['tokens_stored']} tokens stored vs {peak['tokens_if_unshared']} "
           f"({100 * peak['memory_saved']:.0f}% of the pages saved)")
-    print(f"forward passes: {1 + s['decode_steps']} (the prompt's prefill and {s['decode_steps']} batched decode steps); "
+    print(f"forward passes: {1 + s['decode_steps']} "
+          f"(the prompt's prefill and {s['decode_steps']} batched decode steps); "
           f"one generate call per expanded node: {solo}")
     print("check: every kept node's logprobs match the model's own on its full token path")
     for node in search.nodes():

@@ -1,8 +1,8 @@
 """Tensor-parallel generation through treeattn.hf: one model sharded across processes by transformers' tp_plan.
 
-    torchrun --nproc_per_node=2 examples/tp_generate.py                   # CPU: gloo; GPUs: NCCL, one per process
-    torchrun --nproc_per_node=2 examples/tp_generate.py --model PATH      # a checkpoint of your own (a folder or hub id)
-    python examples/tp_generate.py                                        # one process, nothing sharded
+    torchrun --nproc_per_node=2 examples/tp_generate.py               # CPU: gloo; GPUs: NCCL, one per process
+    torchrun --nproc_per_node=2 examples/tp_generate.py --model PATH  # a checkpoint of your own (folder or hub id)
+    python examples/tp_generate.py                                    # one process, nothing sharded
 
 Every rank loads the model with ``from_pretrained(path, distributed_config=DistributedConfig(tp_plan="auto"))``
 (``tp_plan="auto"`` in older transformers): its attention holds ``H_q / tp`` query heads and ``H_kv / tp`` KV
@@ -90,7 +90,8 @@ def main(argv=None):
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     text = model.config.get_text_config(decoder=True)
     spec, stats = out.cache.spec, out.cache.stats()
-    print(f"rank {rank} of {world}: {spec.num_qo_heads} of {text.num_attention_heads} query heads, {spec.num_kv_heads} of "
+    print(f"rank {rank} of {world}: {spec.num_qo_heads} of {text.num_attention_heads} query heads, "
+          f"{spec.num_kv_heads} of "
           f"{getattr(text, 'num_key_value_heads', None) or text.num_attention_heads} KV heads; KV in use "
           f"{stats['bytes_used'] / 1024:.1f} KiB ({stats['tokens_stored']} tokens stored for "
           f"{stats['tokens_if_unshared']} in {args.samples} samples)", flush=True)

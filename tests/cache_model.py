@@ -30,7 +30,9 @@ def poison(cache: TreeKVCache) -> TreeKVCache:
 
 
 def make_cache(page_size=4, num_pages=32, **kw) -> TreeKVCache:
-    return poison(TreeKVCache(LAYERS, HKV, DIM, page_size=page_size, num_pages=num_pages, dtype=DTYPE, device="cpu", **kw))
+    return poison(
+        TreeKVCache(LAYERS, HKV, DIM, page_size=page_size, num_pages=num_pages, dtype=DTYPE, device="cpu", **kw)
+    )
 
 
 class Model:
@@ -98,7 +100,8 @@ def snapshot(cache: TreeKVCache):
     nodes = {}
     for n in tree.node_ids():
         x = tree.any_node(n)
-        nodes[n] = (x.start, x.end, list(x.pages), x.released, sorted(x.children), None if x.parent is None else x.parent.id)
+        parent = None if x.parent is None else x.parent.id
+        nodes[n] = (x.start, x.end, list(x.pages), x.released, sorted(x.children), parent)
     books = [(pages.refcount(p), pages.fill(p)) for p in range(cache.num_pages)]
     pool = [t.clone() for i in range(cache.num_layers) for t in pool_views(cache, i)]
     return cache.stats(), live, nodes, books, pages.free_pages(), pool

@@ -167,7 +167,8 @@ def random_forest(rng, page_size: int, num_nodes: int, extra_queries: int = 0, e
     parent, length = [-1], [int(rng.integers(0, 3 * page_size + 2))]
     for m in range(1, num_nodes):
         parent.append(int(rng.integers(-1, m)) if rng.random() < 0.9 else -1)
-        length.append(int(rng.choice([0, 1, page_size - 1, page_size, page_size + 1, int(rng.integers(0, 3 * page_size))])))
+        edges = [0, 1, page_size - 1, page_size, page_size + 1, int(rng.integers(0, 3 * page_size))]
+        length.append(int(rng.choice(edges)))
     has_kids = set(parent)
     for m in range(num_nodes):  # every leaf holds tokens, so it can own its query
         if m not in has_kids and length[m] == 0:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import treeattn
 from treeattn import reference
 from treeattn.testing import WORKLOADS, assert_close, poisoned_cache, random_table, tree_table, workload_table
 
@@ -217,7 +216,7 @@ def test_cpu_rows_list_every_peer_as_skipped_and_the_summary_says_why(tmp_path):
     assert rows[0]["peers_skipped"] == {name: peers.NO_GPU for name in peers.GQA_PEERS}
     (tmp_path / "tree_decode.json").write_text(json.dumps({"env": {"peers": peers.versions()}, "rows": rows}))
     text, _ = summary.write_summary(tmp_path)
-    line = next(l for l in text.splitlines() if "peers not timed" in l)
+    line = next(ln for ln in text.splitlines() if "peers not timed" in ln)
     assert "flashinfer_cascade" in line and "splitkv_triton" in line and "skipped: no GPU" in line
     assert "Peers: flashinfer" in text
 

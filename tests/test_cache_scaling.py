@@ -6,10 +6,9 @@ import tracemalloc
 
 import numpy as np
 import torch
+from cache_model import live_path_pages
 
 from treeattn import TreeKVCache
-
-from cache_model import live_path_pages
 
 N = 16384
 PAGE = 16

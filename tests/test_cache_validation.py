@@ -5,14 +5,13 @@ random call sequences that mix valid and invalid calls."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from cache_model import DIM, DTYPE, HKV, LAYERS, assert_unchanged, check_books, make_cache, snapshot
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import treeattn
 from treeattn import OutOfPages, PlanCapacity, TreeKVCache
 from treeattn._dispatch import force
-
-from cache_model import DIM, DTYPE, HKV, LAYERS, assert_unchanged, check_books, make_cache, snapshot
 
 
 def _rows(n):
@@ -210,7 +209,8 @@ def test_default_device_and_bad_devices():
         with pytest.raises((ValueError, TypeError), match="device: expected"):
             TreeKVCache(1, 1, DIM, num_pages=2, device=bad)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="device: expected an available device, got 'cuda' but CUDA is not available"):
+        with pytest.raises(ValueError,
+                           match="device: expected an available device, got 'cuda' but CUDA is not available"):
             TreeKVCache(1, 1, DIM, num_pages=2, device="cuda")
     else:
         with pytest.raises(ValueError, match="device: expected a CUDA index"):
@@ -258,7 +258,8 @@ class _Fuzz:
     def slots(self, valid):
         n_slots = self.cache.num_pages * self.cache.page_size
         if valid:
-            fresh = torch.tensor(self.draw(st.lists(st.integers(-1, n_slots - 1), max_size=5), "slots"), dtype=torch.int64)
+            drawn = self.draw(st.lists(st.integers(-1, n_slots - 1), max_size=5), "slots")
+            fresh = torch.tensor(drawn, dtype=torch.int64)
             return self.draw(st.sampled_from(self.handed_out[-3:] + [fresh]), "valid slots")
         bad = [torch.tensor([n_slots]), torch.tensor([0, 2**40]), torch.tensor([0, 1], dtype=torch.int32),
                torch.zeros(2, 1, dtype=torch.int64), torch.arange(6)[::2], [0, 1], torch.tensor([0.0])]
@@ -271,7 +272,10 @@ class _Fuzz:
         if op == "add":
             return lambda: cache.add(self.count(valid, 0, 9))
         if op == "fork":
-            node, n = (self.node(True), self.count(False)) if not valid and self.draw(st.booleans(), "bad n") else (self.node(valid), self.count(valid, 0, 2))
+            if not valid and self.draw(st.booleans(), "bad n"):
+                node, n = self.node(True), self.count(False)
+            else:
+                node, n = self.node(valid), self.count(valid, 0, 2)
             return lambda: cache.fork(node, n)
         if op == "append":
             leaves = self.nodes(valid)
@@ -282,7 +286,8 @@ class _Fuzz:
             return lambda: (cache.release(node), self.released.append(node))
         if op == "slots":
             node = self.node(valid)
-            return lambda: self.handed_out.append(self.draw(st.sampled_from([cache.slots, cache.path_slots]), "which")(node))
+            which = st.sampled_from([cache.slots, cache.path_slots])
+            return lambda: self.handed_out.append(self.draw(which, "which")(node))
         if op == "write":
             bad = None if valid else self.draw(st.sampled_from(["layer", "slots", "k", "v"]), "bad arg")
             slots = self.slots(bad != "slots")

@@ -93,7 +93,8 @@ def test_kernel_encode_matches_reference_bit_for_bit(dtype, src_dtype):
         torch.tensor([float("inf"), float("-inf"), 0.0, -0.0, 1e30]),
     ]).to(src_dtype)
     out = torch.empty(x.numel(), dtype=dtype)
-    _encode_kernel[(triton.cdiv(x.numel(), 1024),)](x, scale.reshape(1), out, x.numel(), BLOCK=1024, **fp8_format(dtype))
+    grid = (triton.cdiv(x.numel(), 1024),)
+    _encode_kernel[grid](x, scale.reshape(1), out, x.numel(), BLOCK=1024, **fp8_format(dtype))
     expected = reference.quantize(x, scale, dtype)
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
 
@@ -130,7 +131,8 @@ def _gqa_step(dtype=torch.float8_e4m3fn, num_kv_heads=2):
 
 
 BAD_SCALES = [
-    (None, r"k_scale: expected a float or an fp32 tensor of shape \[\] or \[1\] or \[2\] for the torch.float8_e4m3fn k_cache, got None"),
+    (None, r"k_scale: expected a float or an fp32 tensor of shape \[\] or \[1\] or \[2\] "
+           r"for the torch.float8_e4m3fn k_cache, got None"),
     (torch.ones(3), r"k_scale: expected .* or \[2\], got shape \[3\]"),
     (torch.ones(2, 1), r"k_scale: expected .* or \[2\], got shape \[2, 1\]"),
     (torch.ones(2, dtype=torch.float16), r"k_scale: expected dtype torch.float32, got torch.float16"),
@@ -156,12 +158,14 @@ def test_reference_rejects_bad_k_scale(bad, match):
 def test_reference_rejects_scales_for_16_bit_caches_and_per_head_mla_scales():
     table, q, cache, scale = _gqa_step()
     half = cache.half()
-    with pytest.raises(ValueError, match=r"v_scale: expected None for a torch.float16 v_cache \(scales apply to float8 caches\), got Tensor"):
+    with pytest.raises(ValueError, match=r"v_scale: expected None for a torch.float16 v_cache "
+                                         r"\(scales apply to float8 caches\), got Tensor"):
         reference.tree_decode(q, cache, half, *table.arrays, k_scale=scale, v_scale=scale)
     kv, kv_scale = fp8_cache(table, (40,), torch.float8_e5m2, "cpu")
     q_mla = torch.randn(table.num_queries, 3, 40, dtype=torch.float16)
     args = (q_mla, kv, *table.arrays)
-    with pytest.raises(ValueError, match=r"kv_scale: expected a float or an fp32 tensor of shape \[\] or \[1\], got shape \[2\]"):
+    with pytest.raises(ValueError,
+                       match=r"kv_scale: expected a float or an fp32 tensor of shape \[\] or \[1\], got shape \[2\]"):
         reference.mla_tree_decode(*args, sm_scale=0.1, v_head_dim=32, kv_scale=torch.ones(2))
     with pytest.raises(ValueError, match=r"kv_scale: expected .* for the torch.float8_e5m2 kv_cache, got None"):
         reference.mla_tree_decode(*args, sm_scale=0.1, v_head_dim=32)
@@ -182,7 +186,8 @@ def test_reference_attends_the_dequantized_cache(dtype):
     kv, kv_scale = fp8_cache(table, (40,), dtype, "cpu")
     q_mla = torch.randn(table.num_queries, 3, 40, dtype=torch.float16)
     o, lse = reference.mla_tree_decode(q_mla, kv, *ptrs, sm_scale=0.2, v_head_dim=32, kv_scale=kv_scale)
-    o_deq, lse_deq = reference.mla_tree_decode(q_mla, reference.dequantize(kv, kv_scale), *ptrs, sm_scale=0.2, v_head_dim=32)
+    kv_deq = reference.dequantize(kv, kv_scale)
+    o_deq, lse_deq = reference.mla_tree_decode(q_mla, kv_deq, *ptrs, sm_scale=0.2, v_head_dim=32)
     assert torch.equal(o, o_deq) and torch.equal(lse, lse_deq)
 
 
@@ -314,14 +319,16 @@ def test_decode_ops_reject_bad_scales_and_caches():
         treeattn.tree_decode(q, cache, cache.half(), plan, k_scale=scale, v_scale=scale)
     with pytest.raises(ValueError, match=r"v_scale: expected .* for the torch.float8_e4m3fn v_cache, got None"):
         treeattn.tree_decode(q, cache, cache, plan, k_scale=scale)
-    with pytest.raises(ValueError, match=r"k_cache: expected dtype float16, bfloat16, float32, float8_e4m3fn or float8_e5m2, got torch.uint8"):
+    with pytest.raises(ValueError, match=r"k_cache: expected dtype float16, bfloat16, float32, float8_e4m3fn "
+                                         r"or float8_e5m2, got torch.uint8"):
         treeattn.tree_decode(q, cache.view(torch.uint8), cache, plan, k_scale=scale, v_scale=scale)
     with pytest.raises(ValueError, match=r"v_cache: expected device cpu \(same as q\), got meta"):
         treeattn.tree_decode(q, cache, cache.to("meta"), plan, k_scale=scale, v_scale=scale)
     kv, kv_scale = fp8_cache(table, (40,), torch.float8_e5m2, "cpu")
     q_mla = torch.randn(table.num_queries, 3, 40, dtype=torch.float16)
     for bad, match in [
-        (None, r"kv_scale: expected a float or an fp32 tensor of shape \[\] or \[1\] for the torch.float8_e5m2 kv_cache, got None"),
+        (None, r"kv_scale: expected a float or an fp32 tensor of shape \[\] or \[1\] "
+               r"for the torch.float8_e5m2 kv_cache, got None"),
         (torch.ones(3), r"kv_scale: expected .*, got shape \[3\]"),
         (float("nan"), r"kv_scale: expected a finite positive scale, got nan"),
         (torch.tensor(0.0), r"kv_scale: expected finite positive values, got 0.0"),
@@ -481,7 +488,9 @@ def test_cache_fp8_write_backends_agree(device):
 def test_cache_fp8_argument_errors():
     make = lambda **kw: treeattn.TreeKVCache(2, 3, 16, num_pages=4, device="cpu", **kw)  # noqa: E731
     fp8 = torch.float8_e4m3fn
-    with pytest.raises(ValueError, match=r"k_scale: expected a float or an fp32 tensor of shape \[\] or \[1\] or \[3\] or \[2,3\] for the torch.float8_e4m3fn cache, got None"):
+    with pytest.raises(ValueError, match=r"k_scale: expected a float or an fp32 tensor of shape "
+                                         r"\[\] or \[1\] or \[3\] or \[2,3\] "
+                                         r"for the torch.float8_e4m3fn cache, got None"):
         make(dtype=fp8, v_scale=1.0)
     with pytest.raises(ValueError, match=r"v_scale: expected .*, got shape \[3, 3\]"):
         make(dtype=fp8, k_scale=1.0, v_scale=torch.ones(3, 3))

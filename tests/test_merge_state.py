@@ -129,7 +129,8 @@ def test_merge_of_split_kv_equals_attention_over_the_union(device):
     one = torch.tensor([0, 3], dtype=torch.int32, device=device)
     full = torch.tensor([16], dtype=torch.int32, device=device)
     o_a, lse_a = ref.tree_decode(q, k, v, one, table.kv_indices[:3], full)
-    o_b, lse_b = ref.tree_decode(q, k, v, torch.tensor([0, 1], dtype=torch.int32, device=device), table.kv_indices[3:], full)
+    one_b = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    o_b, lse_b = ref.tree_decode(q, k, v, one_b, table.kv_indices[3:], full)
     o, lse = treeattn.merge_state(o_a, lse_a, o_b, lse_b)
     assert_close(o, whole)
     assert_close(lse, whole_lse, 1e-6, "lse")
@@ -157,7 +158,9 @@ def test_bf16_on_cpu_in_the_interpreter_names_o_a():
 
 # --- each backend's implementation: output dtypes, layouts, aliasing ----------------------------------------------
 
-DTYPE_PAIRS = [(dt, dt) for dt in DTYPES] + [(dt, torch.float32) for dt in DTYPES[1:]] + [(torch.float32, torch.bfloat16)]
+DTYPE_PAIRS = (
+    [(dt, dt) for dt in DTYPES] + [(dt, torch.float32) for dt in DTYPES[1:]] + [(torch.float32, torch.bfloat16)]
+)
 
 
 @pytest.mark.parametrize("backend, dtypes", _backend_cases(DTYPE_PAIRS, uses_bf16=lambda pair: torch.bfloat16 in pair))
@@ -249,7 +252,8 @@ def test_zero_rows_and_zero_head_dim(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.cuda_ext)])
 def test_current_stream_and_cuda_graph(backend):
-    o_a, lse_a, o_b, lse_b = _states(17, 32, 128, torch.bfloat16, torch.device("cuda"), torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    o_a, lse_a, o_b, lse_b = _states(17, 32, 128, torch.bfloat16, torch.device("cuda"), g)
     o_out = torch.empty_like(o_a)
     lse_out = torch.empty_like(lse_a)
     run = _dispatch.implementation("merge_state", o_a.device, backend)

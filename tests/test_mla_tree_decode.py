@@ -15,9 +15,14 @@ from hypothesis import strategies as st
 import treeattn
 from treeattn import _dispatch
 from treeattn.testing import (
-    PagedTable, assert_close, check_decode, poisoned_cache, random_table, tree_table, workload_table,
+    PagedTable,
+    assert_close,
+    check_decode,
+    poisoned_cache,
+    random_table,
+    tree_table,
+    workload_table,
 )
-
 
 DEEPSEEK_SCALE = 192 ** -0.5  # 1/sqrt(qk_nope + qk_rope) (mscale 1)
 # (head_dim, v_head_dim) besides DeepSeek-V3's 576 = 512 + 64: a half-size 256 + 32, a small odd split, no rope.
@@ -168,7 +173,7 @@ def test_out_lse_out_and_plan_reuse(device):
     kv = poisoned_cache(table, (576,), torch.float32, device, generator=g)
     out = torch.empty(3, 16, 512, device=device)
     lse_out = torch.empty(3, 16, device=device)
-    for layer in range(2):  # every layer reuses the plan (and its workspace)
+    for _layer in range(2):  # every layer reuses the plan (and its workspace)
         q = torch.randn(3, 16, 576, generator=g).to(device)
         o, lse = treeattn.mla_tree_decode(q, kv, plan, sm_scale=0.07, out=out, lse_out=lse_out, return_lse=True)
         assert o is out and lse is lse_out

@@ -35,7 +35,8 @@ def test_paths_and_slots(tree):
     assert tree.path_slots(kid).tolist() == [28, 29, 30, 31, 12, 13, 14, 15, 20]
     assert tree.path_pages(grandchild).tolist() == [7, 3, 9]  # its copy replaces page 5 on its path
     assert tree.slots(grandchild).tolist() == [37]
-    assert tree.slots(empty).tolist() == [] and tree.path_slots(empty).tolist() == tree.path_slots(tree.node(0)).tolist()
+    assert tree.slots(empty).tolist() == []
+    assert tree.path_slots(empty).tolist() == tree.path_slots(tree.node(0)).tolist()
     assert tree.grow_slots([kid, grandchild, empty], [[], [], [3]], 1).tolist() == [21, 38, 14]
     assert tree.grow_slots([kid, empty], [[], [3, 6]], 3).tolist() == [21, 22, 23, 14, 15, 24]
     assert tree.grow_slots([empty], [[]], 0).tolist() == [] and tree.slots(empty).tolist() == []  # (unchanged)

@@ -2,7 +2,8 @@
 decisions, through its public methods."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from treeattn.pages import OutOfPages, PageAllocator
 

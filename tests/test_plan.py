@@ -7,7 +7,8 @@ from array import array
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from planner_oracle import check_tree_plan, random_forest, table_of_tree
 
 import treeattn
@@ -196,13 +197,17 @@ def _table(indptr, indices, last):
          {"page_size": 16}, "kv_last_page_len: expected a torch.Tensor"),
         (_table([0, 2, 1, 2], [0, 1], [3, 3, 3]), {"page_size": 16},
          r"kv_indptr: expected non-decreasing values, got kv_indptr\[1\]=2 > kv_indptr\[2\]=1"),
-        (_table([0, 2, 3], [0, 1], [3, 3]), {"page_size": 16}, r"kv_indptr: expected kv_indptr\[-1\] == len\(kv_indices\) == 2, got 3"),
+        (_table([0, 2, 3], [0, 1], [3, 3]), {"page_size": 16},
+         r"kv_indptr: expected kv_indptr\[-1\] == len\(kv_indices\) == 2, got 3"),
         (_table([1, 2], [0, 1], [3]), {"page_size": 16}, r"kv_indptr: expected kv_indptr\[0\] == 0, got 1"),
         (_table([0, 2], [0, 1], [3, 3]), {"page_size": 16}, r"kv_indptr: expected shape \[3\]"),
-        (_table([0, 2], [0, 1], [17]), {"page_size": 16}, r"kv_last_page_len: expected 1..page_size=16 for query 0 \(it has pages\), got 17"),
-        (_table([0, 2], [0, 1], [0]), {"page_size": 16}, "kv_last_page_len: expected 1..page_size=16 for query 0 .*got 0"),
+        (_table([0, 2], [0, 1], [17]), {"page_size": 16},
+         r"kv_last_page_len: expected 1..page_size=16 for query 0 \(it has pages\), got 17"),
+        (_table([0, 2], [0, 1], [0]), {"page_size": 16},
+         "kv_last_page_len: expected 1..page_size=16 for query 0 .*got 0"),
         (_table([0, 2], [0, -1], [3]), {"page_size": 16}, "kv_indices: expected page ids >= 0, got -1"),
-        (_table([0, 2], [0, 9], [3]), {"page_size": 16, "num_pages": 9}, "kv_indices: expected page ids < num_pages=9, got 9"),
+        (_table([0, 2], [0, 9], [3]), {"page_size": 16, "num_pages": 9},
+         "kv_indices: expected page ids < num_pages=9, got 9"),
     ],
 )
 def test_plan_errors(args, kwargs, match):
@@ -235,15 +240,18 @@ _KW = dict(page_size=8, num_qo_heads=None, num_kv_heads=None, device=torch.devic
         (dict(start=[0, 19, 20, 20]), r"start: expected 20 for node 1 \(a root starts at 0"),
         (dict(end=[20, 27, 19, 21]), "end: expected >= start=20 for node 2, got 19"),
         (dict(end=[20, 27, 20, 2**40]), r"end: expected 0..17179869176 \(2\^31 - 1 pages\) for node 3"),
-        (dict(pages=[array("i", [4, 5]), array("i", [6, 7]), array("i"), array("i", [9])]), "pages: expected 3 page ids for node 0"),
+        (dict(pages=[array("i", [4, 5]), array("i", [6, 7]), array("i"), array("i", [9])]),
+         "pages: expected 3 page ids for node 0"),
         (dict(parent=[-1, 2, 1, 0], start=[0, 20, 20, 20], end=[20, 20, 20, 21],
               pages=[array("i", [4, 5, 6]), array("i"), array("i"), array("i", [9])], query_owner=[0, 3, -1, 3],
               query_end=[20, 21, 0, 21]),
          r"parent: expected a forest \(every node leads to a root\), got a cycle"),
-        (dict(pages=[array("i", [4, -5, 6]), array("i", [6, 7]), array("i"), array("i", [9])]), "pages: expected page ids >= 0, got -5 in node 0"),
+        (dict(pages=[array("i", [4, -5, 6]), array("i", [6, 7]), array("i"), array("i", [9])]),
+         "pages: expected page ids >= 0, got -5 in node 0"),
         (dict(query_owner=[1, 4, -1, 3]), "query_owner: expected -1 or a node index < 4 for query 1, got 4"),
         (dict(query_end=[27, 20, 2, 21]), r"query_end: expected 0 \(no owner\) for query 2, got 2"),
-        (dict(query_end=[20, 20, 0, 21]), r"query_end: expected start < query_end <= end of node 1 \(20, 27\] for query 0, got 20"),
+        (dict(query_end=[20, 20, 0, 21]),
+         r"query_end: expected start < query_end <= end of node 1 \(20, 27\] for query 0, got 20"),
         (dict(query_owner=[1, 0, -1, -1], query_end=[27, 20, 0, 0]),
          "query_owner: expected a query at or below every node, got none for node 3"),
     ],
@@ -263,7 +271,8 @@ def test_tree_example_and_int32_buffers():
     with pytest.raises(TypeError, match="pages: expected 1-D int32 buffers"):
         plan_from_tree(**_tree(pages=[np.array([4, 5, 6]), array("i", [6, 7]), array("i"), array("i", [9])]), **_KW)
     with pytest.raises(TypeError, match="pages: expected contiguous 1-D int32 buffers"):
-        plan_from_tree(**_tree(pages=[np.arange(6, dtype=np.int32)[::2], array("i", [6, 7]), array("i"), array("i", [9])]), **_KW)
+        strided = np.arange(6, dtype=np.int32)[::2]
+        plan_from_tree(**_tree(pages=[strided, array("i", [6, 7]), array("i"), array("i", [9])]), **_KW)
 
 
 def test_num_sms_defaults_to_the_device(monkeypatch):

@@ -71,8 +71,8 @@ def test_refill_with_other_head_hints_stays_exact():
 
 
 def test_tree_node_without_queries_raises():
-    tree = dict(parent=[-1, 0, 0], start=[0, 8, 8], end=[8, 9, 9], pages=[array("i", [0]), array("i", [1]), array("i", [2])],
-                query_owner=[1], query_end=[9])
+    tree = dict(parent=[-1, 0, 0], start=[0, 8, 8], end=[8, 9, 9],
+                pages=[array("i", [0]), array("i", [1]), array("i", [2])], query_owner=[1], query_end=[9])
     with pytest.raises(ValueError, match="query_owner: expected a query at or below every node, got none for node 2"):
         plan_from_tree(**tree, page_size=8, num_qo_heads=None, num_kv_heads=None, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="got none for node 2"):
@@ -176,8 +176,8 @@ def test_into_must_be_a_fixed_capacity_plan_of_this_cache():
     with pytest.raises(ValueError, match=r"plan: expected a plan built with capacity=PlanCapacity\(\.\.\.\) to refill"):
         plan_from_tree(**tree, page_size=16, into=plan_from_tree(**tree, page_size=16, **kw), **kw)
     with pytest.raises(ValueError, match=r"into: expected a plan with page_size 8 \(the cache's\), got 16"):
-        plan_from_tree(**{**tree, "end": [20, 24, 24], "pages": [array("i", [0, 1, 4]), array("i", [2]), array("i", [3])]},
-                       page_size=8, into=plan, **kw)
+        pages = [array("i", [0, 1, 4]), array("i", [2]), array("i", [3])]
+        plan_from_tree(**{**tree, "end": [20, 24, 24], "pages": pages}, page_size=8, into=plan, **kw)
     with pytest.raises(ValueError, match=r"into: expected a plan on device meta \(the cache's\), got cpu"):
         plan_from_tree(**tree, page_size=16, into=plan, **{**kw, "device": torch.device("meta")})
     with pytest.raises(ValueError, match=r"into: expected 2 queries \(the captured plan's\), got 1"):

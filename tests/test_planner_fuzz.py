@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from planner_oracle import check_planner_result, random_forest, table_of_tree
 
 from treeattn import _planner
@@ -143,7 +144,8 @@ def near_valid_tables(draw):
         which = draw(st.integers(0, 2))
         if table[which].size:
             table[which] = table[which].copy()
-            table[which][draw(st.integers(0, table[which].size - 1))] = draw(ints.filter(lambda v: -(2**31) <= v < 2**31))
+            at = draw(st.integers(0, table[which].size - 1))
+            table[which][at] = draw(ints.filter(lambda v: -(2**31) <= v < 2**31))
     return table, page_size
 
 
@@ -166,7 +168,8 @@ def test_plan_table_near_valid(sandbox, case, opts):
     opts = {**opts, "page_size": page_size}
     reply = sandbox.call("plan_table", tuple(table), opts)
     if reply[0] == "ok":
-        check_planner_result(reply[1], table, page_size, _planner.PIECES, share_prefixes=opts.get("share_prefixes", True))
+        check_planner_result(reply[1], table, page_size, _planner.PIECES,
+                             share_prefixes=opts.get("share_prefixes", True))
 
 
 @st.composite

@@ -4,6 +4,7 @@ children drawn from the draft distribution, errors."""
 import pytest
 import torch
 from test_speculative_verify import ToyModel, chi_square_p_value, one_thread  # noqa: F401  (fixture)
+
 from treeattn.speculative import ROOT, draft_model_tree
 
 
@@ -95,7 +96,8 @@ def test_depth_budget_and_support_limits():
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"next_logits: expected a callable"):
         draft_model_tree(None, 4)
-    with pytest.raises(ValueError, match=r"next_logits: expected a \[1, vocab\] tensor \(one row per path\), got shape \[2, 5\]"):
+    with pytest.raises(ValueError,
+                       match=r"next_logits: expected a \[1, vocab\] tensor \(one row per path\), got shape \[2, 5\]"):
         draft_model_tree(lambda paths: torch.zeros(2, 5), 4)
     with pytest.raises(ValueError, match=r"next_logits: expected a \[1, vocab\] tensor"):
         draft_model_tree(lambda paths: [0.0], 4)

@@ -4,6 +4,7 @@ history, ranking, token sources, validation."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from treeattn.speculative import (
     ROOT,
     Continuation,

@@ -7,10 +7,11 @@ import zlib
 
 import pytest
 import torch
-import treeattn.speculative.verify as verify_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_speculative_tree import trees
+
+import treeattn.speculative.verify as verify_module
 from treeattn.speculative import (
     ROOT,
     DraftTree,

@@ -204,7 +204,8 @@ def test_cuda_library_check_reads_sm90a_kernels_and_flags_spills(tmp_path):
 @pytest.mark.parametrize(
     "demangled, readable",
     [
-        ("void treeattn::(anonymous namespace)::kv_write_kernel<unsigned long, 1>(treeattn::(anonymous namespace)::Args)",
+        ("void treeattn::(anonymous namespace)::kv_write_kernel<unsigned long, 1>"
+         "(treeattn::(anonymous namespace)::Args)",
          "treeattn::kv_write_kernel<unsigned long, 1>"),
         ("void treeattn::merge_state_kernel<__half>(const __half*, float*, int (*)(int))",
          "treeattn::merge_state_kernel<__half>"),

@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import treeattn
 from treeattn.testing import PagedTable, assert_close, check_decode, fp8_cache, poisoned_cache, random_table, tree_table
@@ -87,13 +88,16 @@ def _small_case(device, dtype=torch.float32):
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (lambda q, k, v, p: (q.half(), k, v, p), r"k_cache: expected dtype torch.float16 \(same as q\), got torch.float32"),
-        (lambda q, k, v, p: (q, k, v.half(), p), r"v_cache: expected dtype torch.float32 \(same as q\), got torch.float16"),
+        (lambda q, k, v, p: (q.half(), k, v, p),
+         r"k_cache: expected dtype torch.float16 \(same as q\), got torch.float32"),
+        (lambda q, k, v, p: (q, k, v.half(), p),
+         r"v_cache: expected dtype torch.float32 \(same as q\), got torch.float16"),
         (lambda q, k, v, p: (q[:, :3], k, v, p), "q: expected num_qo_heads to be a multiple of num_kv_heads=2, got 3"),
         (lambda q, k, v, p: (q[:, :, :32].contiguous(), k, v, p), r"k_cache: expected head_dim 32 \(q.shape\[2\]\)"),
         (lambda q, k, v, p: (q[:1], k, v, p), r"q: expected 2 queries \(plan.num_queries\)"),
         (lambda q, k, v, p: (q, k[:1], v[:1], p), r"kv_indices: expected page ids < k_cache.shape\[0\]=1"),
-        (lambda q, k, v, p: (q, k.view(-1, 8, 2, 64), v.view(-1, 8, 2, 64), p), r"k_cache: expected page_size 16 \(from plan\)"),
+        (lambda q, k, v, p: (q, k.view(-1, 8, 2, 64), v.view(-1, 8, 2, 64), p),
+         r"k_cache: expected page_size 16 \(from plan\)"),
         (lambda q, k, v, p: (q, k, v[:, :, :1], p), r"v_cache: expected shape \[.*\] \(same as k_cache\)"),
         (lambda q, k, v, p: (q[0], k, v, p), r"q: expected 3 dims"),
         (lambda q, k, v, p: (q.int(), k, v, p), r"q: expected dtype float16, bfloat16 or float32, got torch.int32"),
@@ -189,7 +193,8 @@ def test_opcheck_registered_op(device):
 def test_v_head_dim_other_than_k_head_dim_is_rejected(device):
     q, k, plan = _small_case(device)
     v = torch.randn(*k.shape[:3], 32, device=device)
-    with pytest.raises(ValueError, match=r"v_cache: expected shape \[\d+, 16, 2, 64\] \(same as k_cache\), got \[\d+, 16, 2, 32\]"):
+    with pytest.raises(ValueError,
+                       match=r"v_cache: expected shape \[\d+, 16, 2, 64\] \(same as k_cache\), got \[\d+, 16, 2, 32\]"):
         treeattn.tree_decode(q, k, v, plan)
 
 
@@ -246,7 +251,8 @@ def test_sm_scale_must_be_a_finite_positive_number(bad, device):
 @pytest.mark.interpreter
 def test_bf16_on_cpu_in_the_interpreter_names_q():
     q, k, plan = _small_case(torch.device("cpu"), torch.bfloat16)
-    with pytest.raises(ValueError, match=r"q: expected float16 or float32 for Triton on CPU .*numpy.* got torch.bfloat16"):
+    with pytest.raises(ValueError,
+                       match=r"q: expected float16 or float32 for Triton on CPU .*numpy.* got torch.bfloat16"):
         treeattn.tree_decode(q, k, k, plan)
 
 

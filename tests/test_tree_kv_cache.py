@@ -6,24 +6,33 @@ misuse error. The pools are tiny and poisoned with NaN, so a stray read of a slo
 import math
 from collections.abc import Mapping
 
-import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from cache_model import (
+    DIM,
+    DTYPE,
+    HKV,
+    HQ,
+    LAYERS,
+    Model,
+    assert_unchanged,
+    check_books,
+    check_pool,
+    live_path_pages,
+    make_cache,
+    poison,
+    snapshot,
+    write,
+)
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import treeattn
 from treeattn import OutOfPages, TreeKVCache
 from treeattn._dispatch import force
-from treeattn.testing import TOLERANCE, assert_close, assert_same_plan, relative_error
-
-from cache_model import (
-    DIM, DTYPE, HKV, HQ, LAYERS, Model, assert_unchanged, check_books, check_pool, live_path_pages, make_cache, poison,
-    snapshot, write,
-)
-
-TOL = TOLERANCE[DTYPE]
+from treeattn.testing import PagedTable, assert_close
 
 
 def _attend(q, k, v, scale):
@@ -36,9 +45,22 @@ def _attend(q, k, v, scale):
     return torch.einsum("hl,lhd->hd", p, v)
 
 
-def _check_decode(cache, model, nodes, num_tokens, layer, seed):
-    """tree_decode over cache.plan(nodes) equals attention over the model's sequences; the plan shares as
-    much as treeattn.plan finds on the same table."""
+def _table(plan, cache) -> PagedTable:
+    """The paged table ``plan`` holds, over ``cache``'s pool."""
+    return PagedTable(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, cache.page_size, cache.num_pages)
+
+
+def _assert_shares_like_treeattn_plan(plan, cache):
+    """The same table through treeattn.plan's own sharing discovery gives the same edges, items and bytes."""
+    again = _table(plan, cache).plan(num_qo_heads=HQ, num_kv_heads=HKV)
+    for key in ("unique_tokens", "naive_tokens", "planned_tokens", "trie_edges", "work_items", "partial_rows"):
+        assert plan.stats[key] == again.stats[key], key
+
+
+def _check_decode_against_model(cache, model, nodes, num_tokens, layer, seed):
+    """tree_decode over cache.plan(nodes) and the cache's own pool equals attention over the model's
+    sequences (the shared ``treeattn.testing.check_decode`` draws fresh caches, so it cannot check a pool);
+    the plan shares as much as treeattn.plan finds on the same table."""
     plan = cache.plan(nodes, num_tokens, num_qo_heads=HQ)
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(len(nodes) * num_tokens, HQ, DIM, generator=g)
@@ -50,17 +72,11 @@ def _check_decode(cache, model, nodes, num_tokens, layer, seed):
             end = len(model.seq[node]) - (num_tokens - 1 - j)
             k, v = model.rows(model.seq[node][:end], layer)
             expected[i * num_tokens + j] = _attend(q[i * num_tokens + j], k, v, scale)
-    assert not torch.isnan(out).any()
-    assert relative_error(out, expected) < TOL if expected.norm() > 0 else out.abs().max() == 0
-    empty = plan.kv_indptr[1:] == plan.kv_indptr[:-1]
+    assert not torch.isnan(out).any(), "NaN: a poisoned slot was read"
+    assert_close(out, expected)  # (an all-zero expectation, every query empty, needs an all-zero out)
+    empty = _table(plan, cache).empty_queries
     assert torch.isinf(lse[empty]).all()
-    # The same table through treeattn.plan's own sharing discovery: same edges, items and bytes.
-    again = treeattn.plan(
-        plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, page_size=cache.page_size,
-        num_qo_heads=HQ, num_kv_heads=HKV,
-    )
-    for key in ("unique_tokens", "naive_tokens", "planned_tokens", "trie_edges", "work_items", "partial_rows"):
-        assert plan.stats[key] == again.stats[key], key
+    _assert_shares_like_treeattn_plan(plan, cache)
 
 
 class TreeCacheMachine(RuleBasedStateMachine):
@@ -126,7 +142,8 @@ class TreeCacheMachine(RuleBasedStateMachine):
         for i, node in enumerate(leaves):
             self.model.seq[node] = self.model.seq[node] + ids[i * k : (i + 1) * k]
 
-    @precondition(lambda self: any(self.model.own_range(n)[1] > self.model.own_range(n)[0] for n in self.model.leaves()))
+    @precondition(lambda self: any(self.model.own_range(n)[1] > self.model.own_range(n)[0]
+                                   for n in self.model.leaves()))
     @rule(data=st.data())
     def rewrite(self, data):
         """Overwrite a leaf's own tokens with new values (nothing else holds a copy of a leaf's own slots)."""
@@ -178,7 +195,7 @@ class TreeCacheMachine(RuleBasedStateMachine):
         nodes = data.draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=6), label="plan nodes")
         self.decodes += 1
         event(f"decode: num_tokens={num_tokens}")
-        _check_decode(self.cache, self.model, nodes, num_tokens, layer, seed=self.decodes)
+        _check_decode_against_model(self.cache, self.model, nodes, num_tokens, layer, seed=self.decodes)
 
     @precondition(lambda self: self.model.live)
     @rule(data=st.data(), case=st.integers(0, 9))
@@ -191,7 +208,9 @@ class TreeCacheMachine(RuleBasedStateMachine):
         rows = torch.zeros(2, HKV, DIM)
         if case == 0 and model.released:
             gone = self._pick(data, model.released, "released")
-            for call in (cache.release, lambda n: cache.fork(n, 1), cache.append, cache.plan, cache.slots, cache.path_slots):
+            calls = (cache.release, lambda n: cache.fork(n, 1), cache.append, cache.plan, cache.slots,
+                     cache.path_slots)
+            for call in calls:
                 with pytest.raises(ValueError, match=f"node {gone} was released"):
                     call(gone)
         elif case == 1 and model.children[node]:
@@ -360,8 +379,12 @@ def test_pages_do_not_leak_in_beam_style_use():
     page no live path reads is freed, and the one live row never holds more than its path's pages."""
     c = treeattn.TreeKVCache(1, 1, 16, page_size=16, num_pages=8, dtype=torch.float32, device="cpu")
     leaf = c.add(5)
-    for step in range(40):
-        x, y = c.fork(leaf, 2); c.release(leaf); c.append([x, y]); c.release(x); leaf = y  # noqa: E702
+    for _ in range(40):
+        x, y = c.fork(leaf, 2)
+        c.release(leaf)
+        c.append([x, y])
+        c.release(x)
+        leaf = y
         assert c.stats()["pages_used"] == -(-c.length(leaf) // 16) == len(live_path_pages(c))
     check_books(c)
     assert c.length(leaf) == 45 and c.stats()["live_nodes"] == 1 and c.stats()["pages_used"] == 3
@@ -398,7 +421,7 @@ def test_beam_steps_keep_paths_and_causal_plans_exact():
             model.release(kid)
         check_books(cache, model)
         check_pool(cache, model)
-        _check_decode(cache, model, beams, 3, step % LAYERS, seed=step)
+        _check_decode_against_model(cache, model, beams, 3, step % LAYERS, seed=step)
     assert cache.stats()["pages_used"] == len(live_path_pages(cache)) <= 3 * -(-len(model.seq[beams[0]]) // 4)
 
 # ---- planning ---------------------------------------------------------------------------------------
@@ -434,7 +457,7 @@ def _tree(page_size, prompt, fanout, tokens):
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 def test_best_of_n_plan_and_stats(page_size):
     cache, model, leaves = _tree(page_size, 37, [6], [5])
-    _check_decode(cache, model, leaves, 1, 1, seed=3)
+    _check_decode_against_model(cache, model, leaves, 1, 1, seed=3)
     stats = cache.stats()
     prompt_pages = -(-37 // page_size)
     assert stats["tokens_stored"] == 37 + 6 * 5 and stats["tokens_if_unshared"] == 6 * 42
@@ -457,24 +480,25 @@ def test_speculative_draft_tree_of_one_token_nodes():
                 nxt.append(kid)
         drafts += nxt
         frontier = nxt
-    _check_decode(cache, model, drafts, 1, 0, seed=4)
-    _check_decode(cache, model, [root] + drafts[::-1], 1, 1, seed=5)
+    _check_decode_against_model(cache, model, drafts, 1, 0, seed=4)
+    _check_decode_against_model(cache, model, [root] + drafts[::-1], 1, 1, seed=5)
 
 
 def test_plan_several_query_tokens_per_leaf_and_empty_queries():
     cache, model, leaves = _tree(4, 6, [3, 2], [3, 2])
-    _check_decode(cache, model, leaves, 3, 0, seed=6)  # causal: token j attends up to itself
-    _check_decode(cache, model, leaves[:2] + leaves[:1], 5, 1, seed=7)  # duplicates, reaching into ancestors
+    _check_decode_against_model(cache, model, leaves, 3, 0, seed=6)  # causal: token j attends up to itself
+    # duplicates, reaching into ancestors
+    _check_decode_against_model(cache, model, leaves[:2] + leaves[:1], 5, 1, seed=7)
     empty_root = cache.add(0)
     model.add_node(empty_root, None, [])
     (child,) = cache.fork(empty_root, 1)
     model.add_node(child, empty_root, [])
-    _check_decode(cache, model, [empty_root, leaves[0], child], 1, 0, seed=8)  # empty KV: 0 and -inf
+    _check_decode_against_model(cache, model, [empty_root, leaves[0], child], 1, 0, seed=8)  # empty KV: 0 and -inf
 
 
 def test_plan_of_forked_children_before_append():
     cache, model, leaves = _tree(4, 7, [2, 3], [2, 0])  # the last level is forked, not appended yet
-    _check_decode(cache, model, leaves, 1, 0, seed=9)
+    _check_decode_against_model(cache, model, leaves, 1, 0, seed=9)
 
 
 def test_mla_cache():
@@ -504,7 +528,7 @@ def test_mla_cache():
     for i in range(3):
         kv = torch.cat([prompt, new[2 * i : 2 * i + 2]])
         p = torch.softmax(q[i] @ kv.T * 0.1, dim=-1)
-        assert relative_error(out[i], p @ kv[:, :32]) < TOL
+        assert_close(out[i], p @ kv[:, :32])
 
 
 _POOLS = {
@@ -549,17 +573,16 @@ def test_layer_is_one_mapping_for_every_pool(pool):
     with pytest.raises(AttributeError, match="read-only"):
         layer.k_cache = None
     with pytest.raises(AttributeError, match="no 'scale'"):
-        layer.scale
+        _ = layer.scale
     q = torch.randn(3, 4, row[-1], generator=g)
-    table = (plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
+    table = _table(plan, cache)
     if cache.is_mla:
         out = treeattn.mla_tree_decode(q, **cache.layer(1), plan=plan, sm_scale=0.2, v_head_dim=32)
-        ref, _ = treeattn.reference.mla_tree_decode(q, layer["kv_cache"], *table, sm_scale=0.2, v_head_dim=32,
-                                                    kv_scale=layer.get("kv_scale"))
+        ref, _ = table.reference(q, layer["kv_cache"], sm_scale=0.2, v_head_dim=32, kv_scale=layer.get("kv_scale"))
     else:
         out = treeattn.tree_decode(q, **cache.layer(1), plan=plan)
-        ref, _ = treeattn.reference.tree_decode(q, layer["k_cache"], layer["v_cache"], *table,
-                                                k_scale=layer.get("k_scale"), v_scale=layer.get("v_scale"))
+        ref, _ = table.reference(q, layer["k_cache"], layer["v_cache"],
+                                 k_scale=layer.get("k_scale"), v_scale=layer.get("v_scale"))
     assert_close(out, ref, DTYPE)
 
 
@@ -594,10 +617,7 @@ def test_plan_equals_treeattn_plan_on_random_forests(ops, page_size):
             cache.append([node], n)
             nodes += cache.fork(node, n % 3)
     plan = cache.plan(nodes, num_qo_heads=HQ)
-    again = treeattn.plan(plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, page_size=page_size,
-                          num_qo_heads=HQ, num_kv_heads=HKV)
-    for key in ("unique_tokens", "naive_tokens", "planned_tokens", "trie_edges", "work_items", "partial_rows"):
-        assert plan.stats[key] == again.stats[key], key
+    _assert_shares_like_treeattn_plan(plan, cache)
     for i, node in enumerate(nodes):
         row = plan.kv_indices[plan.kv_indptr[i] : plan.kv_indptr[i + 1]].long()
         slots = (row[:, None] * page_size + torch.arange(page_size)).reshape(-1)[: cache.length(node)]
@@ -625,7 +645,7 @@ def test_plan_walk_is_reused_only_while_it_holds():
     assert not reused(leaves) and not reused(leaves)  # empty leaves: their queries belong to the root until they grow
     cache.append(leaves, 2)
     assert not reused(leaves)
-    for step in range(7):
+    for _ in range(7):
         cache.append(leaves)
         assert reused(leaves)  # across steps, also past page ends
     assert not reused(leaves, 3)
@@ -699,12 +719,12 @@ def test_cache_decode_and_cuda_graph_gpu(backend):
     root = cache.add(1000)
     prompt = cache.slots(root)
     for layer in range(2):
-        cache.write(layer, prompt, torch.randn(1000, 8, 128, device=dev, dtype=dt), torch.randn(1000, 8, 128, device=dev, dtype=dt))
+        cache.write(layer, prompt, *(torch.randn(1000, 8, 128, device=dev, dtype=dt) for _ in range(2)))
     leaves = cache.fork(root, 16)
     for _ in range(3):
         slots = cache.append(leaves)
         for layer in range(2):
-            cache.write(layer, slots, torch.randn(16, 8, 128, device=dev, dtype=dt), torch.randn(16, 8, 128, device=dev, dtype=dt))
+            cache.write(layer, slots, *(torch.randn(16, 8, 128, device=dev, dtype=dt) for _ in range(2)))
     assert cache.stats()["pages_copied"] == 15
     plan = cache.plan(leaves, num_qo_heads=32)
     q = torch.randn(16, 32, 128, device=dev, dtype=dt)
@@ -717,8 +737,8 @@ def test_cache_decode_and_cuda_graph_gpu(backend):
             treeattn.tree_decode(q, **cache.layer(1), plan=plan, out=out)
 
         step()  # warm up (compiles, allocates the plan's workspace)
-        ref, _ = treeattn.reference.tree_decode(q, *cache.layer(1).values(), plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
-        assert relative_error(out, ref) < 1e-2
+        ref, _ = _table(plan, cache).reference(q, *cache.layer(1).values())
+        assert_close(out, ref)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
@@ -728,5 +748,5 @@ def test_cache_decode_and_cuda_graph_gpu(backend):
         torch.cuda.synchronize()
     k_cache, v_cache = cache.layer(1).values()
     assert torch.equal(k_cache.reshape(-1, 8, 128)[slots], k_new)
-    ref, _ = treeattn.reference.tree_decode(q, k_cache, v_cache, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len)
-    assert relative_error(out, ref) < 1e-2
+    ref, _ = _table(plan, cache).reference(q, k_cache, v_cache)
+    assert_close(out, ref)

@@ -75,7 +75,8 @@ TABLE: list[tuple[tuple, TileConfig]] = [
     (("mla_decode", None, 512, 32, None, 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
     # An FP8 latent cache (the dtype key is the cache's) converts each tile in registers: at 64 heads of one
     # query that alone spills (255 registers, 312-352 B) unless V's columns are split too (~215 registers).
-    (("mla_decode", None, 512, None, "float8_e4m3fn", 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
+    (("mla_decode", None, 512, None, "float8_e4m3fn", 64),
+     TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
     (("mla_decode", None, 512, None, "float8_e5m2", 64), TileConfig(block_n=32, num_warps=8, num_stages=2, v_split=2)),
     # Stage 2 (merge_partials) and the pairwise merge_state: block_n = heads per program.
     (("merge_partials", None, None, None, None, None), TileConfig(block_n=4, num_warps=4, num_stages=1)),
@@ -131,10 +132,11 @@ def mla_tile_config(num_heads: int, max_queries_per_item: int, block_m: int = MA
 def _dtype_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, str):
         return dtype
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch."))
+    short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+    return short.get(dtype, str(dtype).removeprefix("torch."))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lookup(key: tuple) -> TileConfig:
     best, best_score = None, -1
     for row_key, config in TABLE:
@@ -152,7 +154,7 @@ def tile_config(kernel: str, arch: int, head_dim: int, group: int, dtype, rows: 
     return _lookup((kernel, arch, head_dim, group, _dtype_name(dtype), rows))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_arch(index: int) -> int:
     major, minor = torch.cuda.get_device_capability(index)
     return major * 10 + minor

@@ -3,7 +3,8 @@ dequantization scales of the decode kernels.
 
 Reading an FP8 cache is a load and ``x.to(q's dtype)`` (exact for every finite FP8 value, in fp16, bf16 and
 fp32); the stage-1 kernels fold the K scale into the softmax scale and the V scale into the output
-(:func:`scale_operand`, :func:`load_scale`), so no dequantized copy of the cache ever exists. Encoding is done by hand because ``fp32 -> fp8`` conversion differs between backends: the GPU
+(:func:`scale_operand`, :func:`load_scale`), so no dequantized copy of the cache ever exists. Encoding is done
+by hand because ``fp32 -> fp8`` conversion differs between backends: the GPU
 rounds to nearest even, the CPU interpreter truncates toward zero. :func:`round_to_fp8` rounds in fp32
 arithmetic first, so the final conversion is exact on both and the stored bytes match
 ``treeattn.reference.quantize`` bit for bit.
@@ -35,7 +36,8 @@ def round_to_fp8(x, scale, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_EXP: tl.cons
     """``x / scale`` (fp32, IEEE division) saturated to ``[-FP8_MAX, FP8_MAX]`` and rounded to nearest even
     onto the FP8 grid, still in fp32 (convert with ``.to(fp8 type)``: exact). NaN stays NaN."""
     y = tl.div_rn(x.to(tl.float32), scale)
-    y = tl.minimum(tl.maximum(y, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.maximum(y, -FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.minimum(y, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
     # Spacing of the FP8 grid at y: 2^(exponent - mantissa bits), constant below the smallest normal.
     exponent = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, FP8_MIN_EXP)
     # Adding 1.5 * 2^23 * spacing rounds y to a multiple of the spacing (fp32 addition rounds to nearest

@@ -17,8 +17,16 @@ from .configs import Stage1Tile, device_arch, stage1_tile, tile_config
 from .fp8 import load_scale, scale_operand
 from .softmax import online_softmax_tile, softmax_state, static_assert_dot_size
 from .stage1 import (
-    PLAN_POINTERS, columns, kv_tokens, load_tile, output_strides, plan_arrays, step_runner, store_state,
-    tile_rows, work_item,
+    PLAN_POINTERS,
+    columns,
+    kv_tokens,
+    load_tile,
+    output_strides,
+    plan_arrays,
+    step_runner,
+    store_state,
+    tile_rows,
+    work_item,
 )
 
 # stage1_tile / Stage1Tile live in the tile table's module; named here for the tile sweeps that import them.

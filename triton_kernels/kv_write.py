@@ -138,7 +138,8 @@ def _copy_pages_kernel(
 
 
 def copy_pages(pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, num_slots: torch.Tensor) -> None:
-    """For every copy ``c`` and every leading index ``g``: ``pool[g, dst[c], :num_slots[c]] = pool[g, src[c], :num_slots[c]]``.
+    """For every copy ``c`` and every leading index ``g``:
+    ``pool[g, dst[c], :num_slots[c]] = pool[g, src[c], :num_slots[c]]``.
 
     pool: ``[G, num_pages, page_size, ...]`` with each page contiguous (a stacked ``[C, L, P, S, ...]`` pool
     flattened over ``C, L``); src, dst, num_slots: int64 ``[num_copies]`` on the pool's device, ``dst``

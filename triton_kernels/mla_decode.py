@@ -22,8 +22,16 @@ from .configs import MAX_TILE_ROWS, MIN_DOT, device_arch, dot_width, mla_tile_co
 from .fp8 import load_scale, scale_operand
 from .softmax import online_softmax_tile, softmax_state, static_assert_dot_size
 from .stage1 import (
-    PLAN_POINTERS, columns, kv_tokens, load_tile, output_strides, plan_arrays, step_runner, store_state,
-    tile_rows, work_item,
+    PLAN_POINTERS,
+    columns,
+    kv_tokens,
+    load_tile,
+    output_strides,
+    plan_arrays,
+    step_runner,
+    store_state,
+    tile_rows,
+    work_item,
 )
 
 # mla_tile_config lives in the tile table's module; named here for the tile sweeps that import it.

@@ -65,7 +65,9 @@ def check_plan_matches(plan, q: torch.Tensor, cache: torch.Tensor, cache_name: s
     if plan.num_queries != q.shape[0]:
         raise ValueError(f"q: expected {plan.num_queries} queries (plan.num_queries), got shape {list(q.shape)}")
     if cache.shape[1] != plan.page_size:
-        raise ValueError(f"{cache_name}: expected page_size {plan.page_size} (from plan) in dim 1, got {cache.shape[1]}")
+        raise ValueError(
+            f"{cache_name}: expected page_size {plan.page_size} (from plan) in dim 1, got {cache.shape[1]}"
+        )
     if plan.max_page_id >= cache.shape[0]:
         raise ValueError(
             f"kv_indices: expected page ids < {cache_name}.shape[0]={cache.shape[0]}, got {plan.max_page_id}"

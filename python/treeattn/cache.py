@@ -196,7 +196,7 @@ class TreeKVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         kv_scale: torch.Tensor | float | None = None,
-    ) -> "TreeKVCache":
+    ) -> TreeKVCache:
         """MLA cache (absorbed form): one latent row ``c_kv (kv_lora_rank) ‖ k_pe (rope_dim)`` per token.
         ``layer(i)`` holds the ``kv_cache [num_pages, page_size, kv_lora_rank + rope_dim]`` that
         ``treeattn.mla_tree_decode`` takes (``mla_tree_decode(q, **cache.layer(i), plan=plan, sm_scale=s)``);
@@ -301,9 +301,8 @@ class TreeKVCache:
         branches = [(n.end, self.tree.tail_page(n) if n.end % s else -1, n.end > n.start) for n in nodes]
         growth = self.allocator.grow(branches, k, "append")  # decides, changes nothing (or raises OutOfPages)
         if growth.copy_src:  # into pages still free: if the launch fails, the cache is as it was
-            torch.ops.treeattn.copy_pages_run(
-                self._pool, *(self._to_device(np.asarray(x)) for x in (growth.copy_src, growth.copy_dst, growth.copy_slots))
-            )
+            copies = (growth.copy_src, growth.copy_dst, growth.copy_slots)
+            torch.ops.treeattn.copy_pages_run(self._pool, *(self._to_device(np.asarray(x)) for x in copies))
         slots = self.tree.grow_slots(nodes, growth.new_pages, k)
         out = self._slots_out(slots)  # (the last step that can fail: an allocation)
         self.allocator.commit(growth)
@@ -400,7 +399,8 @@ class TreeKVCache:
 
     def _check_slots(self, slots) -> None:
         if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:
-            got = f"dtype {slots.dtype}, shape {list(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
+            got = (f"dtype {slots.dtype}, shape {list(slots.shape)}" if isinstance(slots, torch.Tensor)
+                   else type(slots).__name__)
             raise ValueError(f"slots: expected a 1-D torch.int64 tensor (from append/slots), got {got}")
         if slots.device != self.device:
             raise ValueError(f"slots: expected device {self.device} (the cache's), got {slots.device}")
@@ -431,7 +431,9 @@ class TreeKVCache:
         shape = (n, *self._row_shape)
         check_float_tensor(name, t, len(shape))
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {list(shape)} ([len(slots), ...] of the cache), got {list(t.shape)}")
+            raise ValueError(
+                f"{name}: expected shape {list(shape)} ([len(slots), ...] of the cache), got {list(t.shape)}"
+            )
         if not is_fp8(self.dtype) and t.dtype != self.dtype:  # (an FP8 pool takes any 16/32-bit rows)
             raise ValueError(f"{name}: expected dtype {self.dtype} (the cache's), got {t.dtype}")
         if t.device != self.device:
@@ -504,5 +506,6 @@ class TreeKVCache:
         )
         return (
             f"TreeKVCache(num_layers={self.num_layers}, {kind}, page_size={self.page_size}, "
-            f"num_pages={self.num_pages}, pages_free={self.allocator.num_free}, dtype={self.dtype}, device={self.device})"
+            f"num_pages={self.num_pages}, pages_free={self.allocator.num_free}, dtype={self.dtype}, "
+            f"device={self.device})"
         )

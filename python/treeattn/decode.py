@@ -17,16 +17,24 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal, overload
+from typing import Literal, overload
 
 import torch
 
 from . import _dispatch, reference
 from ._dispatch import register
 from ._validate import (
-    check_cache_dtype, check_float_tensor, check_kv_scale, check_no_grad, check_out,
-    check_plan_matches, check_positive_dims, check_sm_scale, is_fp8,
+    check_cache_dtype,
+    check_float_tensor,
+    check_kv_scale,
+    check_no_grad,
+    check_out,
+    check_plan_matches,
+    check_positive_dims,
+    check_sm_scale,
+    is_fp8,
 )
 from .plan import PlanArgs, TreePlan, plan_of
 

@@ -12,8 +12,6 @@ K/V, 1 for MLA). Kernels: ``triton_kernels/kv_write.py`` and ``csrc/kv_write.cu`
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _dispatch, reference
@@ -69,8 +67,8 @@ def _copy_pages_reference(pool, src, dst, num_slots):
 
 @torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))
 def _kv_write_run(
-    slots: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], pool: torch.Tensor, layer: int,
-    k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None,
+    slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, pool: torch.Tensor, layer: int,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA). Slots outside
     ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer.

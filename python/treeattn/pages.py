@@ -14,8 +14,8 @@ Every method either does all it says or raises leaving the allocator unchanged.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 

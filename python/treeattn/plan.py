@@ -69,7 +69,7 @@ class PlanCapacity:
             object.__setattr__(self, name, check_int(f"capacity.{name}", getattr(self, name), 1, _INT32_MAX - 1))
 
     @classmethod
-    def of(cls, plan: "TreePlan", headroom: float = 1.0) -> "PlanCapacity":
+    def of(cls, plan: TreePlan, headroom: float = 1.0) -> PlanCapacity:
         """Capacity of ``plan``'s actual sizes times ``headroom``."""
         s = plan.stats
         sizes = (s["work_items"], s["rows"], s["partial_rows"], s["merge_queries"], s["nnz"])
@@ -141,7 +141,7 @@ class TreePlan:
             )
         return self._workspaces[key]
 
-    def update_(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> "TreePlan":
+    def update_(self, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, kv_last_page_len: torch.Tensor) -> TreePlan:
         """Re-plan a new step's table into this plan's buffers, in place (CUDA-graph replay over trees that
         change every step). Needs a plan built by :func:`plan` with ``capacity=``, the same number of queries
         and a step that fits the capacity (else ValueError, the plan unchanged); copies to the device without
@@ -168,13 +168,14 @@ class TreePlan:
         if num_queries != self.num_queries:
             raise ValueError(f"{name}: expected {self.num_queries} queries (the captured plan's), got {num_queries}")
 
-    def _fill_(self, result: dict) -> "TreePlan":
+    def _fill_(self, result: dict) -> TreePlan:
         """Copies a planner result made with this plan's capacity into its buffers (no host sync)."""
         if result["max_queries_per_item"] > self.max_queries_per_item:  # (the planner caps it; never taken)
             raise ValueError(f"plan: expected items of <= {self.max_queries_per_item} queries, got "
                              f"{result['max_queries_per_item']}")
         self._buffer.copy_(_staged(torch.from_numpy(result["packed"]), self.device), non_blocking=True)
-        self.stats, self.max_item_tokens, self.max_page_id = result["stats"], result["max_item_tokens"], result["max_page_id"]
+        self.stats = result["stats"]
+        self.max_item_tokens, self.max_page_id = result["max_item_tokens"], result["max_page_id"]
         return self
 
     def __repr__(self) -> str:
@@ -183,7 +184,7 @@ class TreePlan:
 
 # Live plans by their buffer's address: a registered op receives the plan's tensors, not the plan, and finds
 # the plan (and its prepared launches) again through them. Weak values: an entry goes with its plan.
-_live_plans: "weakref.WeakValueDictionary[tuple, TreePlan]" = weakref.WeakValueDictionary()
+_live_plans: weakref.WeakValueDictionary[tuple, TreePlan] = weakref.WeakValueDictionary()
 
 
 def plan_of(tensors) -> TreePlan | None:
@@ -319,7 +320,7 @@ def _hints(num_qo_heads, num_kv_heads, num_sms, device) -> dict:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 

@@ -44,7 +44,7 @@ class PagedTable:
     def num_queries(self) -> int:
         return self.kv_last_page_len.shape[0]
 
-    def to(self, device) -> "PagedTable":
+    def to(self, device) -> PagedTable:
         return PagedTable(
             self.kv_indptr.to(device), self.kv_indices.to(device), self.kv_last_page_len.to(device),
             self.page_size, self.num_pages,
@@ -171,7 +171,9 @@ def random_table(
             pages = donor[:keep]
         else:
             pages = []
-        extra = int(torch.randint(0 if pages else 1, max_pages - len(pages) + 1, (), generator=g)) if len(pages) < max_pages else 0
+        extra = 0
+        if len(pages) < max_pages:
+            extra = int(torch.randint(0 if pages else 1, max_pages - len(pages) + 1, (), generator=g))
         pages = pages + torch.randint(0, pool_pages, (extra,), generator=g).tolist()
         if not pages:
             pages = [int(torch.randint(0, pool_pages, (), generator=g))]
@@ -238,7 +240,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float | torch.dtype | None = None, what: str = "out") -> None:
+def assert_close(
+    out: torch.Tensor, ref: torch.Tensor, tol: float | torch.dtype | None = None, what: str = "out"
+) -> None:
     """The one accuracy check of the tests: ``relative_error(out, ref) < tol``.
 
     ``tol`` is a number, a dtype (its :data:`TOLERANCE`), or None for ``out``'s dtype. Shapes must match;
@@ -250,7 +254,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float | torch.dtype 
     if isinstance(tol, torch.dtype):
         tol = TOLERANCE[tol]
     if ref.numel() and not bool(ref.float().abs().max() > 0):
-        assert bool((out.float() == 0).all()), f"{what}: expected zeros like the reference, got max |out| {out.float().abs().max().item():.3e}"
+        assert bool((out.float() == 0).all()), (
+            f"{what}: expected zeros like the reference, got max |out| {out.float().abs().max().item():.3e}"
+        )
         return
     err = relative_error(out, ref)
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
@@ -359,7 +365,8 @@ def assert_same_plan(a, b) -> None:
         assert getattr(a, name) == getattr(b, name), name
 
 
-# The benchmark workloads of docs/design.md (targets): name -> (level_tokens, fanout). GQA rows use 32 q / 8 kv heads, head_dim 128, page 16.
+# The benchmark workloads of docs/design.md (targets): name -> (level_tokens, fanout). GQA rows use 32 q / 8 kv
+# heads, head_dim 128, page 16.
 WORKLOADS: dict[str, tuple[list[int], list[int]]] = {
     "bestofN_P4k_N64_S256": ([4096, 256], [1, 64]),
     "tree_2k_4x1k_4x512_4x128": ([2048, 1024, 512, 128], [1, 4, 4, 4]),

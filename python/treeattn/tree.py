@@ -17,7 +17,8 @@ pages the live paths read. Which pages exist and who may write where is the page
 from __future__ import annotations
 
 from array import array
-from collections.abc import Mapping, Set as AbstractSet
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from typing import NamedTuple
 
 import numpy as np
@@ -35,7 +36,7 @@ class Node:
 
     __slots__ = ("id", "parent", "children", "start", "end", "pages", "released")
 
-    def __init__(self, node_id: int, parent: "Node | None", start: int, end: int, pages: array):
+    def __init__(self, node_id: int, parent: Node | None, start: int, end: int, pages: array):
         self.id = node_id
         self.parent = parent
         self.children: dict[int, Node] = {}
@@ -202,7 +203,8 @@ class NodeTree:
         for n in nodes:
             if n.children:
                 raise ValueError(
-                    f"{action}: node {n.id} has children (its tokens are shared); {action} to a leaf, e.g. fork({n.id}, 1)"
+                    f"{action}: node {n.id} has children (its tokens are shared); {action} to a leaf, "
+                    f"e.g. fork({n.id}, 1)"
                 )
             if n.id in seen:
                 raise ValueError(f"{action}: node {n.id} appears twice in {arg}")

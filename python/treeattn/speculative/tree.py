@@ -74,12 +74,15 @@ class DraftTree:
         if self.draft_probs is not None:
             probs = self.draft_probs
             if not isinstance(probs, torch.Tensor) or not probs.dtype.is_floating_point or probs.dim() != 2:
-                got = f"shape {list(probs.shape)} dtype {probs.dtype}" if isinstance(probs, torch.Tensor) else type(probs).__name__
+                got = (f"shape {list(probs.shape)} dtype {probs.dtype}" if isinstance(probs, torch.Tensor)
+                       else type(probs).__name__)
                 raise ValueError(f"draft_probs: expected a 2-D floating tensor [n + 1, vocab], got {got}")
             if probs.shape[0] != n + 1:
                 raise ValueError(f"draft_probs: expected {n + 1} rows (root + one per node), got {probs.shape[0]}")
             if n and int(tokens.max()) >= probs.shape[1]:
-                raise ValueError(f"tokens: expected ids < vocab {probs.shape[1]} of draft_probs, got {int(tokens.max())}")
+                raise ValueError(
+                    f"tokens: expected ids < vocab {probs.shape[1]} of draft_probs, got {int(tokens.max())}"
+                )
             if n:
                 # Each child was drawn from its parent's row, so it has positive probability there.
                 drawn = probs[(parents + 1).to(probs.device), tokens.to(probs.device)]

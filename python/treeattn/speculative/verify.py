@@ -34,7 +34,8 @@ class Verification:
 
 def _check_target(name: str, tree: DraftTree, target) -> torch.Tensor:
     if not isinstance(target, torch.Tensor) or not target.dtype.is_floating_point or target.dim() != 2:
-        got = f"shape {list(target.shape)} dtype {target.dtype}" if isinstance(target, torch.Tensor) else type(target).__name__
+        got = (f"shape {list(target.shape)} dtype {target.dtype}" if isinstance(target, torch.Tensor)
+               else type(target).__name__)
         raise ValueError(f"{name}: expected a 2-D floating tensor [num_nodes + 1, vocab], got {got}")
     if target.shape[0] != tree.num_nodes + 1:
         raise ValueError(f"{name}: expected {tree.num_nodes + 1} rows (root + one per node), got {target.shape[0]}")
@@ -64,11 +65,14 @@ def verify_greedy_batch(trees: Sequence[DraftTree], target_scores: torch.Tensor)
     tree ``b``'s ``n_b + 1`` rows after those of the trees before it. One argmax and one device-to-host copy
     for the whole batch."""
     if not isinstance(target_scores, torch.Tensor) or target_scores.dim() != 2:
-        got = f"shape {list(target_scores.shape)}" if isinstance(target_scores, torch.Tensor) else type(target_scores).__name__
+        got = (f"shape {list(target_scores.shape)}" if isinstance(target_scores, torch.Tensor)
+               else type(target_scores).__name__)
         raise ValueError(f"target_scores: expected a 2-D tensor [sum(num_nodes + 1), vocab], got {got}")
     sizes = [tree.num_nodes + 1 for tree in trees]
     if sum(sizes) != target_scores.shape[0]:
-        raise ValueError(f"target_scores: expected {sum(sizes)} rows (num_nodes + 1 per tree), got {target_scores.shape[0]}")
+        raise ValueError(
+            f"target_scores: expected {sum(sizes)} rows (num_nodes + 1 per tree), got {target_scores.shape[0]}"
+        )
     for b, rows in enumerate(target_scores.split(sizes)):
         _check_target(f"target_scores (tree {b})", trees[b], rows)
     best = target_scores.argmax(dim=-1).tolist()
