@@ -57,11 +57,10 @@ def recording(execute: bool = False):
         patched.append((cls, "run", original))
     if not execute:
         # Nothing runs, so the interpreter's lack of bf16 does not matter: record bf16 launches as they are.
-        from treeattn import decode, merge
+        from treeattn import _dispatch
 
-        for module in (decode, merge):
-            patched.append((module, "check_backend_dtype", module.check_backend_dtype))
-            module.check_backend_dtype = lambda *args: None
+        patched.append((_dispatch, "check_backend_dtype", _dispatch.check_backend_dtype))
+        _dispatch.check_backend_dtype = lambda *args: None
     try:
         yield launches
     finally:
