@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import torch
 
 # exp(x) = exp2(x * LOG2E): the stage-1 kernels run the softmax in the exp2 domain; LN2 takes its lse back.
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+# Triton's CPU interpreter keeps a launch's grid position and its patched triton.language in process-wide
+# state, so two threads interpreting kernels at once read each other's program ids and write wrong rows. Our
+# interpreted launches therefore take turns; compiled GPU launches are thread-safe and take no lock.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def run_kernel(kernel, grid: tuple, *args, **options) -> None:
+    """``kernel[grid](*args, **options)``, one interpreted launch at a time (see ``_INTERPRETER_LOCK``)."""
+    if _INTERPRETED:
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, **options)
+    else:
+        kernel[grid](*args, **options)
 
 
 def next_pow2(x: int) -> int:
@@ -32,9 +51,9 @@ class Launch:
 
     def __call__(self, *values) -> None:
         if self.rest is not None:
-            self.kernel[self.grid](*values, *self.rest, **self.options)
+            run_kernel(self.kernel, self.grid, *values, *self.rest, **self.options)
             return
         args = self.args.copy()
         for slot, value in zip(self.slots, values):
             args[slot] = value
-        self.kernel[self.grid](*args, **self.options)
+        run_kernel(self.kernel, self.grid, *args, **self.options)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import next_pow2, run_kernel
 from .fp8 import fp8_format, round_to_fp8
 
 __all__ = ["kv_write", "copy_pages"]
@@ -110,7 +110,8 @@ def kv_write(
     else:
         encode = dict(FP8_MANTISSA_BITS=0, FP8_MIN_EXP=0, FP8_MAX=0.0)
         scales = (slots, slots, 0)  # unused pointers
-    _kv_write_kernel[(triton.cdiv(n, block_t), triton.cdiv(row, block))](
+    run_kernel(
+        _kv_write_kernel, (triton.cdiv(n, block_t), triton.cdiv(row, block)),
         slots, k3, v3, kp, vp,
         n, kp.shape[0],
         k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
@@ -152,7 +153,8 @@ def copy_pages(pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, num_slo
     slot_elems = pool[0, 0, 0].numel()
     block = min(next_pow2(page_size * slot_elems), _MAX_BLOCK)
     num_elems = num_slots * slot_elems
-    _copy_pages_kernel[(num_copies, num_planes, triton.cdiv(page_size * slot_elems, block))](
+    run_kernel(
+        _copy_pages_kernel, (num_copies, num_planes, triton.cdiv(page_size * slot_elems, block)),
         pool, src, dst, num_elems,
         pool.stride(0), pool.stride(1),
         BLOCK=block,

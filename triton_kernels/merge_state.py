@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2
+from ._utils import next_pow2, run_kernel
 from .configs import device_arch, tile_config
 from .softmax import fold_state, head_block, load_state, softmax_state, store_merged
 
@@ -51,7 +51,8 @@ def merge_state(
     head_dim_pad = next_pow2(head_dim)
     config = tile_config("merge_state", device_arch(out.device), head_dim_pad, None, out.dtype, None)
     head_block = min(next_pow2(num_heads), config.block_n)
-    _merge_state_kernel[(n, triton.cdiv(num_heads, head_block))](
+    run_kernel(
+        _merge_state_kernel, (n, triton.cdiv(num_heads, head_block)),
         o_a, lse_a, o_b, lse_b, out, lse_out,
         num_heads,
         o_a.stride(0), o_a.stride(1), lse_a.stride(0),
