@@ -5,10 +5,10 @@
 
 #include <algorithm>
 #include <array>
-#include <bitset>
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -193,6 +193,8 @@ class PageSlots {
     }
   }
   i64 size() const { return size_; }
+  // Dense: a page id is its own slot.
+  bool dense() const { return dense_; }
   i64 operator()(int32_t page) {
     if (dense_) return page;
     const size_t mask = keys_.size() - 1;
@@ -208,6 +210,47 @@ class PageSlots {
   std::vector<int32_t> keys_;
 };
 
+// Marks flags[id] for every id in [begin, end) (ids >= 0, in range). A byte per id, not a bit: a bit per id is
+// a load and a store per page that the next page's update may depend on (shuffled pools: random words;
+// allocated runs: the same word), several cycles each, where a byte is one independent store. Runs of
+// consecutive ids (what allocators hand out) are found 16 steps at a time and filled with memset.
+void mark(uint8_t* flags, const int32_t* begin, const int32_t* end) {
+  // (uint32: no overflow past INT32_MAX; ids are >= 0, so a wrapped id never continues a run.)
+  const auto continues = [](const int32_t* at) {
+    return static_cast<uint32_t>(at[0]) == static_cast<uint32_t>(at[-1]) + 1;
+  };
+  for (const int32_t* p = begin; p < end;) {
+    const int32_t* run = p + 1;
+    if (run == end || !continues(run)) {  // a lone id: no run search
+      flags[*p] = 1;
+      p = run;
+      continue;
+    }
+    // Blocks of 16 steps OR-reduced without an early exit, then the rest one by one.
+    while (run + 16 <= end) {
+      uint32_t steps = 0;
+      for (int j = 0; j < 16; ++j) steps |= (static_cast<uint32_t>(run[j]) - static_cast<uint32_t>(run[j - 1])) ^ 1u;
+      if (steps) break;
+      run += 16;
+    }
+    while (run < end && continues(run)) ++run;
+    std::memset(flags + *p, 1, run - p);
+    p = run;
+  }
+}
+
+// Marked flags in flags[0:count) (0 or 1 each; a plain sum the compiler vectorises).
+i64 count_marked(const uint8_t* flags, i64 count) {
+  i64 total = 0;
+  constexpr i64 kBlock = 4096;  // uint32 partial sums cannot overflow within a block
+  for (i64 b = 0; b < count; b += kBlock) {
+    uint32_t part = 0;
+    for (i64 k = b, e = std::min(count, b + kBlock); k < e; ++k) part += flags[k];
+    total += part;
+  }
+  return total;
+}
+
 // Distinct (page, slot) tokens: each page counts its largest used prefix once. A full use covers any partial
 // one, and only last slots are partial: a set of fully used pages plus the few partially used last pages.
 // Only the pages of each sorted query past its LCP with its predecessor are read: the others are the
@@ -216,23 +259,22 @@ i64 unique_tokens_of(const Table& t, const Keys& keys, const std::vector<i64>& o
                      i64 max_page) {
   const i64 ps = t.page_size;
   PageSlots slot(max_page, t.nnz);
-  // One bit per page slot: 16 KiB for 128k pages stays in L1 where a byte per page would not.
-  std::vector<uint64_t> full((slot.size() + 63) / 64, 0);
-  auto is_full = [&](i64 k) { return (full[k >> 6] >> (k & 63)) & 1; };
+  // A flag per page slot, in a buffer the thread keeps (no allocation or page faults per plan).
+  thread_local std::vector<uint8_t> full;
+  full.assign(slot.size(), 0);
+  auto is_full = [&](i64 k) { return full[k] != 0; };
   std::vector<std::pair<int32_t, i64>> partial_pages;
   for (size_t i = 0; i < order.size(); ++i) {
     const i64 q = order[i], len = keys.length(q);
     const int32_t* pages = t.indices + t.indptr[q];
     const i64 full_len = len > 0 && t.last_len[q] != ps ? len - 1 : len;
-    for (i64 d = lcp[i]; d < full_len; ++d) {
-      const i64 k = slot(pages[d]);
-      full[k >> 6] |= uint64_t{1} << (k & 63);
-    }
+    if (slot.dense())
+      mark(full.data(), pages + std::min(lcp[i], full_len), pages + full_len);
+    else
+      for (i64 d = lcp[i]; d < full_len; ++d) full[slot(pages[d])] = 1;
     if (full_len < len && lcp[i] < len) partial_pages.emplace_back(pages[len - 1], t.last_len[q]);
   }
-  i64 num_full = 0;
-  for (uint64_t word : full) num_full += static_cast<i64>(std::bitset<64>(word).count());
-  i64 unique_tokens = ps * num_full;
+  i64 unique_tokens = ps * count_marked(full.data(), slot.size());
   std::sort(partial_pages.begin(), partial_pages.end());
   for (size_t k = 0; k < partial_pages.size(); ++k) {
     const bool last_of_page = k + 1 == partial_pages.size() || partial_pages[k + 1].first != partial_pages[k].first;
@@ -314,12 +356,24 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   // Queries with one row write directly; the others' rows become partial rows, by (query, depth).
   std::vector<i64> rows_per_query(n, 0);
   for (i64 r = 0; r < num_rows; ++r) rows_per_query[it.row_query[r]]++;
-  std::vector<i64> partial;
+  // Bucketed by query (a counting sort, stable in row order), then each query's few rows by depth: linear
+  // where a comparison sort of every partial row was the largest cost of a shared step.
+  std::vector<i64> bucket_end(n, 0);
+  i64 num_partial = 0;
+  for (i64 q = 0; q < n; ++q)
+    if (rows_per_query[q] > 1) {
+      num_partial += rows_per_query[q];
+      bucket_end[q] = num_partial - rows_per_query[q];
+    }
+  std::vector<i64> partial(num_partial);
   for (i64 r = 0; r < num_rows; ++r)
-    if (rows_per_query[it.row_query[r]] > 1) partial.push_back(r);
-  std::stable_sort(partial.begin(), partial.end(), [&](i64 a, i64 b) {
-    return it.row_query[a] != it.row_query[b] ? it.row_query[a] < it.row_query[b] : row_depth[a] < row_depth[b];
-  });
+    if (rows_per_query[it.row_query[r]] > 1) partial[bucket_end[it.row_query[r]]++] = r;
+  const auto by_depth = [&](i64 a, i64 b) { return row_depth[a] < row_depth[b]; };  // (a query's depths differ)
+  for (i64 q = 0; q < n; ++q) {
+    if (rows_per_query[q] <= 1) continue;
+    const auto last = partial.begin() + bucket_end[q], first = last - rows_per_query[q];
+    if (!std::is_sorted(first, last, by_depth)) std::sort(first, last, by_depth);
+  }
   it.row_dest.assign(num_rows, -1);
   for (i64 k = 0; k < static_cast<i64>(partial.size()); ++k) it.row_dest[partial[k]] = k;
   for (i64 q = 0; q < n; ++q) {
@@ -335,11 +389,13 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   return it;
 }
 
-// One piece of the packed buffer: int32 values (the table) or int64 values (the planner's arrays).
+// One piece of the packed buffer: int32 values (the table), int64 values (the planner's arrays), or a writer
+// that fills it in place (a tree plan's page ids: no intermediate copy of the largest piece).
 struct PieceData {
   const int32_t* i32 = nullptr;
   const i64* i64s = nullptr;
   i64 size = 0;
+  const std::function<void(int32_t*)>* write = nullptr;
   i64 at(i64 k) const { return i32 ? i32[k] : i64s[k]; }
 };
 
@@ -380,7 +436,9 @@ Plan pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64 max
   int32_t* out = plan.packed.get();
   for (size_t p = 0; p < kNumPieces; ++p) {
     const PieceData& d = pieces[p];
-    if (d.i32) {
+    if (d.write) {
+      (*d.write)(out);
+    } else if (d.i32) {
       if (d.size) std::memcpy(out, d.i32, d.size * sizeof(int32_t));
     } else {
       for (i64 k = 0; k < d.size; ++k) {
@@ -728,16 +786,18 @@ Plan plan_tree(const TreeView& tree, const Options& o) {
     indptr[q + 1] = static_cast<int32_t>(nnz);
     last_len[q] = static_cast<int32_t>(num_pages ? e - (num_pages - 1) * ps : 0);
   }
-  std::vector<int32_t> indices(nnz);
-  for (i64 q = 0; q < n; ++q) {
-    i64 limit = indptr[q + 1] - indptr[q];  // pages of the row still to write, from index 0
-    for (i64 m = owner[q]; m >= 0 && limit > 0; m = parent[m]) {
-      if (pages[m].size == 0) continue;  // a node without tokens: its path is its parent's
-      const i64 a = t.first_page(m);
-      if (limit > a) std::memcpy(indices.data() + indptr[q] + a, pages[m].data, (limit - a) * sizeof(int32_t));
-      limit = std::min(limit, a);
+  // Written straight into the plan's buffer (every slot: a path's nodes cover page indices 0.. without gaps).
+  const std::function<void(int32_t*)> write_indices = [&](int32_t* indices) {
+    for (i64 q = 0; q < n; ++q) {
+      i64 limit = indptr[q + 1] - indptr[q];  // pages of the row still to write, from index 0
+      for (i64 m = owner[q]; m >= 0 && limit > 0; m = parent[m]) {
+        if (pages[m].size == 0) continue;  // a node without tokens: its path is its parent's
+        const i64 a = t.first_page(m);
+        if (limit > a) std::memcpy(indices + indptr[q] + a, pages[m].data, (limit - a) * sizeof(int32_t));
+        limit = std::min(limit, a);
+      }
     }
-  }
+  };
 
   // Token stats from the nodes, not the table (each page once, not once per query that reads it). A node's
   // pages are read as a prefix of its list: in full up to `kids ? end : reach` (every marked child leads to
@@ -786,7 +846,7 @@ Plan plan_tree(const TreeView& tree, const Options& o) {
     e.first_page.push_back(indptr[walk.order[walk.lo[k]]] + walk.d0[k]);
   }
   const Items items = build_items(walk.order, e, o);
-  const PieceData table[3] = {{indptr.data(), nullptr, n + 1}, {indices.data(), nullptr, nnz},
+  const PieceData table[3] = {{indptr.data(), nullptr, n + 1}, {nullptr, nullptr, nnz, &write_indices},
                               {last_len.data(), nullptr, n}};
   Plan plan = pack(table, items, n, max_page, o);
   plan.stats.unique_tokens = unique_tokens;
