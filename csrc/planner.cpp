@@ -138,7 +138,9 @@ struct Keys {
 
 // Sorts the queries lexicographically by key lists (stable). A work list of (lo, hi, depth) ranges whose
 // members agree on depths [0, depth), not recursion: deep chains of nested groups cannot overflow the stack.
-std::vector<i64> sorted_queries(const Keys& keys, i64 n) {
+// agreed[i] (n + 1 entries, zeros on entry): depths that sorted queries i - 1 and i are known to share, so that
+// their LCP is only compared from there (the shared prompt of a step is compared once, not twice).
+std::vector<i64> sorted_queries(const Keys& keys, i64 n, std::vector<i64>& agreed) {
   std::vector<i64> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::vector<std::array<i64, 3>> todo{{0, n, 0}};
@@ -154,6 +156,7 @@ std::vector<i64> sorted_queries(const Keys& keys, i64 n) {
         shared = keys.common(first, q, depth, std::min(shared, keys.length(q) - std::min(depth, keys.length(q))));
       }
       depth += shared;
+      std::fill(agreed.begin() + lo + 1, agreed.begin() + hi, depth);  // (ranges only nest deeper)
       std::stable_sort(order.begin() + lo, order.begin() + hi,
                        [&](i64 a, i64 b) { return keys.at(a, depth) < keys.at(b, depth); });
       // Every group of equal keys but the last goes on the work list; the loop goes on with the last.
@@ -315,7 +318,7 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   const i64 balanced = ceil_div(total_work, programs);
   // An item's token count is an int32 of the plan: at most that many pages per chunk, whatever the policy.
   const i64 max_chunk_pages = std::max<i64>(1, INT32_MAX / ps);
-  i64 num_items = 0;
+  i64 num_items = 0, num_rows_planned = 0;
   for (i64 k = 0; k < num_edges; ++k) {
     const i64 rows_per_block = ceil_div(eq[k], eb[k]) * o.group;
     const i64 chunk_tokens =
@@ -324,9 +327,12 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
     echunks[k] = ceil_div(e.pages[k], chunk_pages);
     echunk_pages[k] = ceil_div(e.pages[k], echunks[k]);
     num_items += eb[k] * echunks[k];
+    num_rows_planned += eq[k] * echunks[k];
   }
 
   std::vector<i64> row_depth;
+  row_depth.reserve(num_rows_planned);
+  it.row_query.reserve(num_rows_planned);
   it.item_page_ptr.reserve(num_items);
   it.item_num_tokens.reserve(num_items);
   it.item_row_ptr.reserve(num_items + 1);
@@ -489,16 +495,17 @@ Plan plan_table(const TableView& input, const Options& o) {
   for (i64 i = 0; i < n; ++i)
     if (keys.length(i) > 0) naive_tokens += (keys.length(i) - 1) * ps + t.last_len[i];
   // (Sorting reads page ids as numbers only, so it may run before they are checked.)
-  const std::vector<i64> order = sorted_queries(keys, n);
-  std::vector<i64> sstart(n), slen(n), lcp(n + 1, 0);
+  std::vector<i64> lcp(n + 1, 0);
+  const std::vector<i64> order = sorted_queries(keys, n, lcp);  // (lcp holds the depths known shared)
+  std::vector<i64> sstart(n), slen(n);
   for (i64 i = 0; i < n; ++i) {
     sstart[i] = t.indptr[order[i]];
     slen[i] = keys.length(order[i]);
   }
   for (i64 i = 1; i < n; ++i) {
-    i64 common = std::min(slen[i - 1], slen[i]);
-    if (common > 0 && keys.at(order[i - 1], 0) == keys.at(order[i], 0))
-      lcp[i] = keys.common(order[i - 1], order[i], 0, common);
+    const i64 common = std::min(slen[i - 1], slen[i]), known = lcp[i];
+    if (known > 0 || (common > 0 && keys.at(order[i - 1], 0) == keys.at(order[i], 0)))
+      lcp[i] = known + keys.common(order[i - 1], order[i], known, common - known);
   }
   // Every page id is in some sorted query's run past its LCP with its predecessor: check those runs only.
   int32_t low = INT32_MAX, high = -1;
