@@ -213,44 +213,44 @@ class PageSlots {
   std::vector<int32_t> keys_;
 };
 
-// Marks flags[id] for every id in [begin, end) (ids >= 0, in range). A byte per id, not a bit: a bit per id is
-// a load and a store per page that the next page's update may depend on (shuffled pools: random words;
-// allocated runs: the same word), several cycles each, where a byte is one independent store. Runs of
-// consecutive ids (what allocators hand out) are found 16 steps at a time and filled with memset.
-void mark(uint8_t* flags, const int32_t* begin, const int32_t* end) {
-  // (uint32: no overflow past INT32_MAX; ids are >= 0, so a wrapped id never continues a run.)
-  const auto continues = [](const int32_t* at) {
-    return static_cast<uint32_t>(at[0]) == static_cast<uint32_t>(at[-1]) + 1;
-  };
-  for (const int32_t* p = begin; p < end;) {
-    const int32_t* run = p + 1;
-    if (run == end || !continues(run)) {  // a lone id: no run search
-      flags[*p] = 1;
-      p = run;
-      continue;
-    }
-    // Blocks of 16 steps OR-reduced without an early exit, then the rest one by one.
-    while (run + 16 <= end) {
-      uint32_t steps = 0;
-      for (int j = 0; j < 16; ++j) steps |= (static_cast<uint32_t>(run[j]) - static_cast<uint32_t>(run[j - 1])) ^ 1u;
-      if (steps) break;
-      run += 16;
-    }
-    while (run < end && continues(run)) ++run;
-    std::memset(flags + *p, 1, run - p);
-    p = run;
+// True when ids[0:count) are consecutive (ids[j] == ids[0] + j): blocks of 16 steps OR-reduced, the compiler's
+// vector code, stopping at the first block with a gap. (uint32: no overflow past INT32_MAX; ids are >= 0, so a
+// wrapped id never continues a run.)
+bool consecutive(const int32_t* ids, i64 count) {
+  i64 j = 1;
+  for (; j + 16 <= count; j += 16) {
+    uint32_t steps = 0;
+    for (i64 k = j; k < j + 16; ++k) steps |= (static_cast<uint32_t>(ids[k]) - static_cast<uint32_t>(ids[k - 1])) ^ 1u;
+    if (steps) return false;
   }
+  for (; j < count; ++j)
+    if (static_cast<uint32_t>(ids[j]) != static_cast<uint32_t>(ids[j - 1]) + 1) return false;
+  return true;
 }
 
-// Marked flags in flags[0:count) (0 or 1 each; a plain sum the compiler vectorises).
-i64 count_marked(const uint8_t* flags, i64 count) {
-  i64 total = 0;
-  constexpr i64 kBlock = 4096;  // uint32 partial sums cannot overflow within a block
-  for (i64 b = 0; b < count; b += kBlock) {
-    uint32_t part = 0;
-    for (i64 k = b, e = std::min(count, b + kBlock); k < e; ++k) part += flags[k];
-    total += part;
+// Sets bit id of `bits` for every id in [begin, end) (ids >= 0, in range). A list of consecutive ids (what a
+// fresh allocator hands out) is set a word at a time: one bit per page would chain every store through the
+// same word. Other lists (shuffled pools) one bit per id: random words, no chain, and the bitset stays in L1.
+void mark(uint64_t* bits, const int32_t* begin, const int32_t* end) {
+  if (end - begin > 1 && consecutive(begin, end - begin)) {
+    for (i64 lo = *begin, hi = lo + (end - begin); lo < hi;) {
+      const i64 bit = lo & 63, count = std::min<i64>(64 - bit, hi - lo);
+      bits[lo >> 6] |= (count == 64 ? ~uint64_t{0} : ((uint64_t{1} << count) - 1)) << bit;
+      lo += count;
+    }
+    return;
   }
+  for (const int32_t* p = begin; p < end; ++p) bits[*p >> 6] |= uint64_t{1} << (*p & 63);
+}
+
+// Set bits in words[0:count). x86-64 glibc builds carry a POPCNT clone (baseline x86-64 has no popcount
+// instruction and calls a library routine per word).
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__)
+__attribute__((target_clones("popcnt", "default")))
+#endif
+i64 count_bits(const uint64_t* words, i64 count) {
+  i64 total = 0;
+  for (i64 k = 0; k < count; ++k) total += __builtin_popcountll(words[k]);
   return total;
 }
 
@@ -262,22 +262,26 @@ i64 unique_tokens_of(const Table& t, const Keys& keys, const std::vector<i64>& o
                      i64 max_page) {
   const i64 ps = t.page_size;
   PageSlots slot(max_page, t.nnz);
-  // A flag per page slot, in a buffer the thread keeps (no allocation or page faults per plan).
-  thread_local std::vector<uint8_t> full;
-  full.assign(slot.size(), 0);
-  auto is_full = [&](i64 k) { return full[k] != 0; };
+  // One bit per page slot (16 KiB for 128k pages stays in L1), in a buffer the thread keeps.
+  thread_local std::vector<uint64_t> full;
+  full.assign((slot.size() + 63) / 64, 0);
+  auto is_full = [&](i64 k) { return (full[k >> 6] >> (k & 63)) & 1; };
   std::vector<std::pair<int32_t, i64>> partial_pages;
   for (size_t i = 0; i < order.size(); ++i) {
     const i64 q = order[i], len = keys.length(q);
     const int32_t* pages = t.indices + t.indptr[q];
     const i64 full_len = len > 0 && t.last_len[q] != ps ? len - 1 : len;
-    if (slot.dense())
+    if (slot.dense()) {
       mark(full.data(), pages + std::min(lcp[i], full_len), pages + full_len);
-    else
-      for (i64 d = lcp[i]; d < full_len; ++d) full[slot(pages[d])] = 1;
+    } else {
+      for (i64 d = lcp[i]; d < full_len; ++d) {
+        const i64 k = slot(pages[d]);
+        full[k >> 6] |= uint64_t{1} << (k & 63);
+      }
+    }
     if (full_len < len && lcp[i] < len) partial_pages.emplace_back(pages[len - 1], t.last_len[q]);
   }
-  i64 unique_tokens = ps * count_marked(full.data(), slot.size());
+  i64 unique_tokens = ps * count_bits(full.data(), static_cast<i64>(full.size()));
   std::sort(partial_pages.begin(), partial_pages.end());
   for (size_t k = 0; k < partial_pages.size(); ++k) {
     const bool last_of_page = k + 1 == partial_pages.size() || partial_pages[k + 1].first != partial_pages[k].first;
