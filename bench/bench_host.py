@@ -5,7 +5,9 @@ allocation, backend choice, argument packing) is paid 60+ times per step unless 
 Every ``@triton.jit`` kernel of ``treeattn.triton_kernels`` is replaced by a stub that accepts the launch
 and does nothing, so what is timed is treeattn's host path (validation, output allocation, backend choice,
 launcher arithmetic) with the Triton backend, on CUDA tensors where a GPU is present, else on CPU tensors
-(Triton's CPU interpreter serves those). Target: ≤ 10 µs per call.
+(Triton's CPU interpreter serves those). Target: ≤ 5 µs per call where the plan and argument layout are
+unchanged (median of single calls on the 2-core development VM); each row prints it and the summary says by
+how much it meets or misses it (nothing asserts a time).
 
     python bench/bench_host.py --out bench/results/local/latest
 """
@@ -26,11 +28,12 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+from summary import target_text  # noqa: E402
 
 import treeattn  # noqa: E402
 from treeattn.testing import workload_table  # noqa: E402
 
-TARGET_US = 10.0
+TARGET_US = 5.0
 
 
 class _StubLaunch:
@@ -124,7 +127,7 @@ def main(argv=None):
                              "target_us": TARGET_US})
     common.print_table(rows, ["case", "device", "host_us", "target_us"])
     summary = [{"case": r["case"], "measure": f"host time per call on {device} (kernels stubbed)",
-                "value": f"{r['host_us']:.1f} µs", "vs": f"target ≤ {TARGET_US:.0f} µs"} for r in rows]
+                "value": f"{r['host_us']:.1f} µs", "vs": target_text(r["host_us"], TARGET_US)} for r in rows]
     payload = {"env": common.environment(), "rows": rows, "summary": summary}
     print(f"wrote {common.write_results(args.out, 'host', payload)}")
 

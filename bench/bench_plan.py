@@ -1,6 +1,9 @@
-"""Host cost of ``treeattn.plan`` (target: ≤ 100 µs for 256 queries × 8k tokens at page size 16).
+"""Host cost of ``treeattn.plan``: the median of single calls (page ids shuffled, as in a long-running pool).
 
-Host time is real on any machine, so this runs (and reports) on CPU as well as on the GPU machine.
+Targets (µs, median of single calls on the 2-core development VM): 256 queries × 8k tokens at page size 16
+with no sharing ≤ 100; 256 branches of one 8k prompt ≤ 60. Each row prints its target and the summary says by
+how much it meets or misses it; nothing asserts a time. Host time is real on any machine, so this runs (and
+reports) on CPU as well as on the GPU machine.
 
     python bench/bench_plan.py --out bench/results/local/latest
 """
@@ -20,11 +23,15 @@ import treeattn  # noqa: E402
 from treeattn.testing import tree_table, workload_table  # noqa: E402
 
 CASES = {
-    "hydragen_P8k_N256_S64 (shared)": lambda: workload_table("hydragen_P8k_N256_S64"),
+    "hydragen_P8k_N256_S64 (shared)": lambda: workload_table("hydragen_P8k_N256_S64"),  # 256 branches of an 8k prompt
     "256 x 8k, no sharing": lambda: tree_table([0, 8192], [1, 256], 16),
     "tree_2k_4x1k_4x512_4x128": lambda: workload_table("tree_2k_4x1k_4x512_4x128"),
     "bestofN_P4k_N64_S256": lambda: workload_table("bestofN_P4k_N64_S256"),
 }
+
+
+# Host-time targets (µs) of the cases that have one.
+TARGETS_US = {"256 x 8k, no sharing": 100.0, "hydragen_P8k_N256_S64 (shared)": 60.0}
 
 
 def median_plan_us(table, repeats: int) -> float:
@@ -35,14 +42,18 @@ def median_plan_us(table, repeats: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
     parser.add_argument("--out", default="bench/results/local/latest")
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=201)
     args = parser.parse_args(argv)
     rows = []
     for name, make in CASES.items():
         table = make()
-        rows.append({"case": name, "queries": table.num_queries, "nnz_pages": int(table.kv_indices.numel()),
-                     "plan_host_us": median_plan_us(table, args.repeats)})
-    common.print_table(rows, ["case", "queries", "nnz_pages", "plan_host_us"])
+        row = {"case": name, "queries": table.num_queries, "nnz_pages": int(table.kv_indices.numel()),
+               "plan_host_us": median_plan_us(table, args.repeats)}
+        if name in TARGETS_US:
+            row["target_us"] = TARGETS_US[name]
+            row["targets"] = {"plan_host_us": TARGETS_US[name]}
+        rows.append(row)
+    common.print_table(rows, ["case", "queries", "nnz_pages", "plan_host_us", "target_us"])
     print(f"wrote {common.write_results(args.out, 'plan', {'env': common.environment(), 'rows': rows})}")
 
 

@@ -95,14 +95,26 @@ def _peer_lines(bench: str, case: str, row: dict) -> list[dict]:
     return lines
 
 
+def target_text(value_us: float, target_us: float) -> str:
+    """How a host time compares with its target: "meets target ≤ T µs (X µs under)" or "misses target ≤ T µs by
+    X µs (R× the target)"."""
+    if value_us <= target_us:
+        return f"meets target ≤ {target_us:g} µs ({target_us - value_us:.1f} µs under)"
+    return f"misses target ≤ {target_us:g} µs by {value_us - target_us:.1f} µs ({value_us / target_us:.2g}× the target)"
+
+
 def _planner_lines(bench: str, payload: dict) -> list[dict]:
+    """Planner host times; a row's ``targets`` ({time key: target µs}) adds how each compares with its target."""
     lines = []
     for row in payload.get("rows", []):
         case = row.get("case") or row.get("workload")
+        targets = row.get("targets", {})
         for key, label in (("plan_host_us", "treeattn.plan host time"), ("cache_plan_us", "TreeKVCache.plan host time")):
             if key in row and "unique_bytes" not in row:
-                lines.append({"benchmark": bench, "case": case, "measure": label, "value": _fmt(row[key], "µs"),
-                              "vs": f"{row.get('queries', '?')} queries, {row.get('nnz_pages', '?')} pages"})
+                vs = f"{row.get('queries', '?')} queries, {row.get('nnz_pages', '?')} pages"
+                if key in targets:
+                    vs += "; " + target_text(row[key], targets[key])
+                lines.append({"benchmark": bench, "case": case, "measure": label, "value": _fmt(row[key], "µs"), "vs": vs})
     return lines
 
 

@@ -5,10 +5,10 @@
 
 #include <algorithm>
 #include <array>
-#include <bitset>
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -138,7 +138,9 @@ struct Keys {
 
 // Sorts the queries lexicographically by key lists (stable). A work list of (lo, hi, depth) ranges whose
 // members agree on depths [0, depth), not recursion: deep chains of nested groups cannot overflow the stack.
-std::vector<i64> sorted_queries(const Keys& keys, i64 n) {
+// agreed[i] (n + 1 entries, zeros on entry): depths that sorted queries i - 1 and i are known to share, so that
+// their LCP is only compared from there (the shared prompt of a step is compared once, not twice).
+std::vector<i64> sorted_queries(const Keys& keys, i64 n, std::vector<i64>& agreed) {
   std::vector<i64> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::vector<std::array<i64, 3>> todo{{0, n, 0}};
@@ -154,6 +156,7 @@ std::vector<i64> sorted_queries(const Keys& keys, i64 n) {
         shared = keys.common(first, q, depth, std::min(shared, keys.length(q) - std::min(depth, keys.length(q))));
       }
       depth += shared;
+      std::fill(agreed.begin() + lo + 1, agreed.begin() + hi, depth);  // (ranges only nest deeper)
       std::stable_sort(order.begin() + lo, order.begin() + hi,
                        [&](i64 a, i64 b) { return keys.at(a, depth) < keys.at(b, depth); });
       // Every group of equal keys but the last goes on the work list; the loop goes on with the last.
@@ -193,6 +196,8 @@ class PageSlots {
     }
   }
   i64 size() const { return size_; }
+  // Dense: a page id is its own slot.
+  bool dense() const { return dense_; }
   i64 operator()(int32_t page) {
     if (dense_) return page;
     const size_t mask = keys_.size() - 1;
@@ -208,6 +213,47 @@ class PageSlots {
   std::vector<int32_t> keys_;
 };
 
+// True when ids[0:count) are consecutive (ids[j] == ids[0] + j): blocks of 16 steps OR-reduced, the compiler's
+// vector code, stopping at the first block with a gap. (uint32: no overflow past INT32_MAX; ids are >= 0, so a
+// wrapped id never continues a run.)
+bool consecutive(const int32_t* ids, i64 count) {
+  i64 j = 1;
+  for (; j + 16 <= count; j += 16) {
+    uint32_t steps = 0;
+    for (i64 k = j; k < j + 16; ++k) steps |= (static_cast<uint32_t>(ids[k]) - static_cast<uint32_t>(ids[k - 1])) ^ 1u;
+    if (steps) return false;
+  }
+  for (; j < count; ++j)
+    if (static_cast<uint32_t>(ids[j]) != static_cast<uint32_t>(ids[j - 1]) + 1) return false;
+  return true;
+}
+
+// Sets bit id of `bits` for every id in [begin, end) (ids >= 0, in range). A list of consecutive ids (what a
+// fresh allocator hands out) is set a word at a time: one bit per page would chain every store through the
+// same word. Other lists (shuffled pools) one bit per id: random words, no chain, and the bitset stays in L1.
+void mark(uint64_t* bits, const int32_t* begin, const int32_t* end) {
+  if (end - begin > 1 && consecutive(begin, end - begin)) {
+    for (i64 lo = *begin, hi = lo + (end - begin); lo < hi;) {
+      const i64 bit = lo & 63, count = std::min<i64>(64 - bit, hi - lo);
+      bits[lo >> 6] |= (count == 64 ? ~uint64_t{0} : ((uint64_t{1} << count) - 1)) << bit;
+      lo += count;
+    }
+    return;
+  }
+  for (const int32_t* p = begin; p < end; ++p) bits[*p >> 6] |= uint64_t{1} << (*p & 63);
+}
+
+// Set bits in words[0:count). x86-64 glibc builds carry a POPCNT clone (baseline x86-64 has no popcount
+// instruction and calls a library routine per word).
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__)
+__attribute__((target_clones("popcnt", "default")))
+#endif
+i64 count_bits(const uint64_t* words, i64 count) {
+  i64 total = 0;
+  for (i64 k = 0; k < count; ++k) total += __builtin_popcountll(words[k]);
+  return total;
+}
+
 // Distinct (page, slot) tokens: each page counts its largest used prefix once. A full use covers any partial
 // one, and only last slots are partial: a set of fully used pages plus the few partially used last pages.
 // Only the pages of each sorted query past its LCP with its predecessor are read: the others are the
@@ -216,23 +262,26 @@ i64 unique_tokens_of(const Table& t, const Keys& keys, const std::vector<i64>& o
                      i64 max_page) {
   const i64 ps = t.page_size;
   PageSlots slot(max_page, t.nnz);
-  // One bit per page slot: 16 KiB for 128k pages stays in L1 where a byte per page would not.
-  std::vector<uint64_t> full((slot.size() + 63) / 64, 0);
+  // One bit per page slot (16 KiB for 128k pages stays in L1), in a buffer the thread keeps.
+  thread_local std::vector<uint64_t> full;
+  full.assign((slot.size() + 63) / 64, 0);
   auto is_full = [&](i64 k) { return (full[k >> 6] >> (k & 63)) & 1; };
   std::vector<std::pair<int32_t, i64>> partial_pages;
   for (size_t i = 0; i < order.size(); ++i) {
     const i64 q = order[i], len = keys.length(q);
     const int32_t* pages = t.indices + t.indptr[q];
     const i64 full_len = len > 0 && t.last_len[q] != ps ? len - 1 : len;
-    for (i64 d = lcp[i]; d < full_len; ++d) {
-      const i64 k = slot(pages[d]);
-      full[k >> 6] |= uint64_t{1} << (k & 63);
+    if (slot.dense()) {
+      mark(full.data(), pages + std::min(lcp[i], full_len), pages + full_len);
+    } else {
+      for (i64 d = lcp[i]; d < full_len; ++d) {
+        const i64 k = slot(pages[d]);
+        full[k >> 6] |= uint64_t{1} << (k & 63);
+      }
     }
     if (full_len < len && lcp[i] < len) partial_pages.emplace_back(pages[len - 1], t.last_len[q]);
   }
-  i64 num_full = 0;
-  for (uint64_t word : full) num_full += static_cast<i64>(std::bitset<64>(word).count());
-  i64 unique_tokens = ps * num_full;
+  i64 unique_tokens = ps * count_bits(full.data(), static_cast<i64>(full.size()));
   std::sort(partial_pages.begin(), partial_pages.end());
   for (size_t k = 0; k < partial_pages.size(); ++k) {
     const bool last_of_page = k + 1 == partial_pages.size() || partial_pages[k + 1].first != partial_pages[k].first;
@@ -273,7 +322,7 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   const i64 balanced = ceil_div(total_work, programs);
   // An item's token count is an int32 of the plan: at most that many pages per chunk, whatever the policy.
   const i64 max_chunk_pages = std::max<i64>(1, INT32_MAX / ps);
-  i64 num_items = 0;
+  i64 num_items = 0, num_rows_planned = 0;
   for (i64 k = 0; k < num_edges; ++k) {
     const i64 rows_per_block = ceil_div(eq[k], eb[k]) * o.group;
     const i64 chunk_tokens =
@@ -282,9 +331,12 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
     echunks[k] = ceil_div(e.pages[k], chunk_pages);
     echunk_pages[k] = ceil_div(e.pages[k], echunks[k]);
     num_items += eb[k] * echunks[k];
+    num_rows_planned += eq[k] * echunks[k];
   }
 
   std::vector<i64> row_depth;
+  row_depth.reserve(num_rows_planned);
+  it.row_query.reserve(num_rows_planned);
   it.item_page_ptr.reserve(num_items);
   it.item_num_tokens.reserve(num_items);
   it.item_row_ptr.reserve(num_items + 1);
@@ -314,12 +366,24 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   // Queries with one row write directly; the others' rows become partial rows, by (query, depth).
   std::vector<i64> rows_per_query(n, 0);
   for (i64 r = 0; r < num_rows; ++r) rows_per_query[it.row_query[r]]++;
-  std::vector<i64> partial;
+  // Bucketed by query (a counting sort, stable in row order), then each query's few rows by depth: linear
+  // where a comparison sort of every partial row was the largest cost of a shared step.
+  std::vector<i64> bucket_end(n, 0);
+  i64 num_partial = 0;
+  for (i64 q = 0; q < n; ++q)
+    if (rows_per_query[q] > 1) {
+      num_partial += rows_per_query[q];
+      bucket_end[q] = num_partial - rows_per_query[q];
+    }
+  std::vector<i64> partial(num_partial);
   for (i64 r = 0; r < num_rows; ++r)
-    if (rows_per_query[it.row_query[r]] > 1) partial.push_back(r);
-  std::stable_sort(partial.begin(), partial.end(), [&](i64 a, i64 b) {
-    return it.row_query[a] != it.row_query[b] ? it.row_query[a] < it.row_query[b] : row_depth[a] < row_depth[b];
-  });
+    if (rows_per_query[it.row_query[r]] > 1) partial[bucket_end[it.row_query[r]]++] = r;
+  const auto by_depth = [&](i64 a, i64 b) { return row_depth[a] < row_depth[b]; };  // (a query's depths differ)
+  for (i64 q = 0; q < n; ++q) {
+    if (rows_per_query[q] <= 1) continue;
+    const auto last = partial.begin() + bucket_end[q], first = last - rows_per_query[q];
+    if (!std::is_sorted(first, last, by_depth)) std::sort(first, last, by_depth);
+  }
   it.row_dest.assign(num_rows, -1);
   for (i64 k = 0; k < static_cast<i64>(partial.size()); ++k) it.row_dest[partial[k]] = k;
   for (i64 q = 0; q < n; ++q) {
@@ -335,11 +399,13 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   return it;
 }
 
-// One piece of the packed buffer: int32 values (the table) or int64 values (the planner's arrays).
+// One piece of the packed buffer: int32 values (the table), int64 values (the planner's arrays), or a writer
+// that fills it in place (a tree plan's page ids: no intermediate copy of the largest piece).
 struct PieceData {
   const int32_t* i32 = nullptr;
   const i64* i64s = nullptr;
   i64 size = 0;
+  const std::function<void(int32_t*)>* write = nullptr;
   i64 at(i64 k) const { return i32 ? i32[k] : i64s[k]; }
 };
 
@@ -380,7 +446,9 @@ Plan pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64 max
   int32_t* out = plan.packed.get();
   for (size_t p = 0; p < kNumPieces; ++p) {
     const PieceData& d = pieces[p];
-    if (d.i32) {
+    if (d.write) {
+      (*d.write)(out);
+    } else if (d.i32) {
       if (d.size) std::memcpy(out, d.i32, d.size * sizeof(int32_t));
     } else {
       for (i64 k = 0; k < d.size; ++k) {
@@ -431,16 +499,17 @@ Plan plan_table(const TableView& input, const Options& o) {
   for (i64 i = 0; i < n; ++i)
     if (keys.length(i) > 0) naive_tokens += (keys.length(i) - 1) * ps + t.last_len[i];
   // (Sorting reads page ids as numbers only, so it may run before they are checked.)
-  const std::vector<i64> order = sorted_queries(keys, n);
-  std::vector<i64> sstart(n), slen(n), lcp(n + 1, 0);
+  std::vector<i64> lcp(n + 1, 0);
+  const std::vector<i64> order = sorted_queries(keys, n, lcp);  // (lcp holds the depths known shared)
+  std::vector<i64> sstart(n), slen(n);
   for (i64 i = 0; i < n; ++i) {
     sstart[i] = t.indptr[order[i]];
     slen[i] = keys.length(order[i]);
   }
   for (i64 i = 1; i < n; ++i) {
-    i64 common = std::min(slen[i - 1], slen[i]);
-    if (common > 0 && keys.at(order[i - 1], 0) == keys.at(order[i], 0))
-      lcp[i] = keys.common(order[i - 1], order[i], 0, common);
+    const i64 common = std::min(slen[i - 1], slen[i]), known = lcp[i];
+    if (known > 0 || (common > 0 && keys.at(order[i - 1], 0) == keys.at(order[i], 0)))
+      lcp[i] = known + keys.common(order[i - 1], order[i], known, common - known);
   }
   // Every page id is in some sorted query's run past its LCP with its predecessor: check those runs only.
   int32_t low = INT32_MAX, high = -1;
@@ -728,16 +797,18 @@ Plan plan_tree(const TreeView& tree, const Options& o) {
     indptr[q + 1] = static_cast<int32_t>(nnz);
     last_len[q] = static_cast<int32_t>(num_pages ? e - (num_pages - 1) * ps : 0);
   }
-  std::vector<int32_t> indices(nnz);
-  for (i64 q = 0; q < n; ++q) {
-    i64 limit = indptr[q + 1] - indptr[q];  // pages of the row still to write, from index 0
-    for (i64 m = owner[q]; m >= 0 && limit > 0; m = parent[m]) {
-      if (pages[m].size == 0) continue;  // a node without tokens: its path is its parent's
-      const i64 a = t.first_page(m);
-      if (limit > a) std::memcpy(indices.data() + indptr[q] + a, pages[m].data, (limit - a) * sizeof(int32_t));
-      limit = std::min(limit, a);
+  // Written straight into the plan's buffer (every slot: a path's nodes cover page indices 0.. without gaps).
+  const std::function<void(int32_t*)> write_indices = [&](int32_t* indices) {
+    for (i64 q = 0; q < n; ++q) {
+      i64 limit = indptr[q + 1] - indptr[q];  // pages of the row still to write, from index 0
+      for (i64 m = owner[q]; m >= 0 && limit > 0; m = parent[m]) {
+        if (pages[m].size == 0) continue;  // a node without tokens: its path is its parent's
+        const i64 a = t.first_page(m);
+        if (limit > a) std::memcpy(indices + indptr[q] + a, pages[m].data, (limit - a) * sizeof(int32_t));
+        limit = std::min(limit, a);
+      }
     }
-  }
+  };
 
   // Token stats from the nodes, not the table (each page once, not once per query that reads it). A node's
   // pages are read as a prefix of its list: in full up to `kids ? end : reach` (every marked child leads to
@@ -786,7 +857,7 @@ Plan plan_tree(const TreeView& tree, const Options& o) {
     e.first_page.push_back(indptr[walk.order[walk.lo[k]]] + walk.d0[k]);
   }
   const Items items = build_items(walk.order, e, o);
-  const PieceData table[3] = {{indptr.data(), nullptr, n + 1}, {indices.data(), nullptr, nnz},
+  const PieceData table[3] = {{indptr.data(), nullptr, n + 1}, {nullptr, nullptr, nnz, &write_indices},
                               {last_len.data(), nullptr, n}};
   Plan plan = pack(table, items, n, max_page, o);
   plan.stats.unique_tokens = unique_tokens;

@@ -2,6 +2,7 @@
 // under ASan/UBSan, and runs it. The exhaustive checks are the Python tests (tests/test_plan*.py, the fuzz
 // tests) against the binding; this one shows the core stands on its own and agrees with itself across its two
 // entry points.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <stdexcept>
@@ -74,6 +75,32 @@ int main() {
             from_tree.stats.planned_tokens == from_table.stats.planned_tokens &&
             from_tree.stats.trie_edges == from_table.stats.trie_edges,
         "plan_tree: the stats plan_table finds on that table");
+
+  // Distinct pages however the ids come: runs of consecutive ids longer and shorter than the 16-id blocks the
+  // run search compares at once, lone ids, ids repeated at other depths (dense ids: a flag per id), and ids up
+  // to INT32_MAX (sparse: hashed slots). Every list's last page is full: tokens = page_size x distinct ids.
+  const auto check_distinct = [&](const std::vector<std::vector<int32_t>>& rows, const std::string& what) {
+    std::vector<int32_t> ptr{0}, ids, full;
+    for (const auto& row : rows) {
+      ids.insert(ids.end(), row.begin(), row.end());
+      ptr.push_back(static_cast<int32_t>(ids.size()));
+      full.push_back(static_cast<int32_t>(page_size));
+    }
+    std::vector<int32_t> distinct(ids);
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    const i64 n = static_cast<i64>(rows.size());
+    const planner::Plan plan = planner::plan_table(
+        {ptr.data(), n + 1, ids.data(), static_cast<i64>(ids.size()), full.data(), n}, options);
+    check(plan.stats.unique_tokens == page_size * static_cast<i64>(distinct.size()), "plan_table: " + what);
+    check(plan.max_page_id == distinct.back(), "plan_table: max_page_id of " + what);
+  };
+  std::vector<int32_t> run40, block16{7};  // (block16: a repeat at its end)
+  for (int32_t id = 100; id < 140; ++id) run40.push_back(id);
+  block16.insert(block16.begin(), 16, 0);
+  for (int32_t id = 0; id < 16; ++id) block16[id] = id;
+  check_distinct({run40, block16, {120, 3, 200, 17, 18, 19, 150}, {138, 139, 140, 141}}, "dense ids, runs and repeats");
+  check_distinct({{INT32_MAX - 1, INT32_MAX, 0, 1}, {5, INT32_MAX}, run40}, "sparse ids up to INT32_MAX");
 
   // Bad input throws, naming the argument.
   const std::vector<int32_t> bad_indices{0, 1, 2, 0, 1, -3};
