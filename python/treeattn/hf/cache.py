@@ -284,6 +284,7 @@ class TreeCache(Cache):
         """The following decode steps run ``leaves`` (live leaves of :attr:`tree`) as the batch rows. Nothing is
         released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes."""
         self._check_idle("set_rows")
+        self._past = ()
         self._rows = tuple(int(n) for n in leaves)
         self._expects_prompt = False
 
