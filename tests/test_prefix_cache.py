@@ -202,3 +202,98 @@ class PrefixCacheMachine(RuleBasedStateMachine):
 PrefixCacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None,
                                                 suppress_health_check=list(HealthCheck))
 TestPrefixCacheMachine = PrefixCacheMachine.TestCase
+
+
+def _attend(q, k, v, scale):
+    group = q.shape[0] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q, k) * scale, dim=-1)
+    return torch.einsum("hl,lhd->hd", p, v)
+
+
+@pytest.mark.parametrize("page_size", [3, 4])
+def test_decode_through_cached_prefixes_equals_the_reference(page_size):
+    """Sequences continue cached prefixes (hits at every length, inside nodes and pages), decode one step
+    together, and tree_decode over the shared, poisoned pool equals attention over each sequence's rows."""
+    cache = make_cache(page_size=page_size, num_pages=40)
+    pc, rows = PrefixKVCache(cache), Rows(seed=page_size)
+    base = [5, 1, 2, 7, 3, 3, 0, 4, 6, 2, 1]
+    leaf, _, lock = serve(pc, rows, "k", base)
+    pc.insert("k", base, leaf)
+    cache.release(leaf)
+    pc.unlock(lock)
+    live = {}
+    for cut in range(1, len(base)):
+        tokens = base[:cut] + [9, cut]
+        leaf, hit, lock = serve(pc, rows, "k", tokens)
+        assert hit == cut
+        live[leaf] = ("k", tokens)
+    leaf, hit, lock = serve(pc, rows, "other", base[:6] + [9])
+    assert hit == 0
+    live[leaf] = ("other", base[:6] + [9])
+    poison_free_pages(cache)
+    leaves = sorted(live)
+    slots = cache.append(leaves)
+    for leaf, s in zip(leaves, slots.split(1)):
+        key, tokens = live[leaf]
+        tokens.append(8)
+        write_rows(cache, rows, key, tokens, len(tokens) - 1, s)
+    plan = cache.plan(leaves, num_qo_heads=HQ)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(leaves), HQ, DIM, generator=g)
+    scale = 1 / math.sqrt(DIM)
+    for layer in range(LAYERS):
+        out = treeattn.tree_decode(q, **cache.layer(layer), plan=plan, sm_scale=scale)
+        assert not torch.isnan(out).any()
+        for i, leaf in enumerate(leaves):
+            key, tokens = live[leaf]
+            k, v = rows.of(key, tokens, 0, len(tokens), layer)
+            assert relative_error(out[i], _attend(q[i], k, v, scale)) < TOLERANCE[DTYPE]
+
+
+def test_fork_at_cut_back_and_pins_misuse():
+    cache = make_cache(page_size=4, num_pages=8)
+    root = cache.add(6)
+    with pytest.raises(ValueError, match="position: expected"):
+        cache.fork_at(root, 7)
+    with pytest.raises(ValueError, match="position: expected"):
+        cache.fork_at(root, 0)
+    with pytest.raises(ValueError, match="fork_at: expected a node"):
+        cache.fork_at(99, 1)
+    with pytest.raises(ValueError, match="cut_back: expected a released"):
+        cache.cut_back(root, 2)
+    with pytest.raises(ValueError, match="unpin: expected a pinned node"):
+        cache.unpin(root)
+    mid = cache.fork_at(root, 5)  # one whole page shared, the cut page copied
+    assert cache.length(mid) == 5 and cache.allocator.refcount(cache.tree.any_node(root).pages[0]) == 2
+    cache.pin(root)
+    cache.release(root)
+    assert root in cache.tree  # pinned: cached
+    assert cache.cut_back(root, 2) == 2  # (a child would keep it longer; none here)
+    assert cache.tree.any_node(root).end == 2
+    cache.unpin(root)
+    assert root not in cache.tree
+    cache.release(mid)
+    assert cache.stats()["pages_used"] == 0
+
+
+def test_out_of_pages_evicts_only_what_it_must():
+    """A request that fits once cached leaves are evicted evicts the least recently used ones; one that
+    would not fit even then evicts nothing and leaves the cache as it was."""
+    cache = make_cache(page_size=2, num_pages=6)
+    pc, rows = PrefixKVCache(cache), Rows()
+    for first in (1, 2, 3):
+        tokens = [first, 0, 0, 0]
+        leaf, _, lock = serve(pc, rows, None, tokens)
+        pc.insert(None, tokens, leaf)
+        cache.release(leaf)
+        pc.unlock(lock)
+    assert cache.allocator.num_free == 0
+    pc.match(None, [1, 0, 0, 0, 5])  # (a use: sequence 1 is now the most recently used; the lock is dropped)
+    used = pc.stats()["pages_used"]
+    with pytest.raises(OutOfPages):
+        serve(pc, rows, None, [4] * 13)
+    assert pc.stats()["pages_used"] == used and pc.stats()["evicted_tokens"] == 0
+    leaf, _, lock = serve(pc, rows, None, [4] * 3)
+    assert pc.stats()["evicted_tokens"] == 4  # sequence 2, the least recently used
+    assert pc.match(None, [1, 0, 0, 0, 5]).length == 4 and pc.match(None, [2, 0, 0, 0, 5]).length == 0
