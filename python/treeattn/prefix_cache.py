@@ -25,7 +25,8 @@ evicting it would free nothing while it lives.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 from .cache import TreeKVCache
 from .pages import OutOfPages

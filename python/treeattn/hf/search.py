@@ -22,15 +22,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .adapter import attached, unwrap_compiled
 from ..prefix_index import canonical_key
+from .adapter import attached, unwrap_compiled
 from .cache import TreeCache
 from .prefix import PrefixCache
 
 
 class _Node:
-    __slots__ = ("id", "parent", "tokens", "raw", "processed", "cache_node", "fed", "next_logits", "children", "released",
-                 "locks")
+    __slots__ = ("id", "parent", "tokens", "raw", "processed", "cache_node", "fed", "next_logits", "children",
+                 "released", "locks")
 
     def __init__(self, node_id, parent, tokens, cache_node):
         self.id = node_id
