@@ -33,6 +33,7 @@ Every public method either does what it says or raises (``ValueError``, ``TypeEr
 from __future__ import annotations
 
 import weakref
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -318,6 +319,78 @@ class TreeKVCache:
         use are always exactly the pages the live paths read."""
         for pages, start in self.tree.release(self.tree.node(node, "release")):
             self.allocator.release(pages, start)
+
+    # ---- cached sequences (what a prefix cache needs) ----
+
+    def _any_node(self, node, action: str):
+        """A node still in the tree, live or not (a pinned released node included)."""
+        if isinstance(node, bool) or not isinstance(node, (int, np.integer)) or int(node) not in self.tree:
+            raise ValueError(f"{action}: expected a node in the cache's tree (live or pinned), got {node!r}")
+        return self.tree.any_node(int(node))
+
+    def pin(self, node: int) -> None:
+        """Keep ``node``'s path readable (its pages held) even once released, until :meth:`unpin`: a cached
+        sequence. Pins count."""
+        self.tree.pin(self._any_node(node, "pin"))
+
+    def unpin(self, node: int) -> None:
+        """Give back one :meth:`pin`; a released node nobody reads any more then frees its pages."""
+        n = self._any_node(node, "unpin")
+        if not self.tree.pinned(n):
+            raise ValueError(f"unpin: expected a pinned node, got node {n.id} (not pinned)")
+        for pages, start in self.tree.unpin(n):
+            self.allocator.release(pages, start)
+
+    def fork_at(self, node: int, position: int) -> int:
+        """A new live leaf whose path is ``node``'s path cut at ``position`` (``node`` live or pinned,
+        ``0 < position <= length``): at ``node``'s end a child (:meth:`fork`); inside it a leaf beside it holding
+        ``node``'s tokens up to ``position``, sharing its whole pages and copying (one launch) the page the cut
+        falls in and a first page ``node`` shares with its parent. Raises :class:`OutOfPages` (cache unchanged)
+        when the copies do not fit."""
+        n = self._any_node(node, "fork_at")
+        position = check_int("position", position, 1, n.end)
+        while position <= n.start:  # the cut lies on an ancestor's tokens
+            n = n.parent
+        if position == n.end:
+            return self.tree.fork(n, 1)[0].id
+        s = self.page_size
+        first = n.start // s
+        src, private, fills = [], [], []
+        for j in range(first, -(-position // s)):
+            lo, hi = max(j * s, n.start), min((j + 1) * s, position)
+            src.append(n.pages[j - first])
+            # A page is shared only where the new leaf holds it whole, so the allocator's fill bookkeeping (which
+            # reads a node's first page as continued in place from its start) never sees a shared first page.
+            if lo > j * s or hi < (j + 1) * s:
+                private.append(len(src) - 1)
+                fills.append(hi - j * s)
+        if len(private) > self.allocator.num_free:
+            raise OutOfPages(len(private), self.allocator.num_free, "fork_at")
+        if private:  # into pages still free: if the launch fails, the cache is as it was
+            dst = self.allocator.free_pages()[: len(private)]
+            torch.ops.treeattn.copy_pages_run(
+                self._pool, *(self._to_device(np.asarray(x)) for x in ([src[i] for i in private], dst, fills)))
+        taken = iter(self.allocator.take(fills, "fork_at"))
+        pages = list(src)
+        for i in private:
+            pages[i] = next(taken)
+        shared = set(range(len(src))) - set(private)
+        self.allocator.share([src[i] for i in sorted(shared)])
+        return self.tree.branch(n, position, array("i", pages)).id
+
+    def cut_back(self, node: int, end: int) -> int:
+        """Cut the released, pinned ``node`` back to path length ``end`` (never below a child's start, where
+        a path through it reads on: that start is used instead); frees its pages from page index
+        ``ceil(end / page_size)`` on. Returns the length kept."""
+        n = self._any_node(node, "cut_back")
+        if not n.released:
+            raise ValueError(f"cut_back: expected a released (cached) node, got live node {n.id}")
+        end = check_int("end", end, n.start, n.end)
+        end = max([end, *(kid.start for kid in n.children.values())])
+        if end < n.end:
+            for pages, start in self.tree.cut_back(n, end):
+                self.allocator.release(pages, start)
+        return end
 
     # ---- slots and pools ----
 

@@ -185,6 +185,17 @@ class PageAllocator:
             self._fill[page] = fill
         self.pages_copied += len(growth.copy_src)
 
+    def share(self, pages: Iterable[int]) -> None:
+        """Each of ``pages`` (in use) gets one more holder."""
+        for page in pages:
+            self._refcount[page] += 1
+
+    def take(self, fills: Sequence[int], what: str = "take") -> list[int]:
+        """Fresh pages, ``fills[i]`` slots of the i-th claimed: the first ``len(fills)`` of :meth:`free_pages`.
+        Raises :class:`OutOfPages` (nothing taken) when fewer are free."""
+        self._check_fits(len(fills), what)
+        return [self._take(f) for f in fills]
+
     def release(self, pages: Iterable[int], start: int) -> None:
         """A node that held ``pages`` (its page list) and started at path position ``start`` is gone: each page
         loses a holder and is freed at zero. A node that continued an ancestor's page in place gives back the

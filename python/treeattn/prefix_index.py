@@ -357,6 +357,10 @@ class PrefixIndex:
         self._counters["hit_tokens"] += pos
         return Match(node.cache_node, pos, node) if pos else Match(None, 0, None)
 
+    def unhit(self, num_tokens: int) -> None:
+        """Count ``num_tokens`` of an earlier match's hit as not used after all (the caller computed them)."""
+        self._counters["hit_tokens"] -= check_int("num_tokens", num_tokens, 0, self._counters["hit_tokens"])
+
     # ---- changes ----
 
     def _check_path(self, path, length: int) -> list[Segment]:

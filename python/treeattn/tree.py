@@ -121,6 +121,7 @@ class NodeTree:
         self.page_size = page_size
         self._nodes: dict[int, Node] = {}  # every node in the tree, released internal ones included
         self._live: dict[int, Node] = {}  # the nodes callers may still use
+        self._pins: dict[int, int] = {}  # node id -> pins: a pinned node's path stays readable (a cached sequence)
         self._next_id = 0
         self._last_walk: _Walk | None = None
 
@@ -229,11 +230,41 @@ class NodeTree:
         del self._live[n.id]
         return self._settle(n)
 
-    @staticmethod
-    def _is_reader(n: Node) -> bool:
-        """``n``'s path must stay readable: a live node. (The one place that says who reads; a cached or
-        pinned sequence would count here too.)"""
-        return not n.released
+    def _is_reader(self, n: Node) -> bool:
+        """``n``'s path must stay readable: a live node, or a pinned one (a cached sequence). The one place
+        that says who reads."""
+        return not n.released or n.id in self._pins
+
+    def pin(self, n: Node) -> None:
+        """``n``'s path stays readable, released or not, until as many :meth:`unpin` calls."""
+        self._pins[n.id] = self._pins.get(n.id, 0) + 1
+
+    def pinned(self, n: Node) -> bool:
+        return n.id in self._pins
+
+    def unpin(self, n: Node) -> list[tuple[array, int]]:
+        """Give back a :meth:`pin`; returns the page runs nobody reads any more (as :meth:`release` does)."""
+        if self._pins[n.id] > 1:
+            self._pins[n.id] -= 1
+            return []
+        del self._pins[n.id]
+        return self._settle(n)
+
+    def branch(self, n: Node, end: int, pages: array) -> Node:
+        """A new leaf beside ``n`` (a child of ``n``'s parent) holding ``n``'s positions ``[n.start, end)`` in
+        ``pages`` (shared with ``n`` or copies of its pages): its path is ``n``'s path cut at ``end``."""
+        return self._new(n.parent, n.start, end, pages)
+
+    def cut_back(self, n: Node, end: int) -> list[tuple[array, int]]:
+        """``n`` keeps positions ``[n.start, end)``, ``end`` at least every child's start; returns the page run
+        it gives up (the pages from page index ``ceil(end / page_size)`` on, a whole-page run)."""
+        s = self.page_size
+        keep = -(-end // s) - n.start // s if end > n.start else 0
+        freed = array("i", n.pages[keep:])
+        del n.pages[keep:]
+        n.end = end
+        self._last_walk = None  # (ends and page lists changed under it)
+        return [(freed, (n.start // s + keep) * s if keep else n.start)] if freed else []
 
     def _settle(self, n: Node) -> list[tuple[array, int]]:
         """Trim the tree above ``n``, a node that just stopped being a reader, so that every page a node holds

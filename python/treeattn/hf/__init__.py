@@ -17,6 +17,12 @@ transformers' ``AttentionInterface``.
 :class:`TreeSearch` drives the same adapter from outside, step by step: the whole frontier of a search decoded
 together, one batched step at a time, with each node's tokens and log-probabilities.
 
+    pc = treeattn.hf.PrefixCache(model, num_pages=4096, page_size=16)
+    out = treeattn.hf.generate(model, input_ids, prefix_cache=pc, max_new_tokens=64)
+
+A :class:`PrefixCache` keeps prompts and continuations across calls: a prompt computes only what no earlier
+call (under the same ``cache_key``) left cached, matched token by token.
+
 This subpackage needs HF transformers (``pip install treeattn[hf]``); the rest of treeattn does not.
 """
 
@@ -31,6 +37,7 @@ except ImportError as err:  # pragma: no cover  (the test suite has transformers
 from .adapter import UnsupportedModel
 from .cache import CacheStep, TreeCache
 from .generate import generate
+from .prefix import PrefixCache
 from .search import TreeSearch
 
-__all__ = ["CacheStep", "TreeCache", "TreeSearch", "generate", "UnsupportedModel"]
+__all__ = ["CacheStep", "PrefixCache", "TreeCache", "TreeSearch", "generate", "UnsupportedModel"]

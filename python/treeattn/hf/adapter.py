@@ -287,7 +287,8 @@ def _prefill(forward, cache, kwargs: dict, attention: str):
         lead = kwargs.get("inputs_embeds")
     num_rows, length = lead.shape[0], lead.shape[1]
     per_row = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == num_rows]
-    distinct, inverse = _distinct_rows([kwargs[k] for k in per_row], num_rows)
+    rows = [kwargs[k] for k in per_row] + cache.row_context(num_rows)  # (rows continuing other prefixes differ)
+    distinct, inverse = _distinct_rows(rows, num_rows)
     if len(distinct) < num_rows:
         index = torch.tensor(distinct, device=lead.device)
         kwargs = {k: (v.index_select(0, index.to(v.device)) if k in per_row else v) for k, v in kwargs.items()}

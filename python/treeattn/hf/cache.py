@@ -66,6 +66,7 @@ class CacheStep:
     plan: treeattn.TreePlan | None = None
     longest_row: int = 0
     prompt_attention: str = "sdpa"
+    past: tuple[int, ...] = ()  # prefill over cached prefixes: each row's stored tokens before the step's
 
 
 _IDLE = CacheStep()
@@ -150,16 +151,23 @@ class TreeCache(Cache):
     """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, device=None, dtype=None,
-                 sized_by: str = "TreeCache(...)"):
+                 sized_by: str = "TreeCache(...)", prefixes=None):
         model = unwrap_compiled(model)
         self.spec: ModelSpec = inspect_model(model)
         spec = self.spec
+        # A prefix cache (treeattn.prefix_cache.PrefixKVCache) lends its TreeKVCache and evicts cached
+        # sequences when a step runs out of pages.
+        self.prefixes = prefixes
+        self._past: tuple = ()  # rows to continue from in the next prompt step (cached prefixes), see continue_from
+        self.on_prompt = None  # called with the prompt rows' nodes after a prompt step (to cache the prompts)
         if num_pages is None:
             num_pages = -(-DEFAULT_TOKENS // page_size) if isinstance(page_size, int) and page_size > 0 else 1
         parameter = next(model.parameters())
         device = parameter.device if device is None else torch.device(device)
         dtype = parameter.dtype if dtype is None else dtype
-        if spec.mla:
+        if prefixes is not None:
+            self.tree = prefixes.cache
+        elif spec.mla:
             self.tree = treeattn.TreeKVCache.mla(
                 spec.num_layers, kv_lora_rank=spec.kv_lora_rank, rope_dim=spec.rope_dim, page_size=page_size,
                 num_pages=num_pages, dtype=dtype, device=device,
@@ -233,6 +241,25 @@ class TreeCache(Cache):
         )
         return hint
 
+    def _pages(self, call):
+        """``call()`` (a tree operation taking pages), evicting cached prefixes first when it runs short."""
+        return call() if self.prefixes is None else self.prefixes.reserve(call)
+
+    def continue_from(self, leaves, positions: int) -> None:
+        """The next prompt step continues cached prefixes: batch row ``i`` appends to live leaf ``leaves[i]``
+        (None: a new root), whose path holds the row's first stored tokens; ``positions`` (padding included) is
+        the prompt length already seen. Rows with the same leaf must be the same prompt row."""
+        self._check_idle("continue_from")
+        self._past = tuple(leaves)
+        self._positions = positions
+        self._expects_prompt = True
+
+    def row_context(self, num_rows: int) -> list[torch.Tensor]:
+        """What tells prompt rows apart besides their inputs: the cached prefix each continues (none usually)."""
+        if not self._past:
+            return []
+        return [torch.tensor([-1 if leaf is None else leaf for leaf in self._past])]
+
     def reserve(self, pages_needed: int, what: str) -> None:
         """Raise ``OutOfPages`` (with the ``num_pages`` hint) unless ``pages_needed`` pages are free."""
         free = self.tree.stats()["pages_free"]
@@ -257,6 +284,7 @@ class TreeCache(Cache):
         """The following decode steps run ``leaves`` (live leaves of :attr:`tree`) as the batch rows. Nothing is
         released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes."""
         self._check_idle("set_rows")
+        self._past = ()
         self._rows = tuple(int(n) for n in leaves)
         self._expects_prompt = False
 
@@ -272,42 +300,62 @@ class TreeCache(Cache):
         leaf forked from prompt row ``row_of[i]`` (default: row ``i``); on an exception the roots are released
         and the cache is as it was. ``attention``: the model's own implementation, which runs the prompt."""
         self._check_idle("prefill")
+        past_leaves = self._past
+        if past_leaves:  # this step's rows are distinct prompt rows: one leaf each
+            past_leaves = tuple(past_leaves[row_of.index(u)] for u in range(num_rows)) if row_of else past_leaves
+        self._past = ()
         if mask is None:
             real = [torch.arange(length)] * num_rows
-        else:
-            real = [torch.nonzero(row).flatten() for row in mask.detach().cpu()]
+        else:  # (continuing cached prefixes, the mask also covers the positions seen before)
+            real = [torch.nonzero(row[row.shape[0] - length:]).flatten() for row in mask.detach().cpu()]
         roots: list[int] = []
+        slots = []
         try:
-            for r in real:
-                roots.append(self.tree.add(r.numel()))
+            for u, r in enumerate(real):
+                leaf = past_leaves[u] if past_leaves else None
+                if leaf is None:
+                    roots.append(self._pages(lambda: self.tree.add(r.numel())))
+                    slots.append(self.tree.slots(roots[-1]))
+                else:
+                    slots.append(self._pages(lambda: self.tree.append([leaf], r.numel())))
+                    roots.append(leaf)
         except treeattn.OutOfPages as err:
-            for root in roots:
-                self.tree.release(root)
+            for root, leaf in zip(roots, past_leaves or [None] * len(roots)):
+                if leaf is None:
+                    self.tree.release(root)
             raise self.out_of_pages(err) from None
+        past = tuple(0 if not past_leaves or past_leaves[u] is None else self.tree.length(roots[u]) - r.numel()
+                     for u, r in enumerate(real)) if past_leaves else ()
         self._step = CacheStep(
             mode="prefill", rows=tuple(roots),
-            slots=torch.cat([self.tree.slots(root) for root in roots]) if roots else None,
+            slots=torch.cat(slots) if roots else None,
             take=torch.cat([u * length + r for u, r in enumerate(real)]).to(self.tree.device) if real else None,
-            longest_row=max((r.numel() for r in real), default=0), prompt_attention=attention,
+            longest_row=max((self.tree.length(root) for root in roots), default=0), prompt_attention=attention,
+            past=past,
         )
-        positions, self._positions = self._positions, 0  # a prompt sees no past (TreeSearch adds prompts later)
+        # A prompt sees no past (TreeSearch adds prompts later), unless it continues cached prefixes.
+        positions = self._positions
+        if not past_leaves:
+            self._positions = 0
         try:
             yield self._step
         except BaseException:
             for root in roots:
-                self.tree.release(root)
+                self.tree.release(root)  # (a continued leaf too: the driver that lent it gave it to the step)
             self._positions = positions
             raise
         finally:
             self._step = _IDLE
         row_of = list(range(num_rows)) if row_of is None else row_of
         uses = Counter(row_of)
+        if self.on_prompt is not None:
+            self.on_prompt(roots, row_of)
         children = {u: self.tree.fork(root, uses[u]) for u, root in enumerate(roots)}
         for root in roots:
             self.tree.release(root)  # its children keep the prompt
         self._rows = tuple([children[u].pop() for u in reversed(row_of)][::-1])
         self._expects_prompt = False
-        self._positions = length
+        self._positions = (positions if past_leaves else 0) + length
 
     @contextlib.contextmanager
     def decode(self, num_rows: int, num_tokens: int = 1) -> Iterator[CacheStep]:
@@ -322,7 +370,7 @@ class TreeCache(Cache):
         if num_rows != len(self._rows):
             raise RuntimeError(f"TreeCache: expected {len(self._rows)} rows (the cache's), got {num_rows}")
         try:
-            slots = self.tree.append(self._rows)
+            slots = self._pages(lambda: self.tree.append(self._rows))
         except treeattn.OutOfPages as err:
             raise self.out_of_pages(err) from None
         self._positions += 1
@@ -351,7 +399,16 @@ class TreeCache(Cache):
         if step.take is not None:
             flat = tuple(t.index_select(0, step.take) for t in flat)
         self.tree.write(layer, step.slots, *(t.to(self.tree.dtype).contiguous() for t in flat))
+        if step.past:  # the prompt's own attention also reads the cached prefixes, laid out as the past positions
+            return self._with_past(layer, a, b)
         return a, b
+
+    def _with_past(self, layer: int, a: torch.Tensor, b: torch.Tensor):
+        """``a, b`` with each row's cached prefix in front, right-aligned in the ``positions`` seen before the
+        step (left padding 0, as :meth:`dense_kv` lays rows out)."""
+        parts = [self._dense_row(layer, node, n, self._positions) for node, n in zip(self._step.rows, self._step.past)]
+        past = [torch.stack([p[i] for p in parts]).to(a.dtype) for i in range(2)]
+        return torch.cat([past[0], a], dim=2), torch.cat([past[1], b], dim=2)
 
     # ---- reading rows back ----
 
@@ -361,18 +418,21 @@ class TreeCache(Cache):
         source = self.tree.path_slots(node)[:count]
         return tuple(p.flatten(0, 1)[source] for name, p in self.layer_kv(layer).items() if name.endswith("cache"))
 
+    def _dense_row(self, layer: int, node: int, count: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``count`` stored rows of ``node``'s path as a ``DynamicLayer`` row holds them: ``[heads,
+        width, dim]`` twice (MLA: the latent and the roped key), right-aligned, left padding 0."""
+        stored = self._stored(layer, node, count)
+        if self.spec.mla:
+            rows = stored[0][:, None]  # [count, 1, rank + rope]
+            stored = (rows[..., : self.spec.kv_lora_rank], rows[..., self.spec.kv_lora_rank:])
+        return tuple(torch.nn.functional.pad(t.transpose(0, 1), (0, 0, width - count, 0)) for t in stored)
+
     def dense_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer`` as a ``DynamicLayer`` would hold it (a copy): ``(keys, values)`` ``[rows, heads,
         positions, dim]``, every row's stored KV right-aligned (left padding is 0). See ``_TreeLayer``."""
         lengths = [self.tree.length(r) for r in self._rows]
         width = max([self._positions, *lengths])
-        parts = []
-        for node, n in zip(self._rows, lengths):
-            stored = self._stored(layer, node)
-            if self.spec.mla:
-                rows = stored[0][:, None]  # [n, 1, rank + rope]
-                stored = (rows[..., : self.spec.kv_lora_rank], rows[..., self.spec.kv_lora_rank:])
-            parts.append(tuple(torch.nn.functional.pad(t.transpose(0, 1), (0, 0, width - n, 0)) for t in stored))
+        parts = [self._dense_row(layer, node, n, width) for node, n in zip(self._rows, lengths)]
         if not parts:
             shapes = ((1, self.spec.kv_lora_rank), (1, self.spec.rope_dim)) if self.spec.mla else \
                 ((self.spec.num_kv_heads, self.spec.head_dim),) * 2
@@ -424,7 +484,7 @@ class TreeCache(Cache):
         try:
             for node in self._rows:
                 keep = self.tree.length(node) - drop
-                fresh = self.tree.add(keep)
+                fresh = self._pages(lambda: self.tree.add(keep))
                 rebuilt.append(fresh)
                 target = self.tree.slots(fresh)
                 for layer in range(self.spec.num_layers):

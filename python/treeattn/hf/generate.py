@@ -8,6 +8,7 @@ import torch
 
 from .adapter import UnsupportedModel, attached, unwrap_compiled
 from .cache import TreeCache
+from .prefix import PrefixCache
 
 # generate() options that need a cache treeattn does not provide, or attention outputs it does not compute.
 _UNSUPPORTED_OPTIONS = {
@@ -58,7 +59,7 @@ def _prompt_shape(config, input_ids, generate_kwargs: dict) -> tuple[int, int]:
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 16, num_pages: int | None = None,
-             **generate_kwargs):
+             prefix_cache=None, cache_key=None, **generate_kwargs):
     """``model.generate(input_ids, **generate_kwargs)`` with shared-prefix KV: same arguments, same result.
 
     HF's own generation loop makes every decision (sampling, logits processors, beam scores, stopping); the KV
@@ -74,6 +75,11 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         page_size: tokens per KV page.
         num_pages: size of the page pool (default: as much as one cache per sequence would hold, each
             sequence rounded up to whole pages; see :func:`default_num_pages`).
+        prefix_cache: a :class:`~treeattn.hf.PrefixCache`: each prompt continues its longest cached prefix
+            (only the rest is computed), and the prompts and continuations stay cached for later calls
+            (``page_size``/``num_pages`` are the prefix cache's then).
+        cache_key: isolation key of ``prefix_cache`` (None, str, bytes, int, bool or tuples of them): cached
+            prefixes are shared only between calls with equal keys (tenant, adapter, model revision).
         **generate_kwargs: anything ``model.generate`` takes (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``top_k``, ``top_p``, ``num_return_sequences``, ``num_beams``, ``eos_token_id``, ``pad_token_id``,
             ``attention_mask``, ``generation_config``, ``return_dict_in_generate``, ...).
@@ -101,6 +107,10 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         raise UnsupportedModel("use_cache: expected True (treeattn.hf.generate decodes from its cache), got False")
     num_prompts, prompt_length = _prompt_shape(config, input_ids, generate_kwargs)
     num_rows = num_prompts * max(config.num_beams or 1, config.num_return_sequences or 1)
+    if prefix_cache is not None:
+        if not isinstance(prefix_cache, PrefixCache):
+            raise ValueError(f"prefix_cache: expected a treeattn.hf.PrefixCache, got {type(prefix_cache).__name__}")
+        return prefix_cache.generate(model, input_ids, num_rows // num_prompts, cache_key, config, generate_kwargs)
     max_length = prompt_length + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     if num_pages is None:
         num_pages = default_num_pages(num_rows, max(max_length, prompt_length + 1), page_size)

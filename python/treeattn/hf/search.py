@@ -22,12 +22,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from ..prefix_index import canonical_key
 from .adapter import attached, unwrap_compiled
 from .cache import TreeCache
+from .prefix import PrefixCache
 
 
 class _Node:
-    __slots__ = ("id", "parent", "tokens", "raw", "processed", "cache_node", "fed", "next_logits", "children", "released")
+    __slots__ = ("id", "parent", "tokens", "raw", "processed", "cache_node", "fed", "next_logits", "children",
+                 "released", "locks")
 
     def __init__(self, node_id, parent, tokens, cache_node):
         self.id = node_id
@@ -40,6 +43,7 @@ class _Node:
         self.next_logits: torch.Tensor | None = None  # after every token is fed: the next token's logits
         self.children: set[int] = set()
         self.released = False
+        self.locks: list = []  # a prompt node over a prefix cache: the locks on its cached prefix and prompt
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -71,6 +75,11 @@ class TreeSearch:
         page_size: tokens per KV page.
         num_pages: the page pool (default: room for 16384 tokens).
         device, dtype: of the KV pool (default: the model's).
+        prefix_cache: a :class:`~treeattn.hf.PrefixCache` whose pool the search uses: ``add_prompt`` continues
+            the longest cached prefix of the prompt (only the rest is computed), and prompts and released
+            nodes stay cached for later searches and ``generate`` calls (``page_size``, ``num_pages``,
+            ``device`` and ``dtype`` are the prefix cache's then).
+        cache_key: the prefix cache's isolation key for this search's prompts.
 
     Nodes are ints. ``stats()`` has ``TreeKVCache.stats()``'s keys (``pages_used``, ``tokens_stored``,
     ``tokens_if_unshared``, ``memory_saved``, ...) and ``decode_steps`` (batched decode steps so far)::
@@ -81,11 +90,20 @@ class TreeSearch:
         best = max(children, key=lambda c: search.logprobs(c).mean())
     """
 
-    def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, device=None, dtype=None):
+    def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, device=None, dtype=None,
+                 prefix_cache=None, cache_key=None):
         model = unwrap_compiled(model)
         self.model = model
-        self.cache = TreeCache(model, page_size=page_size, num_pages=num_pages, device=device, dtype=dtype,
-                               sized_by="treeattn.hf.TreeSearch")
+        self._prefixes, self._key = None, cache_key
+        if prefix_cache is not None:
+            if not isinstance(prefix_cache, PrefixCache):
+                raise ValueError(f"prefix_cache: expected a treeattn.hf.PrefixCache, got {type(prefix_cache).__name__}")
+            canonical_key(cache_key, "cache_key")
+            self.cache = prefix_cache.tree_cache(model, "treeattn.hf.PrefixCache(...)")
+            self._prefixes = prefix_cache.prefixes
+        else:
+            self.cache = TreeCache(model, page_size=page_size, num_pages=num_pages, device=device, dtype=dtype,
+                                   sized_by="treeattn.hf.TreeSearch")
         self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
         self.device = next(model.parameters()).device
         self._keeps_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -147,8 +165,14 @@ class TreeSearch:
         """Release the node: it can no longer be used; the KV only it needed returns to the pool (its live
         descendants keep theirs, and their tokens)."""
         n = self._node(node, "release")
+        if self._prefixes is not None:  # the node's fed tokens stay cached for later prompts
+            tokens = self.tokens(node)
+            self._prefixes.insert(self._key, tokens[: self.cache.tree.length(n.cache_node)], n.cache_node)
         n.released = True
         self.cache.tree.release(n.cache_node)
+        for lock in n.locks:
+            self._prefixes.unlock(lock)
+        n.locks = []
         while n is not None and n.released and not n.children:  # forget what nothing live refers to
             del self._nodes[n.id]
             if n.parent is not None:
@@ -180,18 +204,48 @@ class TreeSearch:
             raise ValueError("input_ids: expected at least one token, got none")
         cache = self.cache
         rows = cache.rows
-        cache.expect_prompt()
+        locks, hit, leaf = [], 0, None
         try:
+            if self._prefixes is not None:
+                hit, leaf = self._match_prompt(prompt, locks)
+            else:
+                cache.expect_prompt()
             with attached(self.model, cache):
-                logits = self._forward(input_ids=torch.tensor([prompt], device=self.device))
+                logits = self._forward(input_ids=torch.tensor([prompt[hit:]], device=self.device))
         except BaseException:
             if not cache.expects_prompt:  # the prefill was stored before the failure: take it back
                 cache.tree.release(cache.rows[0])
+            elif leaf is not None and leaf in cache.tree.tree.live_ids():  # (the prompt step never took it)
+                cache.tree.release(leaf)
             cache.set_rows(rows)
+            for lock in locks:
+                self._prefixes.unlock(lock)
             raise
+        finally:
+            cache.on_prompt = None
+        if self._prefixes is not None:
+            self._prefixes.count_prefill(len(prompt) - hit)
         node = self._new_node(None, prompt, cache.rows[0])
+        node.locks = locks
         node.fed, node.next_logits = len(prompt), logits[0]
         return node.id
+
+    def _match_prompt(self, prompt: list[int], locks: list) -> tuple[int, int | None]:
+        """Continue the prompt's longest cached prefix in the next prompt step (and cache the prompt once it is
+        stored); returns the tokens matched and the leaf holding them. The locks taken go to ``locks``."""
+        prefixes, cache = self._prefixes, self.cache
+        hit = prefixes.match(self._key, prompt)
+        locks.append(hit.lock)
+        if hit.leaf is None:
+            cache.expect_prompt()
+        else:
+            cache.continue_from([hit.leaf], hit.length)
+
+        def record(nodes, row_of):
+            locks.append(prefixes.insert(self._key, prompt, nodes[0], lock=True)[1])
+
+        cache.on_prompt = record
+        return hit.length, hit.leaf
 
     def _step(self, cache_nodes: list[int], tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` to cache leaf ``cache_nodes[i]``, all in one batched step; returns the logits
