@@ -6,18 +6,26 @@ cache ``model.generate`` returns (one row per sequence, padding included); token
 sequence; whether the sequences are identical. On a GPU also tokens per second of both (new tokens of every
 sequence / wall time, after a warm-up run). On CPU nothing is timed (the Triton kernels run in the interpreter).
 
+``host_step``: the host time treeattn.hf adds to one decode step (attention entries, KV writes, the step's append
+and plan) on a 32-layer, 64-row Llama with a tiny hidden size and every Triton launch stubbed, next to
+``model.generate``'s own step on the same model (target ≤ 0.4 ms added).
+
     python bench/bench_hf.py --out bench/results/local/latest
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import AttentionInterface
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -117,6 +125,112 @@ def run_row(model, name: str, prompt_length: int, new_tokens: int, seed: int = 0
     return row
 
 
+# ---- host time per decode step (kernels stubbed) --------------------------------------------------------
+
+HOST_STEP_TARGET_MS = 0.4
+
+
+class _Clock:
+    """Wall time of every call of the functions it wraps (the per-layer entries of treeattn.hf), by entry."""
+
+    def __init__(self):
+        self.calls: dict[str, list[float]] = {}
+
+    def wrap(self, name: str, fn):
+        calls = self.calls.setdefault(name, [])
+
+        @functools.wraps(fn)
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                calls.append(time.perf_counter() - start)
+        return timed_call
+
+    def per_step_ms(self, steps: int) -> dict[str, float]:
+        """Each entry's median call times its calls per step: a shared machine's preemptions, which a sum would
+        count, do not move a median."""
+        return {name: statistics.median(t) * len(t) / steps * 1e3 for name, t in self.calls.items() if t}
+
+
+@contextlib.contextmanager
+def _clocked_entries(clock: _Clock):
+    """Every per-layer call treeattn.hf adds to a decode step (the attention entry, the cache's KV write) and
+    the step's opening (append and plan) run under ``clock``."""
+    from treeattn.hf import adapter
+    from treeattn.hf.cache import TreeCache
+
+    saved_write, saved_decode = TreeCache.write, TreeCache.decode
+    AttentionInterface.register(adapter.IMPLEMENTATION, clock.wrap("attention", adapter.treeattn_attention))
+    timed_write = clock.wrap("kv_write", saved_write)
+    TreeCache.write = lambda self, *args: (timed_write if self.step.mode == "decode" else saved_write)(self, *args)
+
+    @contextlib.contextmanager
+    def decode(self, *args, **kwargs):
+        steps = saved_decode(self, *args, **kwargs)
+        clock.wrap("step_open", steps.__enter__)()
+        try:
+            yield self.step
+        finally:
+            steps.__exit__(None, None, None)
+
+    TreeCache.decode = decode
+    try:
+        yield
+    finally:
+        TreeCache.write, TreeCache.decode = saved_write, saved_decode
+        AttentionInterface.register(adapter.IMPLEMENTATION, adapter.treeattn_attention)
+
+
+def host_step_row(layers: int = 32, rows: int = 64, prompt: int = 32, steps: int = 8, repeats: int = 5) -> dict:
+    """Host ms per decode step on a ``layers``-layer Llama with a tiny hidden size (its own math is cheap),
+    ``rows`` greedy rows of one prompt, every Triton launch stubbed: what treeattn.hf adds (the attention entries,
+    the KV writes and the step's append and plan, summed by a clock around them) next to ``model.generate``'s
+    whole step (``steps + 2`` minus 2 new tokens, over ``steps``; median of ``repeats``)."""
+    from bench_host import stubbed_triton_launches
+
+    model = tiny_model("llama", layers=layers, hidden=64, heads=4, vocab=128)
+    ids = torch.randint(3, 128, (1, prompt), generator=torch.Generator().manual_seed(0)).repeat(rows, 1)
+
+    def generate(new_tokens: int, tree: bool) -> None:
+        kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                      eos_token_id=None)
+        if tree:
+            out = treeattn.hf.generate(model, ids, page_size=PAGE_SIZE, return_dict_in_generate=True, **kwargs)
+            out.cache.release()
+        else:
+            model.generate(ids, **kwargs)
+
+    def per_step_ms(tree: bool) -> float:
+        walls = {}
+        for n in (2, steps + 2):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                generate(n, tree)
+                times.append(time.perf_counter() - start)
+            walls[n] = statistics.median(times)
+        return (walls[steps + 2] - walls[2]) / steps * 1e3
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (host time: the tiny model's math gains nothing from threads on a shared machine)
+    try:
+        with stubbed_triton_launches(), torch.no_grad():
+            generate(2, True)
+            clock = _Clock()
+            with _clocked_entries(clock):
+                for _ in range(repeats):
+                    generate(steps + 1, True)  # the prompt, then `steps` decode steps
+            added = clock.per_step_ms(steps * repeats)
+            tree_ms, model_ms = per_step_ms(True), per_step_ms(False)
+    finally:
+        torch.set_num_threads(threads)
+    return {"layers": layers, "rows": rows, "prompt": prompt,
+            "treeattn_added_ms": sum(added.values()), **{f"{name}_ms": ms for name, ms in added.items()},
+            "tree_step_ms": tree_ms, "model_generate_step_ms": model_ms, "target_ms": HOST_STEP_TARGET_MS}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
     parser.add_argument("--out", default="bench/results/local/latest")
@@ -131,8 +245,10 @@ def main(argv=None):
     if on_gpu:
         columns += ["tree_tokens_per_s", "default_tokens_per_s", "speedup"]
     common.print_table(rows, columns)
+    host = host_step_row()
+    common.print_table([host], list(host))
     payload = {"env": common.environment(), "model": model_info(model, PAGE_SIZE), "rows": rows,
-               "summary": summary_lines(rows)}
+               "host_step": host, "summary": summary_lines(rows) + host_step_lines(host)}
     print(f"wrote {common.write_results(args.out, 'hf', payload)}")
 
 
@@ -150,6 +266,18 @@ def summary_lines(rows: list[dict]) -> list[dict]:
             lines.append({"case": case, "measure": "tokens/s (GPU)", "value": f"{r['tree_tokens_per_s']:.0f}",
                           "vs": f"{r['speedup']:.2f}x model.generate ({r['default_tokens_per_s']:.0f} tokens/s)"})
     return lines
+
+
+def host_step_lines(row: dict) -> list[dict]:
+    """The suite summary's line for the host-step row."""
+    added, target = row["treeattn_added_ms"], row["target_ms"]
+    verdict = f"meets target ≤ {target} ms" if added <= target else f"{added / target:.1f}× the target ({target} ms)"
+    return [{"case": f"treeattn.hf decode step, {row['layers']} layers, {row['rows']} rows",
+             "measure": "host ms per step added by treeattn.hf (kernels stubbed)",
+             "value": f"{added:.2f} ms (attention {row.get('attention_ms', 0):.2f}, KV writes "
+                      f"{row.get('kv_write_ms', 0):.2f}, append and plan {row.get('step_open_ms', 0):.2f})",
+             "vs": f"{verdict}; model.generate's whole step "
+                   f"{row['model_generate_step_ms']:.1f} ms, treeattn.hf.generate's {row['tree_step_ms']:.1f} ms"}]
 
 
 if __name__ == "__main__":

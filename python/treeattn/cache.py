@@ -40,7 +40,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from . import kv_ops  # noqa: F401  (registers the treeattn::kv_write_run / copy_pages_run ops)
+from . import kv_ops  # (also registers the treeattn::kv_write_run / copy_pages_run ops)
 from ._validate import check_device, check_float_tensor, check_int, check_kv_scale, is_fp8
 from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
@@ -468,7 +468,11 @@ class TreeKVCache:
         scales = self._scales or ()
         k_scale = scales[0] if scales else None
         v_scale = scales[1] if len(scales) > 1 else None
-        torch.ops.treeattn.kv_write_run(slots, k, v, self._pool, layer, k_scale, v_scale)
+        if torch.compiler.is_compiling() or not all(type(t) is torch.Tensor for t in (slots, k, self._pool)) or (
+                v is not None and type(v) is not torch.Tensor):
+            torch.ops.treeattn.kv_write_run(slots, k, v, self._pool, layer, k_scale, v_scale)
+        else:  # plain tensors in eager mode: the op's body without its dispatch
+            kv_ops.kv_write(slots, k, v, self._pool, layer, k_scale, v_scale)
 
     def _check_slots(self, slots) -> None:
         if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:

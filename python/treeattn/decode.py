@@ -113,13 +113,14 @@ def _mla_reference(q, caches, table, sm_scale, scales, width):
 _GQA = _OpSpec(
     "tree_decode", ("k_cache", "v_cache"), ("k_scale", "v_scale"), 4, "num_qo_heads",
     _gqa_shapes, _gqa_reference, "gqa_decode.prepare_tree_decode",
-    lambda caches, scales: (_input_layout(caches[0]), _input_layout(caches[1]), _scale_key(scales[0]),
-                            _scale_key(scales[1])),
+    lambda caches, scales: (_input_layout(caches[0]), _input_layout(caches[1]),
+                            None if scales[0] is None else _scale_key(scales[0]),
+                            None if scales[1] is None else _scale_key(scales[1])),
 )
 _MLA = _OpSpec(
     "mla_tree_decode", ("kv_cache",), ("kv_scale",), 3, "num_heads",
     _mla_shapes, _mla_reference, "mla_decode.prepare_mla_tree_decode",
-    lambda caches, scales: (_input_layout(caches[0]), _scale_key(scales[0])),
+    lambda caches, scales: (_input_layout(caches[0]), None if scales[0] is None else _scale_key(scales[0])),
     sm_scale_hint=(
         "sm_scale: required for MLA (the absorbed head dim 576 is not the attention's true head dim); "
         "DeepSeek-V3 uses 1/sqrt(192)·mscale² (1/sqrt(qk_nope_head_dim + qk_rope_head_dim) times the YaRN "
@@ -246,6 +247,8 @@ class _Step:
         self.out_shape, self.lse_shape, self.run = out_shape, lse_shape, run
 
 
+_is_compiling = torch.compiler.is_compiling  # (looked up once: every call asks)
+
 _MAX_STEPS_PER_PLAN = 64  # layouts seen with one plan; past this the plan's table is cleared (never unbounded)
 
 
@@ -262,7 +265,7 @@ def _input_layout(t) -> tuple:
 
 def _scale_key(scale):
     """A scale's part of a layout key: a tensor's input layout, or a float's type and value (fixed in the
-    launch)."""
+    launch). (The keys skip this call for None, the usual scale, which no float or tensor key equals.)"""
     return _input_layout(scale) if isinstance(scale, torch.Tensor) else (type(scale), scale)
 
 
@@ -314,7 +317,7 @@ def _validate(spec: _OpSpec, q, caches, plan, sm_scale, scales, v_head_dim):
 def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_head_dim, out, lse_out, return_lse):
     """One decode op, both families (arguments as in :func:`tree_decode` / :func:`mla_tree_decode`)."""
     key = None
-    if not torch.compiler.is_compiling():
+    if not _is_compiling():
         try:
             # Per-op layouts of the caches and scales: a loop over them (map, a comprehension) costs more.
             key = (spec, _dispatch.forced(), type(sm_scale), sm_scale, type(v_head_dim), v_head_dim,

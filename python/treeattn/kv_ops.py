@@ -65,18 +65,25 @@ def _copy_pages_reference(pool, src, dst, num_slots):
     planes[:, (dst[:, None] * page_size + slot)[used]] = planes[:, (src[:, None] * page_size + slot)[used]]
 
 
+def kv_write(slots, k, v, pool, layer, k_scale=None, v_scale=None) -> None:
+    """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA). Slots outside
+    ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer.
+    An FP8 pool comes with fp32 ``k_scale`` (``v_scale``) ``[num_layers, H]``: the rows are quantized. The body
+    of ``treeattn::kv_write_run``; eager calls with plain tensors call it directly (the op's dispatch costs
+    more than the launch)."""
+    if k_scale is None:
+        _dispatch.run("kv_write", slots.device, slots, k, v, pool, layer)
+    else:
+        _dispatch.run("kv_write_fp8", slots.device, slots, k, v, pool, layer, k_scale, v_scale)
+
+
 @torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))
 def _kv_write_run(
     slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, pool: torch.Tensor, layer: int,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
-    """``pool[0, layer]`` at flat ``slots`` = ``k`` (and ``pool[1, layer]`` = ``v`` for GQA). Slots outside
-    ``[0, num_pages * page_size)`` are skipped: a negative slot is padding, and no slot writes outside the layer.
-    An FP8 pool comes with fp32 ``k_scale`` (``v_scale``) ``[num_layers, H]``: the rows are quantized."""
-    if k_scale is None:
-        _dispatch.run("kv_write", slots.device, slots, k, v, pool, layer)
-    else:
-        _dispatch.run("kv_write_fp8", slots.device, slots, k, v, pool, layer, k_scale, v_scale)
+    """:func:`kv_write` as a registered op (what ``torch.compile`` traces and tensor subclasses go through)."""
+    kv_write(slots, k, v, pool, layer, k_scale, v_scale)
 
 
 @_kv_write_run.register_fake

@@ -214,12 +214,17 @@ def treeattn_attention(module, query, key, value, attention_mask, scaling=None, 
     layer = module.layer_idx
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    q = query[:, :, 0].to(device=cache.tree.device, dtype=cache.tree.dtype)  # (a pool of another dtype)
+    tree = cache.tree
+    q = query[:, :, 0]
+    if q.dtype != tree.dtype or q.device != tree.device:
+        q = q.to(device=tree.device, dtype=tree.dtype)  # (a pool of another dtype)
     if cache.spec.mla:
         out = _mla_decode(module, q, cache, layer, scaling)
     else:
-        out = treeattn.tree_decode(q.contiguous(), **cache.layer_kv(layer), plan=step.plan, sm_scale=scaling)
-    return out.to(device=query.device, dtype=query.dtype).view(rows, 1, heads, out.shape[-1]), None
+        out = treeattn.tree_decode(q.contiguous(), **cache.decode_kwargs(layer), plan=step.plan, sm_scale=scaling)
+    if out.dtype != query.dtype or out.device != query.device:
+        out = out.to(device=query.device, dtype=query.dtype)
+    return out.view(rows, 1, heads, out.shape[-1]), None
 
 
 def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:

@@ -178,6 +178,9 @@ class TreeCache(Cache):
                 dtype=dtype, device=device,
             )
         super().__init__(layers=[_TreeLayer(self, i) for i in range(spec.num_layers)])
+        # The pool never moves: each layer's views (and their keyword form) are made once, not per call.
+        self._layer_kv = tuple(self.tree.layer(i) for i in range(spec.num_layers))
+        self._decode_kwargs = tuple(dict(layer) for layer in self._layer_kv)
         self.sized_by = sized_by
         self._rows: tuple[int, ...] = ()
         self._positions = 0
@@ -270,7 +273,14 @@ class TreeCache(Cache):
         """Layer ``layer``'s pool as the decode op's keyword arguments (:meth:`treeattn.TreeKVCache.layer`):
         ``k_cache``, ``v_cache`` (``k_scale``, ``v_scale`` for FP8) for GQA, ``kv_cache`` (``kv_scale``) for MLA,
         so that ``treeattn.tree_decode(q, **cache.layer_kv(i), plan=cache.step.plan)`` fits every pool."""
-        return self.tree.layer(layer)
+        if isinstance(layer, int) and 0 <= layer < len(self._layer_kv):
+            return self._layer_kv[layer]
+        return self.tree.layer(layer)  # (which names what is wrong with ``layer``)
+
+    def decode_kwargs(self, layer: int) -> dict[str, torch.Tensor]:
+        """:meth:`layer_kv` as a plain dict, made once per cache (the attention unpacks it in every layer of
+        every step). Do not change it."""
+        return self._decode_kwargs[layer]
 
     # ---- steps ----
 
@@ -392,13 +402,18 @@ class TreeCache(Cache):
         if step.mode == "idle":
             raise RuntimeError("TreeCache: written outside a step (use treeattn.hf.generate or treeattn.hf.TreeSearch)")
         rows, tokens = a.shape[0], a.shape[2]
+        dtype = self.tree.dtype
         if self.spec.mla:
             flat = (torch.cat([a, b], dim=-1).transpose(1, 2).reshape(rows * tokens, -1),)
+        elif tokens == 1:  # a decode step: [rows, kv_heads, 1, head_dim] -> [rows, kv_heads, head_dim], a view
+            flat = (a[:, :, 0], b[:, :, 0])
         else:
             flat = tuple(t.transpose(1, 2).reshape(rows * tokens, t.shape[1], t.shape[3]) for t in (a, b))
         if step.take is not None:
             flat = tuple(t.index_select(0, step.take) for t in flat)
-        self.tree.write(layer, step.slots, *(t.to(self.tree.dtype).contiguous() for t in flat))
+        if any(t.dtype != dtype or not t.is_contiguous() for t in flat):
+            flat = tuple(t.to(dtype).contiguous() for t in flat)
+        self.tree.write(layer, step.slots, *flat)
         if step.past:  # the prompt's own attention also reads the cached prefixes, laid out as the past positions
             return self._with_past(layer, a, b)
         return a, b
