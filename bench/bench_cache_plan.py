@@ -1,9 +1,9 @@
 """Host cost of ``TreeKVCache.plan`` against ``treeattn.plan`` on the same trees (the cache's plan, which knows
 the tree, must be at least as cheap as re-detecting the sharing from the page table).
 
-Each benchmark workload (``treeattn.testing.WORKLOADS``) is built in a TreeKVCache (``add(prompt)``, then ``fork`` + ``append`` per level; one
-query per leaf). ``table_plan_us`` is ``treeattn.plan`` on the CSR table of the leaves' paths;
-``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after every leaf grew by
+Each benchmark workload (``treeattn.testing.WORKLOADS``) is built in a TreeKVCache (``add(prompt)``, then
+``fork`` + ``append`` per level; one query per leaf). ``table_plan_us`` is ``treeattn.plan`` on the CSR table
+of the leaves' paths; ``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after every leaf grew by
 one token (a decode loop's step); ``cache_plan_new_nodes_us`` plans a different node list every call (the
 leaves in turn forwards and backwards, as when branches change every step), so the cache cannot reuse the
 subtree it found for the last call; ``append_us`` is the host time of that step's ``cache.append(leaves)``
@@ -64,7 +64,8 @@ def main(argv=None):
             "workload": name,
             "queries": len(leaves),
             "nnz_pages": int(table.kv_indices.numel()),
-            "table_plan_us": common.host_us(lambda: treeattn.plan(*csr, page_size=PAGE_SIZE, device="cpu"), args.repeats),
+            "table_plan_us": common.host_us(
+                lambda: treeattn.plan(*csr, page_size=PAGE_SIZE, device="cpu"), args.repeats),
             "cache_plan_us": common.host_us(lambda: cache.plan(leaves), args.repeats),
             "cache_plan_after_append_us": common.host_us(lambda: cache.plan(leaves), args.repeats,
                                                     before=lambda: cache.append(leaves)),
@@ -77,7 +78,8 @@ def main(argv=None):
             row["cache_plan_target_us"] = CACHE_PLAN_TARGETS_US[name]
             row["targets"] = {"cache_plan_us": CACHE_PLAN_TARGETS_US[name]}
         rows.append(row)
-    common.print_table(rows, ["workload", "queries", "nnz_pages", "table_plan_us", "cache_plan_us", "cache_plan_target_us",
+    common.print_table(rows, ["workload", "queries", "nnz_pages", "table_plan_us", "cache_plan_us",
+                              "cache_plan_target_us",
                               "cache_vs_table",
                               "cache_plan_after_append_us", "cache_plan_new_nodes_us", "append_us"])
     print(f"wrote {common.write_results(args.out, 'cache_plan', {'env': common.environment(), 'rows': rows})}")

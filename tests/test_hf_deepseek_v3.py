@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mdl
 
 import treeattn
 from treeattn.testing import relative_error
-
-import transformers
-from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mdl
 
 HIDDEN = 64
 HEADS = 4

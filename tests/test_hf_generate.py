@@ -10,15 +10,13 @@ import sys
 
 import pytest
 import torch
-
-import treeattn
-from treeattn.testing import assert_close
-
 import transformers  # noqa: E402
 
+import treeattn
 import treeattn.hf  # noqa: E402
 from treeattn.hf.generate import default_num_pages  # noqa: E402
 from treeattn.hf.testing import FAMILIES, cache_bytes, tiny_model  # noqa: E402
+from treeattn.testing import assert_close
 
 PAD = 0
 PAGE = 4  # prompts of 7 and 5 real tokens end mid-page
@@ -292,7 +290,8 @@ def test_sliding_window_only_within_the_window():
     ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(0))
     ref = mistral.generate(ids, max_new_tokens=3, pad_token_id=PAD)  # 8 tokens: inside the window
     assert torch.equal(treeattn.hf.generate(mistral, ids, max_new_tokens=3, pad_token_id=PAD), ref)
-    with pytest.raises(treeattn.hf.UnsupportedModel, match=r"sliding_window: expected every sequence within .* \(9 tokens\)"):
+    with pytest.raises(treeattn.hf.UnsupportedModel,
+                       match=r"sliding_window: expected every sequence within .* \(9 tokens\)"):
         treeattn.hf.generate(mistral, ids, max_new_tokens=8, pad_token_id=PAD)
     assert mistral.config._attn_implementation == "sdpa" and "forward" not in vars(mistral)
 
@@ -320,5 +319,6 @@ def test_optional_dependency():
         "else:\n"
         "    raise AssertionError('treeattn.hf imported without transformers')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"TRITON_INTERPRET": "1", **os.environ})
+    env = {"TRITON_INTERPRET": "1", **os.environ}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr

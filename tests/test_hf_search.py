@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import treeattn
-
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 
+import treeattn
 import treeattn.hf  # noqa: E402
 from treeattn.hf.testing import FAMILIES, teacher_forced_logprobs, tiny_model  # noqa: E402
 from treeattn.testing import assert_close  # noqa: E402
@@ -33,14 +31,16 @@ def _prompt(n, seed, vocab=128):
 def test_logprobs_are_the_models_own(model):
     search = treeattn.hf.TreeSearch(model, page_size=PAGE, num_pages=256)
     root = search.add_prompt(_prompt(9, 1))
-    kids = search.expand([root], 3, max_new_tokens=5, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(2))[0]
+    kids = search.expand([root], 3, max_new_tokens=5, temperature=0.8, top_k=50,
+                         generator=torch.Generator().manual_seed(2))[0]
     grandkids = search.expand(kids[:2], 2, max_new_tokens=3, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert search.logprobs(root).numel() == 0
     for node in kids + [g for group in grandkids for g in group]:
         new = search.new_tokens(node)
         assert search.logprobs(node).shape == new.shape
         assert torch.equal(search.tokens(node)[-len(new):], new)
-        assert_close(search.logprobs(node), teacher_forced_logprobs(model, search.tokens(node), len(new)), torch.float32,
+        expected = teacher_forced_logprobs(model, search.tokens(node), len(new))
+        assert_close(search.logprobs(node), expected, torch.float32,
                      what=f"logprobs of node {node}")
         processed = search.logprobs(node, processed=True)
         assert processed.shape == new.shape and bool((processed <= 0).all())
@@ -61,7 +61,8 @@ def test_a_pool_of_another_dtype():
     root = search.add_prompt(_prompt(9, 3))
     for node in search.expand([root], 2, max_new_tokens=3, generator=torch.Generator().manual_seed(0))[0]:
         new = search.new_tokens(node)
-        assert_close(search.logprobs(node), teacher_forced_logprobs(model, search.tokens(node), len(new)), torch.float16)
+        expected = teacher_forced_logprobs(model, search.tokens(node), len(new))
+        assert_close(search.logprobs(node), expected, torch.float16)
 
 
 def test_batched_expansion_equals_separate_ones(model):
@@ -75,7 +76,8 @@ def test_batched_expansion_equals_separate_ones(model):
         if together:
             groups = search.expand([a, b], 3, generator=gens, **kwargs)
         else:
-            groups = [search.expand([a], 3, generator=gens[0], **kwargs)[0], search.expand([b], 3, generator=gens[1], **kwargs)[0]]
+            groups = [search.expand([a], 3, generator=gens[0], **kwargs)[0],
+                      search.expand([b], 3, generator=gens[1], **kwargs)[0]]
         return [[search.new_tokens(c).tolist() for c in g] for g in groups], search.stats()["decode_steps"]
 
     together, steps_together = run(True)
@@ -153,7 +155,8 @@ class SearchMachine(RuleBasedStateMachine):
             pass
 
     @precondition(lambda self: self.search.nodes())
-    @rule(data=st.data(), num_samples=st.integers(1, 2), new=st.integers(1, 3), stop=st.sampled_from([None, [[5]], [[3, 4]]]))
+    @rule(data=st.data(), num_samples=st.integers(1, 2), new=st.integers(1, 3),
+          stop=st.sampled_from([None, [[5]], [[3, 4]]]))
     def expand(self, data, num_samples, new, stop):
         live = self.search.nodes()
         picked = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=2))
@@ -219,8 +222,8 @@ class _FailOn:
     """A forward pre-hook on one decoder layer that raises ``error`` on its ``k``-th call (after the layers
     before it wrote their KV for the step)."""
 
-    def __init__(self, module, k: int, error=RuntimeError("injected failure")):
-        self.k, self.calls, self.error = k, 0, error
+    def __init__(self, module, k: int, error: BaseException | None = None):
+        self.k, self.calls, self.error = k, 0, RuntimeError("injected failure") if error is None else error
         self.handle = module.register_forward_pre_hook(self)
 
     def __call__(self, module, args):

@@ -64,7 +64,8 @@ def _launch(out_dir: str, llama: str, dsv3: str) -> list[dict]:
         if process.returncode != 0 or not os.path.exists(path):
             with open(os.path.join(out_dir, f"rank{rank}.log")) as log:
                 tail = log.read()[-4000:]
-            pytest.fail(f"rank {rank}: exit status {process.returncode} (killed after {TIMEOUT_S} s if negative)\n{tail}")
+            pytest.fail(
+                f"rank {rank}: exit status {process.returncode} (killed after {TIMEOUT_S} s if negative)\n{tail}")
         results.append(torch.load(path, weights_only=False))
     return results
 
@@ -131,7 +132,8 @@ def test_tp_generate_example_runs_sharded(ranks):
 def test_unsupported_parallel_layout_is_named(name, what):
     model = tiny_model("llama", layers=1)
     model.config.distributed_config = types.SimpleNamespace(**{"tp_size": 2, name: 2})
-    with pytest.raises(treeattn.hf.UnsupportedModel, match=f"distributed_config: expected tensor parallelism only.*{what}"):
+    with pytest.raises(treeattn.hf.UnsupportedModel,
+                       match=f"distributed_config: expected tensor parallelism only.*{what}"):
         treeattn.hf.TreeCache(model, num_pages=4)
 
 
@@ -161,5 +163,6 @@ def test_heads_are_counted_per_rank():
 
 def test_a_shard_that_splits_a_head_is_rejected():
     attention = _attention(k_proj=_Shard(full=64, local=20))
-    with pytest.raises(treeattn.hf.UnsupportedModel, match="expected a tensor-parallel size that divides llama's 8 heads"):
+    with pytest.raises(treeattn.hf.UnsupportedModel,
+                       match="expected a tensor-parallel size that divides llama's 8 heads"):
         adapter._local_heads(attention, "k_proj", 8, "llama")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 import treeattn
@@ -40,7 +41,8 @@ def work(plan: treeattn.TreePlan) -> tuple:
     for i in range(plan.num_items):
         tokens, ptr = t["item_num_tokens"][i], t["item_page_ptr"][i]
         rows = range(t["item_row_ptr"][i], t["item_row_ptr"][i + 1])
-        key = (tuple(t["kv_indices"][ptr : ptr + -(-tokens // s)]), tokens, tuple(sorted(t["row_query"][r] for r in rows)))
+        pages = tuple(t["kv_indices"][ptr : ptr + -(-tokens // s)])
+        key = (pages, tokens, tuple(sorted(t["row_query"][r] for r in rows)))
         if tokens or rows:  # (padding items of a fixed-capacity plan read and write nothing)
             items.append(key)
         row_item.update((r, key) for r in rows)

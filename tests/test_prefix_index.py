@@ -10,6 +10,7 @@ import torch
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
 from treeattn import TreeKVCache
 from treeattn.prefix_index import Eviction, Match, PrefixIndex, Segment, cache_path
 

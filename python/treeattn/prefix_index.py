@@ -400,7 +400,7 @@ class PrefixIndex:
         ckey = canonical_key(key)
         toks = as_tokens(tokens)
         segs = self._check_path(path, len(toks))
-        for i, seg in enumerate(segs):
+        for seg in segs:
             owner = self._cache_refs.get(seg.node)
             if owner is not None and owner[0] != ckey:
                 raise ValueError(f"path: expected cache nodes of key {key!r}, got node {seg.node}, indexed under "

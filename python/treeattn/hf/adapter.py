@@ -114,7 +114,8 @@ def inspect_model(model) -> ModelSpec:
     """The model's :class:`ModelSpec`; raises :class:`UnsupportedModel` naming what treeattn cannot serve."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "generate"):
-        raise UnsupportedModel(f"model: expected a transformers model with a config and generate(), got {type(model).__name__}")
+        raise UnsupportedModel(
+            f"model: expected a transformers model with a config and generate(), got {type(model).__name__}")
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModel(
             f"model: {config.model_type} is an encoder-decoder model; treeattn.hf serves decoder-only models "
@@ -154,8 +155,9 @@ def inspect_model(model) -> ModelSpec:
                 f"model: {kind} has multi-head latent attention that does not cache the latent rows "
                 "(DeepSeek-V3's layout: kv_a_layernorm(c_kv) and roped k_pe); treeattn.hf's MLA path needs that layout"
             )
-        return ModelSpec(num_layers, _local_heads(attn[0], "kv_b_proj", heads, kind), 1,
-                         text.kv_lora_rank + text.qk_rope_head_dim, True, text.kv_lora_rank, text.qk_rope_head_dim, kind)
+        rank, rope = text.kv_lora_rank, text.qk_rope_head_dim
+        return ModelSpec(num_layers, _local_heads(attn[0], "kv_b_proj", heads, kind), 1, rank + rope, True, rank, rope,
+                         kind)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     if attn:
@@ -209,7 +211,8 @@ def treeattn_attention(module, query, key, value, attention_mask, scaling=None, 
         own = _own_attention(step.prompt_attention, module)
         return own(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if step.mode != "decode" or query.shape[2] != 1:
-        raise RuntimeError(f"treeattn attention: expected one new token per row in a decode step, got query {list(query.shape)}")
+        raise RuntimeError(
+            f"treeattn attention: expected one new token per row in a decode step, got query {list(query.shape)}")
     rows, heads = query.shape[0], query.shape[1]
     layer = module.layer_idx
     if scaling is None:
@@ -299,7 +302,8 @@ def _prefill(forward, cache, kwargs: dict, attention: str):
         kwargs = {k: (v.index_select(0, index.to(v.device)) if k in per_row else v) for k, v in kwargs.items()}
     mask = kwargs.get("attention_mask")
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-        raise UnsupportedModel("attention_mask: expected a 2-D [batch, length] padding mask (or None), got a custom mask")
+        raise UnsupportedModel(
+            "attention_mask: expected a 2-D [batch, length] padding mask (or None), got a custom mask")
     with cache.prefill(len(distinct), length, mask, row_of=inverse, attention=attention):
         out = forward(**kwargs)
     if len(distinct) < num_rows:

@@ -55,13 +55,16 @@ def _check_int(name: str, value, low: int) -> int:
 def _token_ids(name: str, value, vocab: int) -> list[int]:
     """A 1-D sequence of token ids (list of ints, 1-D integer tensor, or ``[1, n]`` tensor) as a list."""
     if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() > 2 or (value.dim() == 2 and value.shape[0] != 1):
-            raise ValueError(f"{name}: expected a 1-D tensor of token ids, got {value.dtype} of shape {list(value.shape)}")
+        not_ids = value.dtype.is_floating_point or value.dtype == torch.bool
+        if not_ids or value.dim() > 2 or (value.dim() == 2 and value.shape[0] != 1):
+            raise ValueError(
+                f"{name}: expected a 1-D tensor of token ids, got {value.dtype} of shape {list(value.shape)}")
         value = value.reshape(-1).tolist()
     elif isinstance(value, (list, tuple)):
         value = list(value)
     else:
-        raise ValueError(f"{name}: expected token ids (a list of ints or a 1-D integer tensor), got {type(value).__name__}")
+        raise ValueError(
+            f"{name}: expected token ids (a list of ints or a 1-D integer tensor), got {type(value).__name__}")
     if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in value):
         raise ValueError(f"{name}: expected token ids in [0, {vocab}), got {value!r}")
     return value
@@ -392,7 +395,8 @@ class TreeSearch:
         for s in stop:
             seq = [s] if isinstance(s, int) and not isinstance(s, bool) else _token_ids("stop", s, self.vocab_size)
             if not seq or not 0 <= seq[0] < self.vocab_size:
-                raise ValueError(f"stop: expected non-empty sequences of token ids in [0, {self.vocab_size}), got {s!r}")
+                raise ValueError(
+                    f"stop: expected non-empty sequences of token ids in [0, {self.vocab_size}), got {s!r}")
             sequences.append(seq)
         return sequences
 
@@ -402,7 +406,8 @@ class TreeSearch:
         if isinstance(generator, (list, tuple)) and len(generator) == count and all(
                 g is None or isinstance(g, torch.Generator) for g in generator):
             return list(generator)
-        raise ValueError(f"generator: expected None, a torch.Generator or a list of {count} (one per node), got {generator!r}")
+        raise ValueError(
+            f"generator: expected None, a torch.Generator or a list of {count} (one per node), got {generator!r}")
 
     @staticmethod
     def _processors(temperature, top_k, top_p) -> LogitsProcessorList:

@@ -54,7 +54,8 @@ def cache_bytes(cache) -> int:
     stats = getattr(cache, "stats", None)
     if stats is not None:
         return stats()["bytes_used"]
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    tensors = (t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def memory_report(tree_cache, default_cache=None) -> str:
