@@ -1,14 +1,14 @@
 """Host cost of ``TreeKVCache.plan`` against ``treeattn.plan`` on the same trees (the cache's plan, which knows
 the tree, must be at least as cheap as re-detecting the sharing from the page table).
 
-Each benchmark workload (``treeattn.testing.WORKLOADS``) is built in a TreeKVCache (``add(prompt)``, then
-``fork`` + ``append`` per level; one query per leaf). ``table_plan_us`` is ``treeattn.plan`` on the CSR table
-of the leaves' paths; ``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after every leaf grew by
-one token (a decode loop's step); ``cache_plan_new_nodes_us`` plans a different node list every call (the
-leaves in turn forwards and backwards, as when branches change every step), so the cache cannot reuse the
-subtree it found for the last call; ``append_us`` is the host time of that step's ``cache.append(leaves)``
-(one token per leaf: page bookkeeping and the new slots). Host time is real on any machine, so this runs on
-CPU as well as on the GPU machine.
+Each benchmark workload (``treeattn.testing.WORKLOADS``) is built in a TreeKVCache (``add(prompt)``, then ``fork``
++ ``append`` per level; one query per leaf). ``table_plan_us`` is ``treeattn.plan`` on the CSR table of the leaves'
+paths; ``cache_plan_us`` re-plans the same tree; ``cache_plan_after_append_us`` plans right after every leaf grew
+by one token (a decode loop's step); ``cache_plan_new_nodes_us`` plans a different node list every call (the leaves
+in turn forwards and backwards, as when branches change every step), so the cache cannot reuse the subtree it found
+for the last call; ``append_us`` is the host time of that step's ``cache.append(leaves)`` (one token per leaf: page
+bookkeeping and the new slots). Host time is real on any machine, so this runs on CPU as well as on the GPU
+machine.
 
     python bench/bench_cache_plan.py --out bench/results/local/latest
 """
