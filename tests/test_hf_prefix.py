@@ -39,7 +39,7 @@ def _batch(rows):
 def _same(model, pc, ids, key=None, seed=0, **kw):
     """model.generate and treeattn.hf.generate(prefix_cache=pc) on the same inputs give the same sequences
     (and scores); returns the sequences."""
-    kw = dict(max_new_tokens=5, pad_token_id=PAD, **kw)
+    kw = {"max_new_tokens": 5, "pad_token_id": PAD, **kw}
     torch.manual_seed(seed)
     ref = model.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
     torch.manual_seed(seed)
@@ -93,6 +93,24 @@ def test_left_padded_batch_sampling_and_beams(model):
     _same(model, pc, ids, attention_mask=mask, do_sample=True, num_return_sequences=3, top_k=20, seed=5)
     assert pc.stats()["hit_tokens"] > before
     _same(model, pc, ids, attention_mask=mask, num_beams=3, num_return_sequences=2, do_sample=False)
+
+
+def test_beam_search_caches_its_returned_sequences(model):
+    """Beam search's returned sequences are cached (HF keeps finished beams apart from the cache's rows, so
+    they are recorded afterwards): the next turn on any of them computes only its new tokens."""
+    g = torch.Generator().manual_seed(7)
+    pc = treeattn.hf.PrefixCache(model, num_pages=96, page_size=PAGE)
+    seqs = _same(model, pc, _tokens(g, 7)[None], num_beams=3, num_return_sequences=3, do_sample=False,
+                 length_penalty=0.5, early_stopping=True)
+    assert pc.stats()["record_tokens"] > 0
+    for r in range(seqs.shape[0]):
+        before = pc.stats()
+        _same(model, pc, torch.cat([seqs[r], _tokens(g, 2)])[None], do_sample=False, max_new_tokens=2)
+        after = pc.stats()
+        # (recorded as whole sequences, their last token's KV included: only the new tokens are computed)
+        assert after["prefill_tokens"] - before["prefill_tokens"] == 2
+    s = pc.stats()
+    assert s["prompt_tokens"] == s["hit_tokens"] + s["prefill_tokens"]
 
 
 def test_isolation_keys(model):
