@@ -113,6 +113,19 @@ def test_beam_search_caches_its_returned_sequences(model):
     assert s["prompt_tokens"] == s["hit_tokens"] + s["prefill_tokens"]
 
 
+def test_beam_search_in_a_small_pool(model):
+    """A pool about the size of one beam call: recording the returned beams evicts earlier sequences, the
+    output is still exact and nothing stays live."""
+    g = torch.Generator().manual_seed(8)
+    pc = treeattn.hf.PrefixCache(model, num_pages=9, page_size=PAGE)
+    for _ in range(2):
+        _same(model, pc, _tokens(g, 7)[None], num_beams=3, num_return_sequences=3, do_sample=False)
+        assert pc.prefixes.cache.tree.live_ids() == []
+        s = pc.stats()
+        assert s["pages_used"] <= 9 and s["prompt_tokens"] == s["hit_tokens"] + s["prefill_tokens"]
+    assert pc.stats()["evicted_tokens"] > 0
+
+
 def test_isolation_keys(model):
     g = torch.Generator().manual_seed(4)
     pc = treeattn.hf.PrefixCache(model, num_pages=64, page_size=PAGE)
