@@ -150,11 +150,28 @@ def run_trace(name, num_pages, mode, seed=0):
 TRACES = ("few_shot", "multi_turn", "self_consistency", "tree_of_thought")
 
 
-def main():
+def summary_lines(rows: list[dict]) -> list[dict]:
+    """The suite summary's lines (see summary.py): per trace, prompt tokens computed with the token-granular
+    cache against none and against page-granular matching."""
+    by = {(r["trace"], r["matching"]): r for r in rows}
+    lines = []
+    for name in TRACES:
+        none, token, page = (by.get((name, m)) for m in ("none", "token", "page"))
+        if not (none and token and page):
+            continue
+        lines.append({
+            "case": name, "measure": f"prompt tokens computed, prefix cache of {token['num_pages']} pages",
+            "value": f"{token['prefill_tokens']} of {none['prefill_tokens']} ({token['hit_rate']:.1%} hit)",
+            "vs": f"page-granular matching: {page['prefill_tokens']} ({page['hit_rate']:.1%} hit); "
+                  "hit rate against pool size: prefix_eviction.png"})
+    return lines
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=common.cli_description(__doc__))
     parser.add_argument("--out", default=None)
     parser.add_argument("--pools", default="64,128,256,512,1024,4096", help="pool sizes (pages) of the eviction curve")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     run_trace("tree_of_thought", 4096, "token")  # warm-up: the first page copy loads the copy kernel
     rows = []
     for name in TRACES:
@@ -164,8 +181,10 @@ def main():
     common.print_table(rows, ["trace", "matching", "prompt_tokens", "prefill_tokens", "hit_rate", "host_s"])
     common.print_table(curve, ["trace", "num_pages", "hit_rate", "evicted_tokens", "failed_calls"])
     if args.out:
-        path = common.write_results(args.out, "prefix", {"env": common.environment(), "rows": rows, "curve": curve})
+        path = common.write_results(args.out, "prefix", {"env": common.environment(), "rows": rows, "curve": curve,
+                                                         "summary": summary_lines(rows)})
         _plot(curve, Path(path).with_name("prefix_eviction.png"))
+    return 0
 
 
 def _plot(curve, path):
@@ -189,4 +208,4 @@ def _plot(curve, path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

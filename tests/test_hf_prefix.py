@@ -39,7 +39,7 @@ def _batch(rows):
 def _same(model, pc, ids, key=None, seed=0, **kw):
     """model.generate and treeattn.hf.generate(prefix_cache=pc) on the same inputs give the same sequences
     (and scores); returns the sequences."""
-    kw = dict(max_new_tokens=5, pad_token_id=PAD, **kw)
+    kw = {"max_new_tokens": 5, "pad_token_id": PAD, **kw}
     torch.manual_seed(seed)
     ref = model.generate(ids, return_dict_in_generate=True, output_scores=True, **kw)
     torch.manual_seed(seed)
@@ -95,6 +95,37 @@ def test_left_padded_batch_sampling_and_beams(model):
     _same(model, pc, ids, attention_mask=mask, num_beams=3, num_return_sequences=2, do_sample=False)
 
 
+def test_beam_search_caches_its_returned_sequences(model):
+    """Beam search's returned sequences are cached (HF keeps finished beams apart from the cache's rows, so
+    they are recorded afterwards): the next turn on any of them computes only its new tokens."""
+    g = torch.Generator().manual_seed(7)
+    pc = treeattn.hf.PrefixCache(model, num_pages=96, page_size=PAGE)
+    seqs = _same(model, pc, _tokens(g, 7)[None], num_beams=3, num_return_sequences=3, do_sample=False,
+                 length_penalty=0.5, early_stopping=True)
+    assert pc.stats()["record_tokens"] > 0
+    for r in range(seqs.shape[0]):
+        before = pc.stats()
+        _same(model, pc, torch.cat([seqs[r], _tokens(g, 2)])[None], do_sample=False, max_new_tokens=2)
+        after = pc.stats()
+        # (recorded as whole sequences, their last token's KV included: only the new tokens are computed)
+        assert after["prefill_tokens"] - before["prefill_tokens"] == 2
+    s = pc.stats()
+    assert s["prompt_tokens"] == s["hit_tokens"] + s["prefill_tokens"]
+
+
+def test_beam_search_in_a_small_pool(model):
+    """A pool about the size of one beam call: recording the returned beams evicts earlier sequences, the
+    output is still exact and nothing stays live."""
+    g = torch.Generator().manual_seed(8)
+    pc = treeattn.hf.PrefixCache(model, num_pages=9, page_size=PAGE)
+    for _ in range(2):
+        _same(model, pc, _tokens(g, 7)[None], num_beams=3, num_return_sequences=3, do_sample=False)
+        assert pc.prefixes.cache.tree.live_ids() == []
+        s = pc.stats()
+        assert s["pages_used"] <= 9 and s["prompt_tokens"] == s["hit_tokens"] + s["prefill_tokens"]
+    assert pc.stats()["evicted_tokens"] > 0
+
+
 def test_isolation_keys(model):
     g = torch.Generator().manual_seed(4)
     pc = treeattn.hf.PrefixCache(model, num_pages=64, page_size=PAGE)
@@ -134,6 +165,11 @@ def test_misuse(model):
     pc = treeattn.hf.PrefixCache(model, num_pages=8, page_size=PAGE)
     with pytest.raises(ValueError, match="prefix_cache: expected"):
         treeattn.hf.generate(model, torch.ones(1, 3, dtype=torch.long), prefix_cache=object(), max_new_tokens=1)
+    out = treeattn.hf.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=1, pad_token_id=PAD,
+                               return_dict_in_generate=True)
+    with pytest.raises(ValueError, match=r"past_key_values: expected None .*prefix_cache=treeattn.hf.PrefixCache"):
+        treeattn.hf.generate(model, out.sequences, past_key_values=out.cache, max_new_tokens=1, pad_token_id=PAD)
+    out.cache.release()
     ids, mask = torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]])
     with pytest.raises(treeattn.hf.UnsupportedModel, match="attention_mask: expected left padding"):
         treeattn.hf.generate(model, ids, attention_mask=mask, prefix_cache=pc, max_new_tokens=1)

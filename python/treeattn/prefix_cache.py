@@ -25,7 +25,8 @@ evicting it would free nothing while it lives.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple, TypeVar
 
 from .cache import TreeKVCache
@@ -56,6 +57,7 @@ class PrefixKVCache:
         self.index = PrefixIndex(cache.page_size)
         self._pinned: set[int] = set()  # cache nodes the index reads, each pinned once
         self.prefill_tokens = 0  # tokens computed for prompts (counted by callers through count_prefill)
+        self.record_tokens = 0  # tokens computed only to cache a result (see recording)
 
     # ---- matching and recording ----
 
@@ -125,7 +127,7 @@ class PrefixKVCache:
 
     def clear(self) -> Eviction:
         """Evict every unlocked cached sequence and reset the counters."""
-        self.prefill_tokens = 0
+        self.prefill_tokens = self.record_tokens = 0
         return self._apply(self.index.clear())
 
     # ---- accounting ----
@@ -134,10 +136,24 @@ class PrefixKVCache:
         """Count ``num_tokens`` prompt tokens computed (not served from the cache)."""
         self.prefill_tokens += int(num_tokens)
 
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Within the block, matches and prefills cache a result rather than serve a prompt: the tokens
+        computed count as ``record_tokens``, and ``prompt_tokens``/``hit_tokens``/``prefill_tokens`` stay as
+        they were (evictions still count)."""
+        counters, prefill = dict(self.index._counters), self.prefill_tokens
+        try:
+            yield
+        finally:
+            self.record_tokens += self.prefill_tokens - prefill
+            self.prefill_tokens = prefill
+            for name in ("prompt_tokens", "hit_tokens"):
+                self.index._counters[name] = counters[name]
+
     def stats(self) -> dict:
         """The index's counters (``prompt_tokens``, ``hit_tokens``, ``cached_tokens``, ``evicted_tokens``,
-        ``cached_pages``, ``evictable_pages``, ``locked_pages``, ``nodes``, ``keys``), ``prefill_tokens``, and
-        the pool's ``pages_used``, ``pages_free``, ``num_pages``."""
+        ``cached_pages``, ``evictable_pages``, ``locked_pages``, ``nodes``, ``keys``), ``prefill_tokens``,
+        ``record_tokens``, and the pool's ``pages_used``, ``pages_free``, ``num_pages``."""
         pool = self.cache.stats()
-        return {**self.index.stats(), "prefill_tokens": self.prefill_tokens,
+        return {**self.index.stats(), "prefill_tokens": self.prefill_tokens, "record_tokens": self.record_tokens,
                 "pages_used": pool["pages_used"], "pages_free": pool["pages_free"], "num_pages": pool["num_pages"]}

@@ -94,7 +94,10 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     """
     for name in ("cache", "past_key_values"):
         if generate_kwargs.get(name) is not None:
-            raise ValueError(f"{name}: expected None (treeattn.hf.generate brings its own TreeCache), got {type(generate_kwargs[name]).__name__}")
+            raise ValueError(f"{name}: expected None (treeattn.hf.generate brings its own TreeCache; to continue an "
+                             "earlier call's sequences, pass prefix_cache=treeattn.hf.PrefixCache(model) to both "
+                             "calls and the later one computes only the new tokens), got "
+                             f"{type(generate_kwargs[name]).__name__}")
     model = unwrap_compiled(model)
     if input_ids is None:
         input_ids = generate_kwargs.pop("inputs", None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..pages import OutOfPages
 from ..prefix_cache import PrefixKVCache
 from ..prefix_index import canonical_key
 from .adapter import UnsupportedModel, attached, inspect_model, unwrap_compiled
@@ -128,13 +129,12 @@ class PrefixCache:
                 out = model.generate(input_ids, cache=cache, **generate_kwargs)
             made = []  # (the prompt step took the leaves)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
-            if not beams:  # (beam search keeps finished beams apart from the cache's rows: prompts only)
-                width = input_ids.shape[1]
+            width = input_ids.shape[1]
+            if not beams:
                 for r, leaf in enumerate(cache.rows):
                     tokens = prompts[r // expand] + sequences[r, width:].tolist()
                     prefixes.insert(cache_key, tokens[: tree.length(leaf)], leaf)
             cache.release()
-            return out
         finally:
             live = set(tree.tree.live_ids())
             for leaf in made:
@@ -144,6 +144,35 @@ class PrefixCache:
                 cache.release()
             for lock in locks:
                 prefixes.unlock(lock)
+        if beams:
+            per_prompt = sequences.shape[0] // len(prompts)
+            # Whole rows, padding after an end-of-sequence included: what a next turn appends to.
+            returned = [prompts[r // per_prompt] + sequences[r, width:].tolist() for r in range(sequences.shape[0])]
+            self._record(model, returned, cache_key, config.pad_token_id)
+        return out
+
+    def _record(self, model, sequences: list[list[int]], cache_key, pad_token_id) -> None:
+        """Cache ``sequences`` (beam search's returned ones: HF keeps finished beams apart from the cache's
+        rows, so their KV is gone by the end) by computing what of them is not cached yet, in one batched
+        forward over the missing tokens. Counted as ``record_tokens``, not as prompt lookups or prefill.
+        Best effort: when the pool cannot hold them, they are not cached (the call's output is unaffected)."""
+        from transformers import GenerationConfig
+
+        width = max(len(s) for s in sequences)
+        pad = 0 if pad_token_id is None else int(pad_token_id)
+        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(sequences):
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+        config = GenerationConfig(max_new_tokens=1, do_sample=False, num_beams=1, pad_token_id=pad)
+        device = next(unwrap_compiled(model).parameters()).device
+        with self.prefixes.recording():
+            try:
+                self.generate(model, ids.to(device), 1, cache_key, config,
+                              dict(attention_mask=mask.to(device), generation_config=config))
+            except OutOfPages:
+                pass
 
 
 def _real_prompts(input_ids: torch.Tensor, mask) -> tuple[list[list[int]], list[int]]:
