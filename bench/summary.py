@@ -6,9 +6,9 @@
 
 Every ratio reads the same way: "× fewer bytes than per-branch decode" (higher is better) and "× the unique
 bytes" (1.0 is the floor, higher is worse), "× the floor" for times (1.0 is the floor), "× faster than the best
-peer" (the fastest of the peers timed on the same row; a peer that did not run is listed with the reason). A benchmark that is not
-one of the known attention/planner rows can add its own lines to the table with a ``summary`` list in its
-JSON payload: ``[{"case": ..., "measure": ..., "value": ..., "vs": ...}, ...]``.
+peer" (the fastest of the peers timed on the same row; a peer that did not run is listed with the reason). A
+benchmark that is not one of the known attention/planner rows can add its own lines to the table with a ``summary``
+list in its JSON payload: ``[{"case": ..., "measure": ..., "value": ..., "vs": ...}, ...]``.
 """
 
 from __future__ import annotations
@@ -109,12 +109,14 @@ def _planner_lines(bench: str, payload: dict) -> list[dict]:
     for row in payload.get("rows", []):
         case = row.get("case") or row.get("workload")
         targets = row.get("targets", {})
-        for key, label in (("plan_host_us", "treeattn.plan host time"), ("cache_plan_us", "TreeKVCache.plan host time")):
+        host_rows = (("plan_host_us", "treeattn.plan host time"), ("cache_plan_us", "TreeKVCache.plan host time"))
+        for key, label in host_rows:
             if key in row and "unique_bytes" not in row:
                 vs = f"{row.get('queries', '?')} queries, {row.get('nnz_pages', '?')} pages"
                 if key in targets:
                     vs += "; " + target_text(row[key], targets[key])
-                lines.append({"benchmark": bench, "case": case, "measure": label, "value": _fmt(row[key], "µs"), "vs": vs})
+                value = _fmt(row[key], "µs")
+                lines.append({"benchmark": bench, "case": case, "measure": label, "value": value, "vs": vs})
     return lines
 
 
@@ -139,7 +141,7 @@ def collect(results: Path) -> tuple[dict, list[dict]]:
 
 
 def markdown(env: dict, lines: list[dict]) -> str:
-    head = [f"# Benchmark summary", "", gpu_line(env), ""]
+    head = ["# Benchmark summary", "", gpu_line(env), ""]
     where = ", ".join(f"{k} {env[k]}" for k in ("python", "torch", "triton") if env.get(k))
     commit = env.get("commit")
     head += [f"Machine: {env.get('gpu') or env.get('cpu', '?')}; {where}; commit {commit[:10] if commit else '?'}"
@@ -189,7 +191,8 @@ def plots(results: Path) -> list[Path]:
         return []
     labels = [f"{b}: {r['workload']}" + (f", {r['heads']} heads" if "heads" in r else "") for b, r in rows]
     series = {name: [r[key] / MB for _, r in rows] for key, name in (
-        ("unique_bytes", "unique KV (floor)"), ("treeattn_bytes", "treeattn"), ("per_branch_bytes", "per-branch split-KV decode"))}
+        ("unique_bytes", "unique KV (floor)"), ("treeattn_bytes", "treeattn"),
+        ("per_branch_bytes", "per-branch split-KV decode"))}
     written = [_grouped_barh(results / "bytes.png", labels, series, "MB read per layer (model)",
                              "Bytes each method reads per decode step and layer")]
     timed = [(label, r) for label, (_, r) in zip(labels, rows) if r.get("treeattn_us")]

@@ -12,7 +12,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, settings, strategies as st
+from cache_model import DIM, DTYPE, HKV, HQ, LAYERS, make_cache, pool_views
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import treeattn
@@ -20,8 +22,6 @@ from treeattn import OutOfPages
 from treeattn.prefix_cache import PrefixKVCache
 from treeattn.prefix_index import canonical_key
 from treeattn.testing import TOLERANCE, relative_error
-
-from cache_model import DIM, DTYPE, HKV, HQ, LAYERS, make_cache, pool_views
 
 
 class Rows:
