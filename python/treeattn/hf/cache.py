@@ -175,6 +175,8 @@ class TreeCache(Cache):
         self._positions = 0
         self._expects_prompt = True
         self._step = _IDLE
+        self._grown_slots: torch.Tensor | None = None  # set_rows(..., slots=): the next decode step's slots
+        self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
 
     # ---- facts transformers asks for ----
 
@@ -215,8 +217,15 @@ class TreeCache(Cache):
         return False
 
     def stats(self) -> dict:
-        """``TreeKVCache.stats()`` of the tree: ``tokens_stored`` vs ``tokens_if_unshared``, pages and bytes."""
-        return self.tree.stats()
+        """``TreeKVCache.stats()`` of the tree (``tokens_stored`` vs ``tokens_if_unshared``, pages and bytes), and
+        ``forward_passes`` (forward passes through the cache, prefill included: plain decoding of T tokens is
+        T), ``draft_tokens`` and ``accepted_draft_tokens`` (speculative decoding, see :meth:`count_draft`)."""
+        return {**self.tree.stats(), **self._counts}
+
+    def count_draft(self, draft_tokens: int, accepted_draft_tokens: int) -> None:
+        """Record one verified draft tree in :meth:`stats`."""
+        self._counts["draft_tokens"] += draft_tokens
+        self._counts["accepted_draft_tokens"] += accepted_draft_tokens
 
     def __repr__(self) -> str:
         return f"TreeCache(rows={len(self._rows)}, positions={self._positions}, {self.tree!r})"
@@ -253,11 +262,20 @@ class TreeCache(Cache):
         self._check_idle("expect_prompt")
         self._expects_prompt = True
 
-    def set_rows(self, leaves) -> None:
-        """The following decode steps run ``leaves`` (live leaves of :attr:`tree`) as the batch rows. Nothing is
-        released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes."""
+    def set_rows(self, leaves, *, slots: torch.Tensor | None = None) -> None:
+        """The following decode steps run ``leaves`` (live nodes of :attr:`tree`) as the batch rows. Nothing is
+        released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes.
+
+        ``slots`` (int64 ``[len(leaves)]``): the rows' new tokens were already appended by the driver, each
+        row's at that slot (a speculative draft tree, grown node by node before its one verifying forward: a
+        row may then be another row's ancestor). The next decode step writes there instead of appending."""
         self._check_idle("set_rows")
-        self._rows = tuple(int(n) for n in leaves)
+        rows = tuple(int(n) for n in leaves)
+        if slots is not None and (not isinstance(slots, torch.Tensor) or slots.shape != (len(rows),)):
+            got = list(slots.shape) if isinstance(slots, torch.Tensor) else type(slots).__name__
+            raise ValueError(f"slots: expected an int64 tensor [{len(rows)}] (one per row), got {got}")
+        self._rows = rows
+        self._grown_slots = slots
         self._expects_prompt = False
 
     def _check_idle(self, what: str) -> None:
@@ -300,6 +318,7 @@ class TreeCache(Cache):
             raise
         finally:
             self._step = _IDLE
+        self._counts["forward_passes"] += 1
         row_of = list(range(num_rows)) if row_of is None else row_of
         uses = Counter(row_of)
         children = {u: self.tree.fork(root, uses[u]) for u, root in enumerate(roots)}
@@ -321,10 +340,12 @@ class TreeCache(Cache):
             )
         if num_rows != len(self._rows):
             raise RuntimeError(f"TreeCache: expected {len(self._rows)} rows (the cache's), got {num_rows}")
-        try:
-            slots = self.tree.append(self._rows)
-        except treeattn.OutOfPages as err:
-            raise self.out_of_pages(err) from None
+        slots, self._grown_slots = self._grown_slots, None
+        if slots is None:
+            try:
+                slots = self.tree.append(self._rows)
+            except treeattn.OutOfPages as err:
+                raise self.out_of_pages(err) from None
         self._positions += 1
         self._step = CacheStep(
             mode="decode", rows=self._rows, slots=slots,
@@ -335,6 +356,7 @@ class TreeCache(Cache):
             yield self._step
         finally:
             self._step = _IDLE
+        self._counts["forward_passes"] += 1
 
     def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
         """Store a layer's new KV in the running step: ``a, b [rows, kv_heads, tokens, head_dim]`` (GQA keys
