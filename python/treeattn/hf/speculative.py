@@ -104,22 +104,27 @@ def speculation_from(model, speculative, num_speculative_tokens, generate_kwargs
         if speculative != "ngram":
             raise ValueError(f"speculative: expected 'ngram' or a draft model, got {speculative!r}")
         return Speculation("ngram", num_speculative_tokens)
+    name = "assistant_model" if assistant is not None else "speculative"
     draft = unwrap_compiled(speculative)
     if not isinstance(draft, torch.nn.Module) or not hasattr(draft, "config"):
-        raise ValueError(f"speculative: expected 'ngram' or a draft model (a HF causal LM), got {type(speculative).__name__}")
+        raise ValueError(f"{name}: expected 'ngram' or a draft model (a HF causal LM), got {type(speculative).__name__}")
+    if draft is unwrap_compiled(model):
+        # (the target's attention runs through its TreeCache during generate, so it cannot also draft plainly)
+        raise UnsupportedModel(f"{name}: expected a draft model other than the target model itself, got the target")
     vocab = model.config.get_text_config(decoder=True).vocab_size
     draft_vocab = draft.config.get_text_config(decoder=True).vocab_size
     if draft_vocab != vocab:
-        raise ValueError(f"speculative: expected a draft model with the target's vocabulary ({vocab} tokens), "
+        raise ValueError(f"{name}: expected a draft model with the target's vocabulary ({vocab} tokens), "
                          f"got {draft_vocab}")
     return Speculation(draft, num_speculative_tokens)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # rows are told apart by identity (two rows may hold the same tokens)
 class _Row:
     """One sequence of the batch: every id (padding included, what the logits processors and the output see),
     its real tokens for drafting, its cache leaf and its last emitted token (not in the cache yet)."""
 
+    b: int  # its row in the batch
     ids: list[int]
     leaf: int
     index: NgramIndex | None
@@ -202,6 +207,37 @@ def _release_rejected(tree, row_nodes: list[int], accepted: list[int], old_leaf:
     return chain[-1]
 
 
+def _processed(logits_processor, batch_size: int, requests: list[tuple[int, list[int]]], logits: torch.Tensor,
+               device) -> torch.Tensor:
+    """``logits [len(requests), vocab]`` through the logits processors, request ``k = (b, ids)`` as batch row
+    ``b`` with ``ids`` before it: processors may read per-row state of the batch (a per-row prompt length), so
+    each call is a whole ``[batch_size, length]`` batch, one call per group of requests of one length and
+    distinct rows (the other rows of a call are fillers whose scores are dropped). Returns the processed
+    scores in request order."""
+    out = torch.empty_like(logits)
+    todo = list(range(len(requests)))
+    while todo:
+        length = len(requests[todo[0]][1])
+        taken, rest, used = [], [], set()
+        for k in todo:
+            b, ids = requests[k]
+            (taken if len(ids) == length and b not in used else rest).append(k)
+            if taken and taken[-1] == k:
+                used.add(b)
+        filler = requests[taken[0]][1]
+        ids = [filler] * batch_size
+        scores = torch.zeros(batch_size, logits.shape[1], dtype=logits.dtype, device=logits.device)
+        for k in taken:
+            b = requests[k][0]
+            ids[b] = requests[k][1]
+            scores[b] = logits[k]
+        scores = logits_processor(torch.tensor(ids, device=device), scores)
+        for k in taken:
+            out[k] = scores[requests[k][0]]
+        todo = rest
+    return out
+
+
 def speculative_decoding(speculation: Speculation):
     """The ``custom_generate`` decoding loop ``model.generate`` runs for ``speculation``."""
 
@@ -236,10 +272,13 @@ def speculative_decoding(speculation: Speculation):
             if speculation.drafter == "ngram":  # rows of one prompt copy its index instead of rebuilding it
                 key = tuple(real)
                 index = prompts[key].copy() if key in prompts else prompts.setdefault(key, NgramIndex(real))
-            rows.append(_Row(list(ids), cache.rows[b], index, list(real)))
+            rows.append(_Row(b, list(ids), cache.rows[b], index, list(real)))
         drafter = _Drafter(speculation, device)
         max_length = stopping_criteria.max_length if stopping_criteria.max_length is not None else \
             generation_config.max_length
+
+        unfinished = [len(rows)]  # rows no stopping criterion has ended yet
+        end = [max_length]  # without EOS: the output's length once every row has stopped
 
         def emit(row: _Row, token: int, score: torch.Tensor) -> None:
             row.ids.append(token)
@@ -250,17 +289,17 @@ def speculative_decoding(speculation: Speculation):
             if row.finished_at is None and bool(stopping_criteria(torch.tensor([row.ids], device=device),
                                                                   score[None])[0]):
                 row.finished_at = len(row.ids)
+                unfinished[0] -= 1
+                if not unfinished[0]:
+                    end[0] = max(r.finished_at for r in rows)
 
         for b, row in enumerate(rows):
             emit(row, int(first[b]), scores[b])
 
         def active(row: _Row) -> bool:
-            if has_eos or all(r.finished_at is not None for r in rows):
-                end = max(r.finished_at for r in rows) if all(r.finished_at is not None for r in rows) else None
-                if has_eos:
-                    return row.finished_at is None
-                return len(row.ids) < end
-            return len(row.ids) < max_length  # (without EOS a stopped row goes on until every row has stopped)
+            if has_eos:
+                return row.finished_at is None
+            return len(row.ids) < end[0]  # (without EOS a stopped row goes on until every row has stopped, as in HF)
 
         tree = cache.tree
         while True:
@@ -290,15 +329,15 @@ def speculative_decoding(speculation: Speculation):
                     tree.release(node)
                 cache.set_rows([r.leaf for r in rows])
                 raise
+            requests = []  # (batch row, the node's prefix) per forward row
+            for row, draft in zip(live, trees):
+                requests.append((row.b, row.ids))
+                requests += [(row.b, row.ids + draft.path_tokens(i)) for i in range(draft.num_nodes)]
+            every = _processed(logits_processor, len(rows), requests, logits, device)
             start = 0
             for row, draft, row_nodes in zip(live, trees, nodes):
-                raw = logits[start:start + draft.num_nodes + 1]
+                processed = every[start:start + draft.num_nodes + 1]
                 start += draft.num_nodes + 1
-                paths = [[]] + [draft.path_tokens(i) for i in range(draft.num_nodes)]
-                processed = torch.cat([
-                    logits_processor(torch.tensor([row.ids + p], device=device), raw[j:j + 1].clone())
-                    for j, p in enumerate(paths)
-                ])
                 if sample:
                     result = verify_sampling(draft, torch.softmax(processed, dim=-1))
                 else:
@@ -316,8 +355,7 @@ def speculative_decoding(speculation: Speculation):
             length = max(len(r.ids) for r in rows)
             ids = [r.ids + [pad] * (length - len(r.ids)) for r in rows]
         else:
-            length = max(r.finished_at for r in rows)
-            ids = [r.ids[:length] for r in rows]
+            ids = [r.ids[:end[0]] for r in rows]
         sequences = torch.tensor(ids, dtype=input_ids.dtype, device=device)
         if generation_config.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)
