@@ -88,7 +88,7 @@ def test_one_row_emits_accepted_plus_one_per_forward(model, self_draft):
     tokens plus the target's own, so new tokens == forward_passes + accepted_draft_tokens."""
     ids, _ = _repetitive_prompts(lengths=(9,))
     for drafter, new in (("ngram", 10), (self_draft, 17)):
-        ref = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=PAD)
+        ref = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=PAD, eos_token_id=None)
         out, stats = _speculative(model, ids, max_new_tokens=new, do_sample=False, eos_token_id=None,
                                   speculative=drafter, num_speculative_tokens=4)
         assert torch.equal(out, ref)

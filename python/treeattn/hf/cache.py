@@ -52,7 +52,7 @@ class CacheStep:
             decode: the row's leaf).
         slots: int64 flat slots the step writes, row-major (prefill: only the real tokens).
         take: prefill: ``[real tokens]`` indices into the flat ``[rows * length]`` tokens of the batch that are
-            stored (padding is not); None in a decode step.
+            stored (padding is not); decode: None, or the row written to each slot (see ``set_rows``).
         plan: decode: the ``TreePlan`` every layer reads; None otherwise.
         longest_row: tokens on the longest row's path once the step's tokens are written.
         prompt_attention: prefill: the model's own attention implementation (``"sdpa"``, ``"eager"``, ...), which
@@ -262,20 +262,24 @@ class TreeCache(Cache):
         self._check_idle("expect_prompt")
         self._expects_prompt = True
 
-    def set_rows(self, leaves, *, slots: torch.Tensor | None = None) -> None:
+    def set_rows(self, leaves, *, slots: torch.Tensor | None = None, take: torch.Tensor | None = None) -> None:
         """The following decode steps run ``leaves`` (live nodes of :attr:`tree`) as the batch rows. Nothing is
         released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes.
 
         ``slots`` (int64 ``[len(leaves)]``): the rows' new tokens were already appended by the driver, each
         row's at that slot (a speculative draft tree, grown node by node before its one verifying forward: a
-        row may then be another row's ancestor). The next decode step writes there instead of appending."""
+        row may then be another row's ancestor). The next decode step writes there instead of appending.
+        ``take`` (int64 ``[len(slots)]``, with ``slots``): the row whose new KV goes to each slot, where a row's
+        token was also copied on write into a child's page before it was written (``slots`` then lists those
+        copies too)."""
         self._check_idle("set_rows")
         rows = tuple(int(n) for n in leaves)
-        if slots is not None and (not isinstance(slots, torch.Tensor) or slots.shape != (len(rows),)):
+        want = len(rows) if take is None else take.shape[0]
+        if slots is not None and (not isinstance(slots, torch.Tensor) or slots.shape != (want,)):
             got = list(slots.shape) if isinstance(slots, torch.Tensor) else type(slots).__name__
-            raise ValueError(f"slots: expected an int64 tensor [{len(rows)}] (one per row), got {got}")
+            raise ValueError(f"slots: expected an int64 tensor [{want}] (one per row, or per take), got {got}")
         self._rows = rows
-        self._grown_slots = slots
+        self._grown_slots = None if slots is None else (slots, take)
         self._expects_prompt = False
 
     def _check_idle(self, what: str) -> None:
@@ -340,7 +344,8 @@ class TreeCache(Cache):
             )
         if num_rows != len(self._rows):
             raise RuntimeError(f"TreeCache: expected {len(self._rows)} rows (the cache's), got {num_rows}")
-        slots, self._grown_slots = self._grown_slots, None
+        grown, self._grown_slots = self._grown_slots, None
+        slots, take = grown if grown is not None else (None, None)
         if slots is None:
             try:
                 slots = self.tree.append(self._rows)
@@ -348,7 +353,7 @@ class TreeCache(Cache):
                 raise self.out_of_pages(err) from None
         self._positions += 1
         self._step = CacheStep(
-            mode="decode", rows=self._rows, slots=slots,
+            mode="decode", rows=self._rows, slots=slots, take=take,
             plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
             longest_row=max((self.tree.length(r) for r in self._rows), default=0),
         )

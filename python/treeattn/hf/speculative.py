@@ -194,6 +194,25 @@ def _grow_nodes(cache, rows: list[_Row], trees: list[DraftTree], made: list[int]
     return [[nodes[i] for i in range(ROOT, draft.num_nodes)] for draft, nodes in zip(trees, node_of)]
 
 
+def _step_slots(tree, trees: list[DraftTree], nodes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the verifying forward writes each node's KV: ``(slots, take)``, ``take[j]`` the forward row (node,
+    row-major as ``nodes``) written to ``slots[j]``. A node's own slot, and every copy of it: a sibling that
+    appended after its parent's page was claimed copied that page on write *before* this forward wrote the
+    parent's KV, so the copy's slot must get it too (as each node's path reads it there)."""
+    device = tree.device
+    own = [int(tree.slots(n)[-1]) for row_nodes in nodes for n in row_nodes]
+    pairs = {(slot, j) for j, slot in enumerate(own)}
+    base = 0
+    for draft, row_nodes in zip(trees, nodes):
+        for i in range(draft.num_nodes):
+            chain = [ROOT] + draft.path(i)  # the pending token, then node i's draft ancestors and itself
+            path = tree.path_slots(row_nodes[i + 1])[-len(chain):].tolist()
+            pairs.update((slot, base + a + 1) for slot, a in zip(path, chain))
+        base += draft.num_nodes + 1
+    slots, take = zip(*sorted(pairs))
+    return torch.tensor(slots, dtype=torch.int64, device=device), torch.tensor(take, dtype=torch.int64, device=device)
+
+
 def _release_rejected(tree, row_nodes: list[int], accepted: list[int], old_leaf: int) -> int:
     """Keep the accepted chain (pending node, then the accepted draft nodes) and return its last node, the
     row's new leaf; release every other node of the row's step and the handles of the chain's inner nodes."""
@@ -314,13 +333,13 @@ def speculative_decoding(speculation: Speculation):
                 except treeattn.OutOfPages as err:
                     raise cache.out_of_pages(err) from None
                 flat = [n for row_nodes in nodes for n in row_nodes]
-                slots = torch.cat([tree.slots(n)[-1:] for n in flat])
+                slots, take = _step_slots(tree, trees, nodes)
                 tokens, positions = [], []
                 for row, draft in zip(live, trees):
                     base = tree.length(row.leaf)
                     tokens += [row.pending] + draft.tokens.tolist()
                     positions += [base] + (base + draft.depth).tolist()
-                cache.set_rows(flat, slots=slots)
+                cache.set_rows(flat, slots=slots, take=take)
                 logits = model(input_ids=torch.tensor(tokens, device=device)[:, None],
                                position_ids=torch.tensor(positions, device=device)[:, None],
                                cache=cache, use_cache=True).logits[:, -1].float()
