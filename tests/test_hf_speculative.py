@@ -14,6 +14,7 @@ import torch
 import treeattn
 import treeattn.hf
 from treeattn.hf.testing import FAMILIES, tiny_model
+from treeattn.testing import assert_close
 from test_speculative_verify import chi_square_p_value
 
 PAD = 0
@@ -94,6 +95,30 @@ def test_one_row_emits_accepted_plus_one_per_forward(model, self_draft):
         assert torch.equal(out, ref)
         assert stats["forward_passes"] + stats["accepted_draft_tokens"] == new
     assert 2 * stats["forward_passes"] <= new  # the draft is the target: two tokens or more a forward
+
+
+def test_every_draft_node_sees_its_own_path(model, other_draft, monkeypatch):
+    """The verifying forward's logits for every node — rejected siblings too, and siblings whose pages were
+    copied on write before their parents' KV was written — are the model's own after that node's prefix."""
+    import treeattn.hf.speculative as speculative
+
+    oracle = copy.deepcopy(model)  # (the model itself runs through treeattn inside generate)
+    ids, mask = _repetitive_prompts()
+    pads = (mask == 0).sum(1).tolist()
+    seen = []
+    processed = speculative._processed
+
+    def recording(logits_processor, batch_size, requests, logits, device):
+        seen.extend((ids_[pads[b]:], row) for (b, ids_), row in zip(requests, logits))
+        return processed(logits_processor, batch_size, requests, logits, device)
+
+    monkeypatch.setattr(speculative, "_processed", recording)
+    _speculative(model, ids, attention_mask=mask, max_new_tokens=6, do_sample=False, speculative=other_draft,
+                 num_speculative_tokens=6)
+    assert len(seen) > 2 * 6
+    with torch.no_grad():
+        for prefix, row in seen:
+            assert_close(row, oracle(torch.tensor([prefix])).logits[0, -1].float(), torch.float32, what="logits")
 
 
 @pytest.mark.parametrize("new", [1, 2, 3])
