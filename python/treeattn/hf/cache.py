@@ -28,8 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections import Counter
-from collections.abc import Mapping
-from typing import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -52,7 +51,7 @@ class CacheStep:
             decode: the row's leaf).
         slots: int64 flat slots the step writes, row-major (prefill: only the real tokens).
         take: prefill: ``[real tokens]`` indices into the flat ``[rows * length]`` tokens of the batch that are
-            stored (padding is not); None in a decode step.
+            stored (padding is not); decode: None, or the row written to each slot (see ``set_rows``).
         plan: decode: the ``TreePlan`` every layer reads; None otherwise.
         longest_row: tokens on the longest row's path once the step's tokens are written.
         prompt_attention: prefill: the model's own attention implementation (``"sdpa"``, ``"eager"``, ...), which
@@ -87,7 +86,7 @@ class _TreeLayer(CacheLayerMixin):
     is_sliding = False
     supports_early_init = False
 
-    def __init__(self, owner: "TreeCache", index: int):
+    def __init__(self, owner: TreeCache, index: int):
         # (CacheLayerMixin.__init__ would assign keys/values, which are read-only here)
         self.owner, self.index = owner, index
         self.is_initialized = True
@@ -186,6 +185,8 @@ class TreeCache(Cache):
         self._positions = 0
         self._expects_prompt = True
         self._step = _IDLE
+        self._grown_slots: torch.Tensor | None = None  # set_rows(..., slots=): the next decode step's slots
+        self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
 
     # ---- facts transformers asks for ----
 
@@ -226,8 +227,15 @@ class TreeCache(Cache):
         return False
 
     def stats(self) -> dict:
-        """``TreeKVCache.stats()`` of the tree: ``tokens_stored`` vs ``tokens_if_unshared``, pages and bytes."""
-        return self.tree.stats()
+        """``TreeKVCache.stats()`` of the tree (``tokens_stored`` vs ``tokens_if_unshared``, pages and bytes), and
+        ``forward_passes`` (forward passes through the cache, prefill included: plain decoding of T tokens is
+        T), ``draft_tokens`` and ``accepted_draft_tokens`` (speculative decoding, see :meth:`count_draft`)."""
+        return {**self.tree.stats(), **self._counts}
+
+    def count_draft(self, draft_tokens: int, accepted_draft_tokens: int) -> None:
+        """Record one verified draft tree in :meth:`stats`."""
+        self._counts["draft_tokens"] += draft_tokens
+        self._counts["accepted_draft_tokens"] += accepted_draft_tokens
 
     def __repr__(self) -> str:
         return f"TreeCache(rows={len(self._rows)}, positions={self._positions}, {self.tree!r})"
@@ -290,12 +298,25 @@ class TreeCache(Cache):
         self._check_idle("expect_prompt")
         self._expects_prompt = True
 
-    def set_rows(self, leaves) -> None:
-        """The following decode steps run ``leaves`` (live leaves of :attr:`tree`) as the batch rows. Nothing is
-        released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes."""
+    def set_rows(self, leaves, *, slots: torch.Tensor | None = None, take: torch.Tensor | None = None) -> None:
+        """The following decode steps run ``leaves`` (live nodes of :attr:`tree`) as the batch rows. Nothing is
+        released: a driver that chooses each step's batch (``TreeSearch``) owns its nodes.
+
+        ``slots`` (int64 ``[len(leaves)]``): the rows' new tokens were already appended by the driver, each
+        row's at that slot (a speculative draft tree, grown node by node before its one verifying forward: a
+        row may then be another row's ancestor). The next decode step writes there instead of appending.
+        ``take`` (int64 ``[len(slots)]``, with ``slots``): the row whose new KV goes to each slot, where a row's
+        token was also copied on write into a child's page before it was written (``slots`` then lists those
+        copies too)."""
         self._check_idle("set_rows")
         self._past = ()
-        self._rows = tuple(int(n) for n in leaves)
+        rows = tuple(int(n) for n in leaves)
+        want = len(rows) if take is None else take.shape[0]
+        if slots is not None and (not isinstance(slots, torch.Tensor) or slots.shape != (want,)):
+            got = list(slots.shape) if isinstance(slots, torch.Tensor) else type(slots).__name__
+            raise ValueError(f"slots: expected an int64 tensor [{want}] (one per row, or per take), got {got}")
+        self._rows = rows
+        self._grown_slots = None if slots is None else (slots, take)
         self._expects_prompt = False
 
     def _check_idle(self, what: str) -> None:
@@ -356,6 +377,7 @@ class TreeCache(Cache):
             raise
         finally:
             self._step = _IDLE
+        self._counts["forward_passes"] += 1
         row_of = list(range(num_rows)) if row_of is None else row_of
         uses = Counter(row_of)
         if self.on_prompt is not None:
@@ -379,13 +401,16 @@ class TreeCache(Cache):
             )
         if num_rows != len(self._rows):
             raise RuntimeError(f"TreeCache: expected {len(self._rows)} rows (the cache's), got {num_rows}")
-        try:
-            slots = self._pages(lambda: self.tree.append(self._rows))
-        except treeattn.OutOfPages as err:
-            raise self.out_of_pages(err) from None
+        grown, self._grown_slots = self._grown_slots, None
+        slots, take = grown if grown is not None else (None, None)
+        if slots is None:
+            try:
+                slots = self._pages(lambda: self.tree.append(self._rows))
+            except treeattn.OutOfPages as err:
+                raise self.out_of_pages(err) from None
         self._positions += 1
         self._step = CacheStep(
-            mode="decode", rows=self._rows, slots=slots,
+            mode="decode", rows=self._rows, slots=slots, take=take,
             plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
             longest_row=max((self.tree.length(r) for r in self._rows), default=0),
         )
@@ -393,6 +418,7 @@ class TreeCache(Cache):
             yield self._step
         finally:
             self._step = _IDLE
+        self._counts["forward_passes"] += 1
 
     def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
         """Store a layer's new KV in the running step: ``a, b [rows, kv_heads, tokens, head_dim]`` (GQA keys

@@ -9,6 +9,7 @@ import torch
 from .adapter import UnsupportedModel, attached, unwrap_compiled
 from .cache import TreeCache
 from .prefix import PrefixCache
+from .speculative import speculation_from, speculative_decoding
 
 # generate() options that need a cache treeattn does not provide, or attention outputs it does not compute.
 _UNSUPPORTED_OPTIONS = {
@@ -59,7 +60,8 @@ def _prompt_shape(config, input_ids, generate_kwargs: dict) -> tuple[int, int]:
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 16, num_pages: int | None = None,
-             prefix_cache=None, cache_key=None, **generate_kwargs):
+             prefix_cache=None, cache_key=None, speculative=None, num_speculative_tokens: int | None = None,
+             **generate_kwargs):
     """``model.generate(input_ids, **generate_kwargs)`` with shared-prefix KV: same arguments, same result.
 
     HF's own generation loop makes every decision (sampling, logits processors, beam scores, stopping); the KV
@@ -80,13 +82,20 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
             (``page_size``/``num_pages`` are the prefix cache's then).
         cache_key: isolation key of ``prefix_cache`` (None, str, bytes, int, bool or tuples of them): cached
             prefixes are shared only between calls with equal keys (tenant, adapter, model revision).
+        speculative: ``"ngram"`` (draft trees from each sequence's own history) or a smaller HF model with the
+            same vocabulary: speculative decoding, each step's draft tree verified in one forward (see
+            :mod:`treeattn.hf.speculative`); greedy output is still ``model.generate``'s, sampling still follows
+            the target's distribution. HF's ``assistant_model=`` and ``prompt_lookup_num_tokens=`` ask for the
+            same. Not with beam search.
+        num_speculative_tokens: draft tokens per sequence and step (default 8).
         **generate_kwargs: anything ``model.generate`` takes (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``top_k``, ``top_p``, ``num_return_sequences``, ``num_beams``, ``eos_token_id``, ``pad_token_id``,
             ``attention_mask``, ``generation_config``, ``return_dict_in_generate``, ...).
 
     Returns:
         What ``model.generate`` returns. With ``return_dict_in_generate=True`` its ``cache`` is the
-        :class:`~treeattn.hf.TreeCache` (``stats()``: ``tokens_stored`` vs ``tokens_if_unshared``).
+        :class:`~treeattn.hf.TreeCache` (``stats()``: ``tokens_stored`` vs ``tokens_if_unshared``;
+        ``forward_passes``, ``draft_tokens``, ``accepted_draft_tokens``).
 
     Raises:
         UnsupportedModel: a model family or option treeattn cannot serve (the message names it).
@@ -101,7 +110,11 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     model = unwrap_compiled(model)
     if input_ids is None:
         input_ids = generate_kwargs.pop("inputs", None)
+    speculation = speculation_from(model, speculative, num_speculative_tokens, generate_kwargs)
     config = _generation_config(model, generate_kwargs)
+    if speculation is not None:
+        speculation.check(config)
+        generate_kwargs["custom_generate"] = speculative_decoding(speculation)
     for name, what in _UNSUPPORTED_OPTIONS.items():
         value = generate_kwargs.get(name, getattr(config, name, None))
         if value not in (None, False):
@@ -113,10 +126,15 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     if prefix_cache is not None:
         if not isinstance(prefix_cache, PrefixCache):
             raise ValueError(f"prefix_cache: expected a treeattn.hf.PrefixCache, got {type(prefix_cache).__name__}")
+        if speculation is not None:
+            raise UnsupportedModel("speculative: speculative decoding together with prefix_cache is not supported yet; "
+                                   "pass one of them")
         return prefix_cache.generate(model, input_ids, num_rows // num_prompts, cache_key, config, generate_kwargs)
     max_length = prompt_length + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     if num_pages is None:
         num_pages = default_num_pages(num_rows, max(max_length, prompt_length + 1), page_size)
+        if speculation is not None:
+            num_pages += speculation.extra_pages(num_rows)
     cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
     with attached(model, cache):
         out = model.generate(input_ids, cache=cache, **generate_kwargs)

@@ -160,7 +160,7 @@ class TreeSearch:
 
     def stats(self) -> dict:
         """``TreeKVCache.stats()`` of the search's KV, and ``decode_steps`` (batched decode steps so far)."""
-        return {**self.cache.stats(), "decode_steps": self._decode_steps}
+        return {**self.cache.tree.stats(), "decode_steps": self._decode_steps}
 
     # ---- changing the tree ----
 
