@@ -10,12 +10,12 @@ import itertools
 
 import pytest
 import torch
+from test_speculative_verify import chi_square_p_value
 
 import treeattn
 import treeattn.hf
 from treeattn.hf.testing import FAMILIES, tiny_model
 from treeattn.testing import assert_close
-from test_speculative_verify import chi_square_p_value
 
 PAD = 0
 PAGE = 4

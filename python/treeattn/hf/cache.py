@@ -514,7 +514,8 @@ class TreeCache(Cache):
         """``crop(-k)`` drops every row's last ``k`` tokens (those rows are rebuilt unshared from their paths)."""
         self._check_idle("crop")
         if tokens_to_remove > 0:
-            raise ValueError(f"tokens_to_remove: expected a count <= 0 (tokens to drop, negated), got {tokens_to_remove}")
+            raise ValueError(
+                f"tokens_to_remove: expected a count <= 0 (tokens to drop, negated), got {tokens_to_remove}")
         drop = -tokens_to_remove
         if drop == 0:
             return

@@ -70,7 +70,8 @@ class Speculation:
         """Raise for ``generate`` options speculation cannot serve exactly (``config``: the generation config)."""
         if (config.num_beams or 1) > 1:
             raise UnsupportedModel(
-                f"num_beams: expected 1 with speculative decoding (beam search is not speculated), got {config.num_beams}"
+                "num_beams: expected 1 with speculative decoding (beam search is not speculated), "
+                f"got {config.num_beams}"
             )
         for name, what in _UNSUPPORTED_WITH_SPECULATION.items():
             if getattr(config, name, False):
@@ -114,7 +115,8 @@ def speculation_from(model, speculative, num_speculative_tokens, generate_kwargs
     name = "assistant_model" if assistant is not None else "speculative"
     draft = unwrap_compiled(speculative)
     if not isinstance(draft, torch.nn.Module) or not hasattr(draft, "config"):
-        raise ValueError(f"{name}: expected 'ngram' or a draft model (a HF causal LM), got {type(speculative).__name__}")
+        raise ValueError(
+            f"{name}: expected 'ngram' or a draft model (a HF causal LM), got {type(speculative).__name__}")
     if draft is unwrap_compiled(model):
         # (the target's attention runs through its TreeCache during generate, so it cannot also draft plainly)
         raise UnsupportedModel(f"{name}: expected a draft model other than the target model itself, got the target")
