@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -102,12 +103,15 @@ class Int32Views {
                              type_name(obj));
       }
       const Py_buffer& v = views_.back();
-      const std::string format = v.format ? v.format : "B";
-      const char kind = format.back();
-      const bool native = format.size() == 1 || format[0] == '@' || format[0] == '=' ||
+      // (No std::string per buffer: a step passes one buffer per node, hundreds of them.)
+      const char* format = v.format ? v.format : "B";
+      const size_t length = std::strlen(format);
+      const char kind = length ? format[length - 1] : 'B';
+      const bool native = length == 1 || format[0] == '@' || format[0] == '=' ||
                           (format[0] == '<' && PY_LITTLE_ENDIAN) || (format[0] == '>' && PY_BIG_ENDIAN);
-      if (v.ndim != 1 || v.itemsize != 4 || (kind != 'i' && kind != 'l') || format.size() > 2 || !native) {
-        std::string got = "format '" + format + "' with " + str(v.ndim) + " dims and itemsize " + str(v.itemsize);
+      if (v.ndim != 1 || v.itemsize != 4 || (kind != 'i' && kind != 'l') || length > 2 || !native) {
+        std::string got = "format '" + std::string(format) + "' with " + str(v.ndim) + " dims and itemsize " +
+                          str(v.itemsize);
         release();
         throw py::type_error("pages: expected 1-D int32 buffers (array('i') or numpy int32), got " + got);
       }

@@ -192,3 +192,55 @@ def test_into_must_be_a_fixed_capacity_plan_of_this_cache():
         cache.plan(leaves, into=small.plan(small.fork(small.add(20), 2), capacity=cap))
     plan = cache.plan(leaves, capacity=cap)
     assert cache.plan(leaves[::-1], into=plan) is plan
+
+
+@pytest.mark.parametrize(
+    "indptr, indices, last_len, num_pages",
+    [
+        ([0, 2, 4], [3, 9, 3, 5], [2, 4], None),  # the largest id only on a partial last page
+        ([0, 3, 5], [0, 1, 2, 7, 1], [4, 2], None),  # page 1 read whole and in part by other queries
+        ([0, 2, 4], [0, 1, 5, 2 * 4 + 64], [4, 4], None),  # past the dense range (2 nnz + 64), after others
+        ([0, 2, 4], [0, 1, 5, 2 * 4 + 63], [4, 1], None),  # the last id of the dense range
+        ([0, 4], [6, 7, 8, 9], [3], 10),  # a consecutive run ending at num_pages - 1
+        ([0, 3, 3, 5], [2, 0, 1, 2, 0], [1, 1, 4], 3),
+    ],
+)
+def test_page_ids_at_the_edges_of_the_dense_range(indptr, indices, last_len, num_pages):
+    """Ids are checked while distinct pages are counted, over a bitset as large as the dense range; ids past
+    it go another way. Both give the oracle's plan."""
+    plan = treeattn.plan(i32(indptr), i32(indices), i32(last_len), page_size=4, num_pages=num_pages)
+    check_tree_plan(plan, (indptr, indices, last_len), 4)
+
+
+@pytest.mark.parametrize(
+    "indices, num_pages, match",
+    [
+        ([6, 7, 8, 9, 10], 10, "page ids < num_pages=10, got 10"),  # a consecutive run crossing num_pages
+        ([1, 2, 3, 4, 30], 10, "page ids < num_pages=10, got 30"),
+        ([-2, -1, 0, 1, 2], None, "page ids >= 0, got -2"),  # consecutive through 0
+        ([5, 1, -7, 2, 3], None, "page ids >= 0, got -7"),
+        ([2**31 - 2, 2**31 - 1, 0, 1, 2], 12, f"page ids < num_pages=12, got {2**31 - 1}"),
+    ],
+)
+def test_bad_page_ids_found_in_any_run(indices, num_pages, match):
+    with pytest.raises(ValueError, match=match):
+        treeattn.plan(i32([0, 2, 5]), i32(indices), i32([4, 4]), page_size=4, num_pages=num_pages)
+
+
+def test_cache_plan_checks_its_node_list_every_call():
+    """TreeKVCache.plan remembers the nodes of the last list of ids it resolved: a released node, a float or
+    a bool equal to a remembered id still raise."""
+    cache = treeattn.TreeKVCache(1, 1, 4, page_size=4, num_pages=16, dtype=torch.float32, device="cpu")
+    leaves = cache.fork(cache.add(5), 3)
+    cache.append(leaves)
+    first = cache.plan(leaves)
+    assert torch.equal(cache.plan(list(leaves)).kv_indices, first.kv_indices)
+    with pytest.raises(ValueError, match="expected a node"):
+        cache.plan([float(leaves[0]), *leaves[1:]])
+    assert leaves[0] == 1
+    with pytest.raises(ValueError, match="expected a node"):
+        cache.plan([True, *leaves[1:]])
+    cache.release(leaves[2])
+    with pytest.raises(ValueError, match=f"node {leaves[2]} was released"):
+        cache.plan(leaves)
+    assert cache.plan(leaves[:2]).num_queries == 2

@@ -104,7 +104,7 @@ class TreePlan:
         """From a ``_planner`` result: one host-to-device copy of the packed buffer, then views."""
         stats = result["stats"]
         self._buffer = _staged(torch.from_numpy(result["packed"]), device).to(device, non_blocking=True)
-        for name, view in zip(PLAN_TENSOR_FIELDS, torch.split(self._buffer, result["piece_sizes"])):
+        for name, view in zip(PLAN_TENSOR_FIELDS, self._buffer.split_with_sizes(result["piece_sizes"])):
             setattr(self, name, view)
         self.num_queries = stats["num_queries"]
         self.page_size = page_size

@@ -124,6 +124,12 @@ class NodeTree:
         self._pins: dict[int, int] = {}  # node id -> pins: a pinned node's path stays readable (a cached sequence)
         self._next_id = 0
         self._last_walk: _Walk | None = None
+        # The last list of ints nodes() resolved (its own copy) and what it found, valid while no release came
+        # between (releases counts them).
+        self._releases = 0
+        self._last_ids: list[int] = []
+        self._last_found: list[Node] = []
+        self._last_ids_releases = -1
 
     # ---- lookup ----
 
@@ -140,6 +146,11 @@ class NodeTree:
 
     def nodes(self, node_ids, action: str, arg: str = "nodes") -> list[Node]:
         """Live nodes for one node id or a sequence (or 1-D tensor) of them."""
+        if type(node_ids) is list and node_ids == self._last_ids and self._last_ids_releases == self._releases and (
+                set(map(type, node_ids)) <= {int}):
+            # A decode loop passes the same ints every step: the nodes found for them last time, unless a
+            # release (the only way a live node stops being one) came between. (Types are checked: 1.0 == 1.)
+            return list(self._last_found)
         if isinstance(node_ids, (int, np.integer)) and not isinstance(node_ids, bool):
             return [self.node(node_ids, action)]
         if isinstance(node_ids, (torch.Tensor, np.ndarray)):
@@ -160,7 +171,8 @@ class NodeTree:
         if set(map(type, node_ids)) <= {int}:
             found = list(map(self._live.get, node_ids))
             if None not in found:
-                return found
+                self._last_ids, self._last_found, self._last_ids_releases = node_ids, found, self._releases
+                return list(found)
         return [self.node(n, action) for n in node_ids]
 
     def __contains__(self, node_id) -> bool:
@@ -228,6 +240,7 @@ class NodeTree:
         the allocator to take back."""
         n.released = True
         del self._live[n.id]
+        self._releases += 1
         return self._settle(n)
 
     def _is_reader(self, n: Node) -> bool:
