@@ -144,6 +144,8 @@ std::vector<i64> sorted_queries(const Keys& keys, i64 n, std::vector<i64>& agree
   std::vector<i64> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::vector<std::array<i64, 3>> todo{{0, n, 0}};
+  std::vector<std::pair<i64, i64>> keyed;  // (key at depth, position in order) of the range being sorted
+  std::vector<i64> moved;
   while (!todo.empty()) {
     auto [lo, hi, depth] = todo.back();
     todo.pop_back();
@@ -157,17 +159,22 @@ std::vector<i64> sorted_queries(const Keys& keys, i64 n, std::vector<i64>& agree
       }
       depth += shared;
       std::fill(agreed.begin() + lo + 1, agreed.begin() + hi, depth);  // (ranges only nest deeper)
-      std::stable_sort(order.begin() + lo, order.begin() + hi,
-                       [&](i64 a, i64 b) { return keys.at(a, depth) < keys.at(b, depth); });
+      // A stable sort by the key at `depth`: (key, position) pairs, each key computed once instead of twice per
+      // comparison (the sort of a 256-branch step's leaves was a tenth of its plan).
+      keyed.clear();
+      for (i64 i = lo; i < hi; ++i) keyed.push_back({keys.at(order[i], depth), i});
+      std::sort(keyed.begin(), keyed.end());
+      moved.assign(order.begin() + lo, order.begin() + hi);
+      for (i64 i = lo; i < hi; ++i) order[i] = moved[keyed[i - lo].second - lo];
       // Every group of equal keys but the last goes on the work list; the loop goes on with the last.
       i64 group_lo = lo;
       for (i64 i = lo + 1; i < hi; ++i) {
-        if (keys.at(order[i], depth) != keys.at(order[group_lo], depth)) {
-          if (keys.at(order[group_lo], depth) >= 0) todo.push_back({group_lo, i, depth + 1});
+        if (keyed[i - lo].first != keyed[group_lo - lo].first) {
+          if (keyed[group_lo - lo].first >= 0) todo.push_back({group_lo, i, depth + 1});
           group_lo = i;
         }
       }
-      if (keys.at(order[group_lo], depth) < 0) break;  // lists that all ended: identical, already stable
+      if (keyed[group_lo - lo].first < 0) break;  // lists that all ended: identical, already stable
       lo = group_lo;
       depth += 1;
     }
@@ -363,14 +370,17 @@ struct Edges {
   std::vector<i64> lo, hi, depth, pages, first_page, tail;
 };
 
-// The plan's arrays but the table, and what the kernels and the stats need to know about them.
+// The plan's arrays but the table, and what the kernels and the stats need to know about them. int32, as in
+// the plan: every value is below nnz, the number of queries or the number of rows, and a query's rows read
+// disjoint page runs of its list, so rows <= nnz <= 2^31 - 1 (build_items checks the totals).
 struct Items {
-  std::vector<i64> item_page_ptr, item_num_tokens, item_row_ptr{0}, row_query, row_dest, merge_query, merge_ptr{0};
+  std::vector<int32_t> item_page_ptr, item_num_tokens, item_row_ptr, row_query, row_dest, merge_query, merge_ptr;
   i64 planned_tokens = 0, max_queries = 0, max_item_tokens = 0, num_edges = 0, partial_rows = 0, direct = 0;
   i64 block_queries = 1;  // the sizing's query block: no item holds more queries
 };
 
-// Edges -> chunks x query blocks -> items, rows, partial rows (root->leaf per query), merge CSR.
+// Edges -> chunks x query blocks -> items, rows, partial rows (root->leaf per query), merge CSR. Sizes are
+// known before the rows are made, so every array is written in place, once.
 Items build_items(const std::vector<i64>& order, const Edges& e, const Options& o) {
   const i64 ps = o.page_size;
   Items it;
@@ -389,7 +399,7 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   const i64 balanced = ceil_div(total_work, programs);
   // An item's token count is an int32 of the plan: at most that many pages per chunk, whatever the policy.
   const i64 max_chunk_pages = std::max<i64>(1, INT32_MAX / ps);
-  i64 num_items = 0, num_rows_planned = 0;
+  i64 num_items = 0, num_rows = 0;
   for (i64 k = 0; k < num_edges; ++k) {
     const i64 rows_per_block = ceil_div(eq[k], eb[k]) * o.group;
     const i64 chunk_tokens =
@@ -398,15 +408,19 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
     echunks[k] = ceil_div(e.pages[k], chunk_pages);
     echunk_pages[k] = ceil_div(e.pages[k], echunks[k]);
     num_items += eb[k] * echunks[k];
-    num_rows_planned += eq[k] * echunks[k];
+    num_rows += eq[k] * echunks[k];
   }
+  for (auto [name, count] : {std::pair<const char*, i64>{"items", num_items}, {"rows", num_rows}})
+    if (count >= INT32_MAX)  // (the input bounds keep them below: a defence, not a limit)
+      throw std::invalid_argument(std::string("plan: expected ") + name + " to fit int32, got " + str(count));
 
-  std::vector<i64> row_depth;
-  row_depth.reserve(num_rows_planned);
-  it.row_query.reserve(num_rows_planned);
-  it.item_page_ptr.reserve(num_items);
-  it.item_num_tokens.reserve(num_items);
-  it.item_row_ptr.reserve(num_items + 1);
+  it.item_page_ptr.resize(num_items);
+  it.item_num_tokens.resize(num_items);
+  it.item_row_ptr.resize(num_items + 1);
+  it.row_query.resize(num_rows);
+  std::vector<int32_t> row_depth(num_rows), rows_per_query(n, 0);
+  i64 item = 0, row = 0;
+  it.item_row_ptr[0] = 0;
   for (i64 k = 0; k < num_edges; ++k) {
     for (i64 b = 0; b < eb[k]; ++b) {
       // Balanced query blocks: block b holds sorted queries [lo + b*q/nb, lo + (b+1)*q/nb).
@@ -415,65 +429,67 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
         const i64 page_begin = c * echunk_pages[k];
         const i64 pages = std::min(echunk_pages[k], e.pages[k] - page_begin);
         const i64 tokens = pages * ps - (page_begin + pages == e.pages[k] ? e.tail[k] : 0);
-        it.item_page_ptr.push_back(e.first_page[k] + page_begin);
-        it.item_num_tokens.push_back(tokens);
+        it.item_page_ptr[item] = static_cast<int32_t>(e.first_page[k] + page_begin);
+        it.item_num_tokens[item] = static_cast<int32_t>(tokens);
         it.planned_tokens += tokens;
         it.max_item_tokens = std::max(it.max_item_tokens, tokens);
-        for (i64 q = block_lo; q < block_hi; ++q) {
-          it.row_query.push_back(order[q]);
-          row_depth.push_back(e.depth[k] + page_begin);
+        const int32_t depth = static_cast<int32_t>(e.depth[k] + page_begin);
+        for (i64 q = block_lo; q < block_hi; ++q, ++row) {
+          const i64 query = order[q];
+          it.row_query[row] = static_cast<int32_t>(query);
+          row_depth[row] = depth;
+          rows_per_query[query]++;
         }
-        it.item_row_ptr.push_back(static_cast<i64>(it.row_query.size()));
+        it.item_row_ptr[++item] = static_cast<int32_t>(row);
         it.max_queries = std::max(it.max_queries, block_hi - block_lo);
       }
     }
   }
-  const i64 num_rows = static_cast<i64>(it.row_query.size());
 
   // Queries with one row write directly; the others' rows become partial rows, by (query, depth).
-  std::vector<i64> rows_per_query(n, 0);
-  for (i64 r = 0; r < num_rows; ++r) rows_per_query[it.row_query[r]]++;
   // Bucketed by query (a counting sort, stable in row order), then each query's few rows by depth: linear
   // where a comparison sort of every partial row was the largest cost of a shared step.
-  std::vector<i64> bucket_end(n, 0);
-  i64 num_partial = 0;
+  std::vector<int32_t> bucket_end(n, 0);
+  i64 num_partial = 0, num_merges = 0;
   for (i64 q = 0; q < n; ++q)
     if (rows_per_query[q] > 1) {
+      bucket_end[q] = static_cast<int32_t>(num_partial);
       num_partial += rows_per_query[q];
-      bucket_end[q] = num_partial - rows_per_query[q];
     }
-  std::vector<i64> partial(num_partial);
-  for (i64 r = 0; r < num_rows; ++r)
-    if (rows_per_query[it.row_query[r]] > 1) partial[bucket_end[it.row_query[r]]++] = r;
-  const auto by_depth = [&](i64 a, i64 b) { return row_depth[a] < row_depth[b]; };  // (a query's depths differ)
+  std::vector<int32_t> partial(num_partial);
+  for (i64 r = 0; r < num_rows; ++r) {
+    const int32_t q = it.row_query[r];
+    if (rows_per_query[q] > 1) partial[bucket_end[q]++] = static_cast<int32_t>(r);
+  }
+  const auto by_depth = [&](int32_t a, int32_t b) { return row_depth[a] < row_depth[b]; };  // (depths differ)
+  it.merge_query.reserve(n);
+  it.merge_ptr.reserve(n + 1);
+  it.merge_ptr.push_back(0);
   for (i64 q = 0; q < n; ++q) {
-    if (rows_per_query[q] <= 1) continue;
+    if (rows_per_query[q] == 1) {
+      ++it.direct;
+      continue;
+    }
+    it.merge_query.push_back(static_cast<int32_t>(q));
+    it.merge_ptr.push_back(it.merge_ptr.back() + rows_per_query[q]);
+    ++num_merges;
+    if (rows_per_query[q] == 0) continue;
     const auto last = partial.begin() + bucket_end[q], first = last - rows_per_query[q];
     if (!std::is_sorted(first, last, by_depth)) std::sort(first, last, by_depth);
   }
   it.row_dest.assign(num_rows, -1);
-  for (i64 k = 0; k < static_cast<i64>(partial.size()); ++k) it.row_dest[partial[k]] = k;
-  for (i64 q = 0; q < n; ++q) {
-    if (rows_per_query[q] == 1) {
-      ++it.direct;
-    } else {
-      it.merge_query.push_back(q);
-      it.merge_ptr.push_back(it.merge_ptr.back() + rows_per_query[q]);
-    }
-  }
+  for (i64 k = 0; k < num_partial; ++k) it.row_dest[partial[k]] = static_cast<int32_t>(k);
   it.num_edges = num_edges;
-  it.partial_rows = static_cast<i64>(partial.size());
+  it.partial_rows = num_partial;
   return it;
 }
 
-// One piece of the packed buffer: int32 values (the table), int64 values (the planner's arrays), or a writer
-// that fills it in place (a tree plan's page ids: no intermediate copy of the largest piece).
+// One piece of the packed buffer: int32 values, or a writer that fills it in place (a tree plan's page ids:
+// no intermediate copy of the largest piece).
 struct PieceData {
   const int32_t* i32 = nullptr;
-  const i64* i64s = nullptr;
   i64 size = 0;
   const std::function<void(int32_t*)>* write = nullptr;
-  i64 at(i64 k) const { return i32 ? i32[k] : i64s[k]; }
 };
 
 // The plan: table + items packed into one int32 buffer in kPieces order (padded to the capacity, if any),
@@ -483,10 +499,10 @@ Plan pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64 max
   const i64 num_rows = static_cast<i64>(it.row_query.size()), num_merges = static_cast<i64>(it.merge_query.size());
   const PieceData pieces[kNumPieces] = {
       table[0], table[1], table[2],
-      {nullptr, it.item_page_ptr.data(), num_items}, {nullptr, it.item_num_tokens.data(), num_items},
-      {nullptr, it.item_row_ptr.data(), num_items + 1}, {nullptr, it.row_query.data(), num_rows},
-      {nullptr, it.row_dest.data(), num_rows}, {nullptr, it.merge_query.data(), num_merges},
-      {nullptr, it.merge_ptr.data(), num_merges + 1}};
+      {it.item_page_ptr.data(), num_items}, {it.item_num_tokens.data(), num_items},
+      {it.item_row_ptr.data(), num_items + 1}, {it.row_query.data(), num_rows},
+      {it.row_dest.data(), num_rows}, {it.merge_query.data(), num_merges},
+      {it.merge_ptr.data(), num_merges + 1}};
   i64 sizes[kNumPieces];
   for (size_t p = 0; p < kNumPieces; ++p) sizes[p] = pieces[p].size;
   if (o.capacity) {
@@ -515,15 +531,8 @@ Plan pack(const PieceData (&table)[3], const Items& it, i64 num_queries, i64 max
     const PieceData& d = pieces[p];
     if (d.write) {
       (*d.write)(out);
-    } else if (d.i32) {
-      if (d.size) std::memcpy(out, d.i32, d.size * sizeof(int32_t));
-    } else {
-      for (i64 k = 0; k < d.size; ++k) {
-        const i64 v = d.at(k);
-        if (v > INT32_MAX)  // (values are >= -1; the bounds on the inputs keep them in range)
-          throw std::invalid_argument(std::string("plan: expected ") + kPieces[p].name + " to fit int32, got " + str(v));
-        out[k] = static_cast<int32_t>(v);
-      }
+    } else if (d.size) {
+      std::memcpy(out, d.i32, d.size * sizeof(int32_t));
     }
     const Pad pad = kPieces[p].pad;
     const int32_t fill = pad == Pad::kMinusOne ? -1 : pad == Pad::kLast && d.size ? out[d.size - 1] : 0;
@@ -624,7 +633,7 @@ Plan plan_table(const TableView& input, const Options& o) {
     e.tail.push_back(ps - keys.used(order[e.lo[k]], depth_end[k] - 1));
   }
   const Items items = build_items(order, e, o);
-  const PieceData table[3] = {{t.indptr, nullptr, n + 1}, {t.indices, nullptr, t.nnz}, {t.last_len, nullptr, n}};
+  const PieceData table[3] = {{t.indptr, n + 1}, {t.indices, t.nnz}, {t.last_len, n}};
   Plan plan = pack(table, items, n, max_page, o);
   plan.stats.unique_tokens = unique_tokens;
   plan.stats.naive_tokens = naive_tokens;
@@ -927,8 +936,8 @@ Plan plan_tree(const TreeView& tree, const Options& o) {
     e.first_page.push_back(indptr[walk.order[walk.lo[k]]] + walk.d0[k]);
   }
   const Items items = build_items(walk.order, e, o);
-  const PieceData table[3] = {{indptr.data(), nullptr, n + 1}, {nullptr, nullptr, nnz, &write_indices},
-                              {last_len.data(), nullptr, n}};
+  const PieceData table[3] = {{indptr.data(), n + 1}, {nullptr, nnz, &write_indices},
+                              {last_len.data(), n}};
   Plan plan = pack(table, items, n, max_page, o);
   plan.stats.unique_tokens = unique_tokens;
   plan.stats.naive_tokens = naive_tokens;
