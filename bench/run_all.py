@@ -28,7 +28,7 @@ import summary  # noqa: E402
 
 DEFAULT_OUT = "bench/results/local/latest"
 SUITE = ("bench_plan", "bench_cache_plan", "bench_host", "bench_tree_decode", "bench_mla", "bench_hf", "bench_search",
-         "bench_fp8", "bench_prefix", "static_check")
+         "bench_fp8", "bench_prefix", "bench_speculative", "static_check")
 
 
 def main(argv=None) -> int:
