@@ -33,6 +33,7 @@ import treeattn
 
 from ..speculative import (
     ROOT,
+    CachedContinuations,
     DraftTree,
     NgramIndex,
     draft_ngram_tree,
@@ -147,8 +148,9 @@ class _NgramDrafter:
 
     forward_passes = 0  # (no draft model)
 
-    def __init__(self, num_speculative_tokens: int):
+    def __init__(self, num_speculative_tokens: int, sources=None):
         self.budget = num_speculative_tokens
+        self.sources = sources  # real tokens -> more TokenSources (a prefix cache's cached sequences), or None
         self._index: dict[int, NgramIndex] = {}
         self._first: dict[tuple, NgramIndex] = {}  # rows of one history copy its index instead of rebuilding it
 
@@ -171,20 +173,30 @@ class _NgramDrafter:
                 index = self._first[key].copy() if key in self._first else self._first.setdefault(key, NgramIndex(real))
                 self._index[b] = index
             index.extend(real[len(index):])
-            out.append(_shallow(draft_ngram_tree(index, self.budget), depth) if depth > 0 else DraftTree.empty())
+            if depth <= 0:
+                out.append(DraftTree.empty())
+                continue
+            sources = () if self.sources is None else self.sources(real)
+            out.append(_shallow(draft_ngram_tree(index, self.budget, sources=sources), depth))
         return out
 
     def accepted(self, b: int, path: list[int]) -> None:
         return None
 
 
-def _drafter(speculation: Speculation, num_rows: int, max_length: int, page_size: int):
-    """The drafter of one call: n-gram, or the draft model over a pool of its own (sized as the target's:
-    each row's path plus a draft tree per step)."""
+def _drafter(speculation: Speculation, cache, cache_key, num_rows: int, max_length: int):
+    """The drafter of one call: n-gram (over the rows' histories, and the sequences ``cache``'s prefix cache
+    holds under ``cache_key`` when it has one), or the draft model over a pool of its own (sized as the
+    target's: each row's path plus a draft tree per step)."""
     if speculation.drafter == "ngram":
-        return _NgramDrafter(speculation.num_speculative_tokens)
+        if cache.prefixes is None:
+            return _NgramDrafter(speculation.num_speculative_tokens)
+        index = cache.prefixes.index
+        return _NgramDrafter(speculation.num_speculative_tokens,
+                             lambda real: [CachedContinuations(index, cache_key, real)])
     from .generate import default_num_pages  # (generate imports this module)
 
+    page_size = cache.page_size
     num_pages = default_num_pages(num_rows, max_length, page_size) + speculation.extra_pages(num_rows)
     return DraftModelDrafter(speculation.drafter, speculation.num_speculative_tokens, speculation.top_k,
                              page_size=page_size, num_pages=num_pages)
@@ -240,8 +252,9 @@ def _trim(cache, row: _Row, length: int) -> None:
         row.leaf = leaf
 
 
-def speculative_decoding(speculation: Speculation):
-    """The ``custom_generate`` decoding loop ``model.generate`` runs for ``speculation``."""
+def speculative_decoding(speculation: Speculation, cache_key=None):
+    """The ``custom_generate`` decoding loop ``model.generate`` runs for ``speculation`` (``cache_key``: the
+    prefix cache's isolation key, when the cache has one)."""
 
     @torch.no_grad()
     def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
@@ -294,7 +307,7 @@ def speculative_decoding(speculation: Speculation):
             return len(row.ids) < end[0]  # (without EOS a stopped row goes on until every row has stopped, as in HF)
 
         tree = cache.tree
-        with _drafter(speculation, len(rows), max_length, cache.page_size) as drafter:
+        with _drafter(speculation, cache, cache_key, len(rows), max_length) as drafter:
             drafter.prefill(input_ids, mask)
             while True:
                 live = [r for r in rows if active(r)]

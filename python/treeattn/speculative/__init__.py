@@ -14,12 +14,14 @@ exactly as the target's, for deterministic proposals (n-gram, top-k) and for chi
 replacement from a draft distribution alike.
 """
 
+from .cached import CachedContinuations
 from .draft_model import DraftTreeBuilder, draft_model_tree
 from .ngram import Continuation, NgramIndex, TokenSource, draft_ngram_tree
 from .tree import ROOT, DraftTree
 from .verify import Verification, verify_greedy, verify_greedy_batch, verify_sampling
 
 __all__ = [
+    "CachedContinuations",
     "ROOT",
     "Continuation",
     "DraftTree",
