@@ -6,8 +6,9 @@ target forward over the :class:`~treeattn.hf.TreeCache`, emit what the target ag
 decoding loop to :func:`speculative_decoding` (its ``custom_generate``). Each step, for every unfinished row:
 
 - the drafter proposes a :class:`~treeattn.speculative.DraftTree` after the row's last emitted token (the
-  *pending* token, whose KV is not in the cache yet): n-gram continuations of the row's own history, or a
-  small draft model's top-k tree;
+  *pending* token, whose KV is not in the cache yet): n-gram continuations of the row's own history (and of
+  the sequences a prefix cache holds under the call's key), or a small draft model's top-k tree, the draft
+  model decoded over its own cache (:mod:`treeattn.hf.draft`);
 - the pending token and every draft token become 1-token cache nodes, each a child of its draft parent (the
   pending token's node a child of the row's leaf), so a node's KV path is its ancestors over the shared
   context; one forward over all of them (position = the row's stored tokens + depth) runs
@@ -15,7 +16,8 @@ decoding loop to :func:`speculative_decoding` (its ``custom_generate``). Each st
 - each node's logits go through the logits processors with that node's own prefix, and
   :func:`~treeattn.speculative.verify_greedy` / :func:`~treeattn.speculative.verify_sampling` accept the
   longest path the target agrees with plus the target's own next token. The accepted nodes' KV stays (the
-  last becomes the row's leaf); the rejected nodes are released and their pages return to the pool.
+  last becomes the row's leaf; a row that stops inside the path keeps only what it emitted); the rejected
+  nodes are released and their pages return to the pool.
 
 Tokens are emitted one at a time through the stopping criteria, so EOS, stop strings and ``max_length`` end a
 row exactly where ``model.generate`` would: greedy output is ``model.generate``'s token for token, and
