@@ -170,7 +170,7 @@ class _NgramDrafter:
         out = []
         for b, real, depth in rows:
             index = self._index.get(b)
-            if index is None:
+            if index is None:  # (every row's index is made at the first step, before any is extended)
                 key = tuple(real)
                 index = self._first[key].copy() if key in self._first else self._first.setdefault(key, NgramIndex(real))
                 self._index[b] = index
