@@ -108,3 +108,24 @@ def test_bad_input_is_named():
     vocabs = iter([5, 6])
     with pytest.raises(ValueError, match=r"next_logits: expected vocab 5 as before, got 6"):
         draft_model_tree(lambda paths: torch.zeros(len(paths), next(vocabs)), 4, top_k=1)
+
+
+def test_builder_grows_the_same_tree_by_depth():
+    """DraftTreeBuilder, driven one depth at a time, grows draft_model_tree's tree; a finished one refuses
+    to grow."""
+    from treeattn.speculative import DraftTreeBuilder
+
+    model = ToyModel(9, salt=4, scale=2.0)
+    builder = DraftTreeBuilder(7, top_k=2)
+    depths = 0
+    while not builder.done:
+        assert all(f == ROOT for f in builder.frontier) if depths == 0 else ROOT not in builder.frontier
+        builder.grow(torch.stack([model.logits(tuple(builder.path_tokens(f))) for f in builder.frontier]).float())
+        depths += 1
+    expected = draft_model_tree(Recorder(model), 7, top_k=2)
+    tree = builder.tree()
+    assert tree.tokens.tolist() == expected.tokens.tolist() and tree.parents.tolist() == expected.parents.tolist()
+    assert depths == tree.max_depth and builder.frontier == []
+    assert [builder.parent(i) for i in range(tree.num_nodes)] == tree.parents.tolist()
+    with pytest.raises(RuntimeError, match="DraftTreeBuilder.grow: expected a tree still growing"):
+        builder.grow(torch.zeros(1, 9))

@@ -565,6 +565,11 @@ class PrefixIndex:
                 out.append(n)
         return sorted(out, key=lambda n: n.serial)
 
+    def root(self, key) -> IndexNode | None:
+        """The root of ``key``'s radix tree (its ``children`` the first edges; empty ``tokens``), or None when
+        nothing was cached under ``key``. Read it; change nothing through it."""
+        return self._roots.get(canonical_key(key))
+
     def path_tokens(self, n: IndexNode) -> np.ndarray:
         """The tokens of the root→``n`` path, int64 ``[n.end]``."""
         runs = []

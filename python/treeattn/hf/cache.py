@@ -186,7 +186,7 @@ class TreeCache(Cache):
         self._expects_prompt = True
         self._step = _IDLE
         self._grown_slots: torch.Tensor | None = None  # set_rows(..., slots=): the next decode step's slots
-        self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
+        self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0, "draft_forward_passes": 0}
 
     # ---- facts transformers asks for ----
 
@@ -229,13 +229,15 @@ class TreeCache(Cache):
     def stats(self) -> dict:
         """``TreeKVCache.stats()`` of the tree (``tokens_stored`` vs ``tokens_if_unshared``, pages and bytes), and
         ``forward_passes`` (forward passes through the cache, prefill included: plain decoding of T tokens is
-        T), ``draft_tokens`` and ``accepted_draft_tokens`` (speculative decoding, see :meth:`count_draft`)."""
+        T), ``draft_tokens``, ``accepted_draft_tokens`` and ``draft_forward_passes`` (speculative decoding, see
+        :meth:`count_draft`)."""
         return {**self.tree.stats(), **self._counts}
 
-    def count_draft(self, draft_tokens: int, accepted_draft_tokens: int) -> None:
-        """Record one verified draft tree in :meth:`stats`."""
+    def count_draft(self, draft_tokens: int, accepted_draft_tokens: int, draft_forward_passes: int = 0) -> None:
+        """Record verified draft trees in :meth:`stats` (and the draft model's forwards that made them)."""
         self._counts["draft_tokens"] += draft_tokens
         self._counts["accepted_draft_tokens"] += accepted_draft_tokens
+        self._counts["draft_forward_passes"] += draft_forward_passes
 
     def __repr__(self) -> str:
         return f"TreeCache(rows={len(self._rows)}, positions={self._positions}, {self.tree!r})"

@@ -114,7 +114,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     config = _generation_config(model, generate_kwargs)
     if speculation is not None:
         speculation.check(config)
-        generate_kwargs["custom_generate"] = speculative_decoding(speculation)
+        generate_kwargs["custom_generate"] = speculative_decoding(speculation, cache_key)
     for name, what in _UNSUPPORTED_OPTIONS.items():
         value = generate_kwargs.get(name, getattr(config, name, None))
         if value not in (None, False):
@@ -126,9 +126,6 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     if prefix_cache is not None:
         if not isinstance(prefix_cache, PrefixCache):
             raise ValueError(f"prefix_cache: expected a treeattn.hf.PrefixCache, got {type(prefix_cache).__name__}")
-        if speculation is not None:
-            raise UnsupportedModel("speculative: speculative decoding together with prefix_cache is not supported yet; "
-                                   "pass one of them")
         return prefix_cache.generate(model, input_ids, num_rows // num_prompts, cache_key, config, generate_kwargs)
     max_length = prompt_length + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
     if num_pages is None:

@@ -6,8 +6,9 @@ target forward over the :class:`~treeattn.hf.TreeCache`, emit what the target ag
 decoding loop to :func:`speculative_decoding` (its ``custom_generate``). Each step, for every unfinished row:
 
 - the drafter proposes a :class:`~treeattn.speculative.DraftTree` after the row's last emitted token (the
-  *pending* token, whose KV is not in the cache yet): n-gram continuations of the row's own history, or a
-  small draft model's top-k tree;
+  *pending* token, whose KV is not in the cache yet): n-gram continuations of the row's own history (and of
+  the sequences a prefix cache holds under the call's key), or a small draft model's top-k tree, the draft
+  model decoded over its own cache (:mod:`treeattn.hf.draft`);
 - the pending token and every draft token become 1-token cache nodes, each a child of its draft parent (the
   pending token's node a child of the row's leaf), so a node's KV path is its ancestors over the shared
   context; one forward over all of them (position = the row's stored tokens + depth) runs
@@ -15,7 +16,8 @@ decoding loop to :func:`speculative_decoding` (its ``custom_generate``). Each st
 - each node's logits go through the logits processors with that node's own prefix, and
   :func:`~treeattn.speculative.verify_greedy` / :func:`~treeattn.speculative.verify_sampling` accept the
   longest path the target agrees with plus the target's own next token. The accepted nodes' KV stays (the
-  last becomes the row's leaf); the rejected nodes are released and their pages return to the pool.
+  last becomes the row's leaf; a row that stops inside the path keeps only what it emitted); the rejected
+  nodes are released and their pages return to the pool.
 
 Tokens are emitted one at a time through the stopping criteria, so EOS, stop strings and ``max_length`` end a
 row exactly where ``model.generate`` would: greedy output is ``model.generate``'s token for token, and
@@ -33,14 +35,16 @@ import treeattn
 
 from ..speculative import (
     ROOT,
+    CachedContinuations,
     DraftTree,
     NgramIndex,
-    draft_model_tree,
     draft_ngram_tree,
     verify_greedy,
     verify_sampling,
 )
 from .adapter import UnsupportedModel, unwrap_compiled
+from .draft import DraftModelDrafter
+from .tree_nodes import grow_nodes, keep_chain, step_slots
 
 # model.generate options the speculative loop does not produce (it emits several tokens per forward).
 _UNSUPPORTED_WITH_SPECULATION = {
@@ -136,33 +140,68 @@ class _Row:
     b: int  # its row in the batch
     ids: list[int]
     leaf: int
-    index: NgramIndex | None
     real: list[int]
     pending: int = -1
     finished_at: int | None = None  # length when a stopping criterion first ended it
 
 
-class _Drafter:
-    """Proposes each row's draft tree after its pending token."""
+class _NgramDrafter:
+    """N-gram draft trees of each row's own history (an index per row, extended as tokens arrive)."""
 
-    def __init__(self, speculation: Speculation, device):
-        self.speculation, self.device = speculation, device
+    forward_passes = 0  # (no draft model)
 
-    def tree(self, row: _Row, max_depth: int) -> DraftTree:
-        budget = self.speculation.num_speculative_tokens
-        if max_depth <= 0:
-            return DraftTree.empty()
-        if row.index is not None:
-            return _shallow(draft_ngram_tree(row.index, budget), max_depth)
-        draft = self.speculation.drafter
-        context = row.real
+    def __init__(self, num_speculative_tokens: int, sources=None):
+        self.budget = num_speculative_tokens
+        self.sources = sources  # real tokens -> more TokenSources (a prefix cache's cached sequences), or None
+        self._index: dict[int, NgramIndex] = {}
+        self._first: dict[tuple, NgramIndex] = {}  # rows of one history copy its index instead of rebuilding it
 
-        def next_logits(paths):
-            # Plain forwards of the draft model over context + path (no cache of its own): simple and exact.
-            ids = torch.tensor([context + p for p in paths], device=self.device)
-            return draft(input_ids=ids, use_cache=False).logits[:, -1].float()
+    def __enter__(self) -> _NgramDrafter:
+        return self
 
-        return draft_model_tree(next_logits, budget, top_k=self.speculation.top_k, max_depth=max_depth)
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        return None
+
+    def trees(self, rows: list[tuple[int, list[int], int]]) -> list[DraftTree]:
+        """One tree per ``(b, real, max_depth)``, after ``real``'s last token, at most ``max_depth`` deep."""
+        out = []
+        for b, real, depth in rows:
+            index = self._index.get(b)
+            if index is None:  # (every row's index is made at the first step, before any is extended)
+                key = tuple(real)
+                index = self._first[key].copy() if key in self._first else self._first.setdefault(key, NgramIndex(real))
+                self._index[b] = index
+            index.extend(real[len(index):])
+            if depth <= 0:
+                out.append(DraftTree.empty())
+                continue
+            sources = () if self.sources is None else self.sources(real)
+            out.append(_shallow(draft_ngram_tree(index, self.budget, sources=sources), depth))
+        return out
+
+    def accepted(self, b: int, path: list[int]) -> None:
+        return None
+
+
+def _drafter(speculation: Speculation, cache, cache_key, num_rows: int, max_length: int):
+    """The drafter of one call: n-gram (over the rows' histories, and the sequences ``cache``'s prefix cache
+    holds under ``cache_key`` when it has one), or the draft model over a pool of its own (sized as the
+    target's: each row's path plus a draft tree per step)."""
+    if speculation.drafter == "ngram":
+        if cache.prefixes is None:
+            return _NgramDrafter(speculation.num_speculative_tokens)
+        index = cache.prefixes.index
+        return _NgramDrafter(speculation.num_speculative_tokens,
+                             lambda real: [CachedContinuations(index, cache_key, real)])
+    from .generate import default_num_pages  # (generate imports this module)
+
+    page_size = cache.page_size
+    num_pages = default_num_pages(num_rows, max_length, page_size) + speculation.extra_pages(num_rows)
+    return DraftModelDrafter(speculation.drafter, speculation.num_speculative_tokens, speculation.top_k,
+                             page_size=page_size, num_pages=num_pages)
 
 
 def _shallow(tree: DraftTree, max_depth: int) -> DraftTree:
@@ -173,66 +212,6 @@ def _shallow(tree: DraftTree, max_depth: int) -> DraftTree:
     new = {old: i for i, old in enumerate(keep)}
     parents = tree.parents.tolist()
     return DraftTree(tree.tokens[keep], [ROOT if parents[i] == ROOT else new[parents[i]] for i in keep])
-
-
-def _grow_nodes(cache, rows: list[_Row], trees: list[DraftTree], made: list[int]) -> list[list[int]]:
-    """The cache nodes of one verification step: for each row, its pending token's node (a child of the row's
-    leaf) then one per draft node (a child of its draft parent's), each holding one appended slot. Every node
-    made is added to ``made``. Returns each row's nodes, ``[pending, node 0, node 1, ...]``."""
-    tree = cache.tree
-    node_of: list[dict[int, int]] = []  # per row: draft node (ROOT: the pending token) -> cache node
-    for row in rows:
-        node_of.append({ROOT: tree.fork(row.leaf, 1)[0]})
-        made.append(node_of[-1][ROOT])
-    tree.append([n[ROOT] for n in node_of])
-    # Depth by depth: a node can fork only once its own slot is appended (then it is no longer a leaf).
-    for depth in range(1, max((t.max_depth for t in trees), default=0) + 1):
-        grown = []
-        for draft, nodes in zip(trees, node_of):
-            parents = draft.parents.tolist()
-            by_parent: dict[int, list[int]] = {}
-            for i, d in enumerate(draft.depth.tolist()):
-                if d == depth:
-                    by_parent.setdefault(parents[i], []).append(i)
-            for parent, kids in by_parent.items():
-                forks = tree.fork(nodes[parent], len(kids))
-                made.extend(forks)
-                nodes.update(zip(kids, forks))
-                grown.extend(forks)
-        tree.append(grown)
-    return [[nodes[i] for i in range(ROOT, draft.num_nodes)] for draft, nodes in zip(trees, node_of)]
-
-
-def _step_slots(tree, trees: list[DraftTree], nodes: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the verifying forward writes each node's KV: ``(slots, take)``, ``take[j]`` the forward row (node,
-    row-major as ``nodes``) written to ``slots[j]``. A node's own slot, and every copy of it: a sibling that
-    appended after its parent's page was claimed copied that page on write *before* this forward wrote the
-    parent's KV, so the copy's slot must get it too (as each node's path reads it there)."""
-    device = tree.device
-    own = [int(tree.slots(n)[-1]) for row_nodes in nodes for n in row_nodes]
-    pairs = {(slot, j) for j, slot in enumerate(own)}
-    base = 0
-    for draft, row_nodes in zip(trees, nodes):
-        for i in range(draft.num_nodes):
-            chain = [ROOT] + draft.path(i)  # the pending token, then node i's draft ancestors and itself
-            path = tree.path_slots(row_nodes[i + 1])[-len(chain):].tolist()
-            pairs.update((slot, base + a + 1) for slot, a in zip(path, chain))
-        base += draft.num_nodes + 1
-    slots, take = zip(*sorted(pairs))
-    return torch.tensor(slots, dtype=torch.int64, device=device), torch.tensor(take, dtype=torch.int64, device=device)
-
-
-def _release_rejected(tree, row_nodes: list[int], accepted: list[int], old_leaf: int) -> int:
-    """Keep the accepted chain (pending node, then the accepted draft nodes) and return its last node, the
-    row's new leaf; release every other node of the row's step and the handles of the chain's inner nodes."""
-    chain = [row_nodes[0]] + [row_nodes[i + 1] for i in accepted]
-    keep = set(chain)
-    for node in reversed(row_nodes):
-        if node not in keep:
-            tree.release(node)
-    for node in [old_leaf, *chain[:-1]]:
-        tree.release(node)  # (their tokens stay: the new leaf's path reads them)
-    return chain[-1]
 
 
 def _processed(logits_processor, batch_size: int, requests: list[tuple[int, list[int]]], logits: torch.Tensor,
@@ -266,8 +245,18 @@ def _processed(logits_processor, batch_size: int, requests: list[tuple[int, list
     return out
 
 
-def speculative_decoding(speculation: Speculation):
-    """The ``custom_generate`` decoding loop ``model.generate`` runs for ``speculation``."""
+def _trim(cache, row: _Row, length: int) -> None:
+    """Cut ``row``'s cached path back to its first ``length`` tokens, if it holds more."""
+    tree = cache.tree
+    if 0 < length < tree.length(row.leaf):
+        leaf = cache._pages(lambda: tree.fork_at(row.leaf, length))
+        tree.release(row.leaf)
+        row.leaf = leaf
+
+
+def speculative_decoding(speculation: Speculation, cache_key=None):
+    """The ``custom_generate`` decoding loop ``model.generate`` runs for ``speculation`` (``cache_key``: the
+    prefix cache's isolation key, when the cache has one)."""
 
     @torch.no_grad()
     def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
@@ -292,16 +281,8 @@ def speculative_decoding(speculation: Speculation):
             first = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             first = scores.argmax(dim=-1)
-        rows: list[_Row] = []
-        prompts: dict[tuple, NgramIndex] = {}
-        for b, ids in enumerate(input_ids.tolist()):
-            real = ids if mask is None else [t for t, m in zip(ids, mask[b].tolist()) if m]
-            index = None
-            if speculation.drafter == "ngram":  # rows of one prompt copy its index instead of rebuilding it
-                key = tuple(real)
-                index = prompts[key].copy() if key in prompts else prompts.setdefault(key, NgramIndex(real))
-            rows.append(_Row(b, list(ids), cache.rows[b], index, list(real)))
-        drafter = _Drafter(speculation, device)
+        rows = [_Row(b, list(ids), cache.rows[b], ids if mask is None else
+                     [t for t, m in zip(ids, mask[b].tolist()) if m]) for b, ids in enumerate(input_ids.tolist())]
         max_length = stopping_criteria.max_length if stopping_criteria.max_length is not None else \
             generation_config.max_length
 
@@ -311,8 +292,6 @@ def speculative_decoding(speculation: Speculation):
         def emit(row: _Row, token: int, score: torch.Tensor) -> None:
             row.ids.append(token)
             row.real.append(token)
-            if row.index is not None:
-                row.index.extend([token])
             row.pending = token
             if row.finished_at is None and bool(stopping_criteria(torch.tensor([row.ids], device=device),
                                                                   score[None])[0]):
@@ -330,60 +309,69 @@ def speculative_decoding(speculation: Speculation):
             return len(row.ids) < end[0]  # (without EOS a stopped row goes on until every row has stopped, as in HF)
 
         tree = cache.tree
-        while True:
-            live = [r for r in rows if active(r)]
-            if not live:
-                break
-            trees = [drafter.tree(r, (max_length - len(r.ids)) - 1) for r in live]
-            made: list[int] = []
-            try:
+        with _drafter(speculation, cache, cache_key, len(rows), max_length) as drafter:
+            drafter.prefill(input_ids, mask)
+            while True:
+                live = [r for r in rows if active(r)]
+                if not live:
+                    break
+                trees = drafter.trees([(r.b, r.real, (max_length - len(r.ids)) - 1) for r in live])
+                made: list[int] = []
                 try:
-                    nodes = _grow_nodes(cache, live, trees, made)
-                except treeattn.OutOfPages as err:
-                    raise cache.out_of_pages(err) from None
-                flat = [n for row_nodes in nodes for n in row_nodes]
-                slots, take = _step_slots(tree, trees, nodes)
-                tokens, positions = [], []
+                    try:
+                        nodes = grow_nodes(cache, [r.leaf for r in live], trees, made)
+                    except treeattn.OutOfPages as err:
+                        raise cache.out_of_pages(err) from None
+                    flat = [n for row_nodes in nodes for n in row_nodes]
+                    slots, take = step_slots(tree, trees, nodes)
+                    tokens, positions = [], []
+                    for row, draft in zip(live, trees):
+                        base = tree.length(row.leaf)
+                        tokens += [row.pending] + draft.tokens.tolist()
+                        positions += [base] + (base + draft.depth).tolist()
+                    cache.set_rows(flat, slots=slots, take=take)
+                    logits = model(input_ids=torch.tensor(tokens, device=device)[:, None],
+                                   position_ids=torch.tensor(positions, device=device)[:, None],
+                                   cache=cache, use_cache=True).logits[:, -1].float()
+                except BaseException:
+                    for node in reversed(made):
+                        tree.release(node)
+                    cache.set_rows([r.leaf for r in rows])
+                    raise
+                requests = []  # (batch row, the node's prefix) per forward row
                 for row, draft in zip(live, trees):
-                    base = tree.length(row.leaf)
-                    tokens += [row.pending] + draft.tokens.tolist()
-                    positions += [base] + (base + draft.depth).tolist()
-                cache.set_rows(flat, slots=slots, take=take)
-                logits = model(input_ids=torch.tensor(tokens, device=device)[:, None],
-                               position_ids=torch.tensor(positions, device=device)[:, None],
-                               cache=cache, use_cache=True).logits[:, -1].float()
-            except BaseException:
-                for node in reversed(made):
-                    tree.release(node)
-                cache.set_rows([r.leaf for r in rows])
-                raise
-            requests = []  # (batch row, the node's prefix) per forward row
-            for row, draft in zip(live, trees):
-                requests.append((row.b, row.ids))
-                requests += [(row.b, row.ids + draft.path_tokens(i)) for i in range(draft.num_nodes)]
-            every = _processed(logits_processor, len(rows), requests, logits, device)
-            start = 0
-            for row, draft, row_nodes in zip(live, trees, nodes):
-                processed = every[start:start + draft.num_nodes + 1]
-                start += draft.num_nodes + 1
-                if sample:
-                    result = verify_sampling(draft, torch.softmax(processed, dim=-1))
-                else:
-                    result = verify_greedy(draft, processed)
-                cache.count_draft(result.draft_tokens, result.accepted_draft_tokens)
-                row.leaf = _release_rejected(tree, row_nodes, result.path, row.leaf)
-                rows_at = [ROOT] + result.path
-                for token, at in zip(result.tokens.tolist(), rows_at):
-                    if not active(row):
-                        break
-                    emit(row, token, processed[at + 1])
-        cache.set_rows([r.leaf for r in rows])
+                    requests.append((row.b, row.ids))
+                    requests += [(row.b, row.ids + draft.path_tokens(i)) for i in range(draft.num_nodes)]
+                every = _processed(logits_processor, len(rows), requests, logits, device)
+                start = 0
+                for row, draft, row_nodes in zip(live, trees, nodes):
+                    processed = every[start:start + draft.num_nodes + 1]
+                    start += draft.num_nodes + 1
+                    if sample:
+                        result = verify_sampling(draft, torch.softmax(processed, dim=-1))
+                    else:
+                        result = verify_greedy(draft, processed)
+                    cache.count_draft(result.draft_tokens, result.accepted_draft_tokens)
+                    emitted = 0
+                    for token, at in zip(result.tokens.tolist(), [ROOT] + result.path):
+                        if not active(row):
+                            break
+                        emit(row, token, processed[at + 1])
+                        emitted += 1
+                    # The cache keeps what was emitted but the new pending token (a stopped row emits less).
+                    kept = result.path[:max(emitted - 1, 0)]
+                    row.leaf = keep_chain(tree, row_nodes, kept, row.leaf)
+                    drafter.accepted(row.b, kept)
+            cache.count_draft(0, 0, drafter.forward_passes)
 
         if has_eos:
             length = max(len(r.ids) for r in rows)
             ids = [r.ids + [pad] * (length - len(r.ids)) for r in rows]
         else:
             ids = [r.ids[:end[0]] for r in rows]
+        for row, out in zip(rows, ids):  # a row that ran past the others' end holds no KV beyond its output
+            _trim(cache, row, len(row.real) - (len(row.ids) - min(len(out), len(row.ids))))
+        cache.set_rows([r.leaf for r in rows])
         sequences = torch.tensor(ids, dtype=input_ids.dtype, device=device)
         if generation_config.return_dict_in_generate:
             return GenerateDecoderOnlyOutput(sequences=sequences, cache=cache)

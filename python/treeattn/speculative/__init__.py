@@ -2,7 +2,7 @@
 
     index = NgramIndex(prompt_ids)                       # per sequence; index.extend(accepted) each step
     tree = draft_ngram_tree(index, num_speculative_tokens=8)
-    tree = draft_model_tree(next_logits, 8, top_k=4)    # or from a small draft model
+    tree = draft_model_tree(next_logits, 8, top_k=4)    # or from a small draft model (DraftTreeBuilder: by depth)
     # one target forward over the tree: node i attends to the context and tree.path(i)
     result = verify_greedy(tree, target_scores)          # or verify_sampling(tree, target_probs, generator=g)
     result.tokens                                        # accepted draft tokens + the target's bonus token
@@ -14,15 +14,18 @@ exactly as the target's, for deterministic proposals (n-gram, top-k) and for chi
 replacement from a draft distribution alike.
 """
 
-from .draft_model import draft_model_tree
+from .cached import CachedContinuations
+from .draft_model import DraftTreeBuilder, draft_model_tree
 from .ngram import Continuation, NgramIndex, TokenSource, draft_ngram_tree
 from .tree import ROOT, DraftTree
 from .verify import Verification, verify_greedy, verify_greedy_batch, verify_sampling
 
 __all__ = [
+    "CachedContinuations",
     "ROOT",
     "Continuation",
     "DraftTree",
+    "DraftTreeBuilder",
     "NgramIndex",
     "TokenSource",
     "Verification",

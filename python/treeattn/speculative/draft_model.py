@@ -1,5 +1,6 @@
 """Draft trees from a small draft model: a beam-like top-k expansion by cumulative draft probability, one
-draft-model call per depth for the whole frontier."""
+draft-model call per depth for the whole frontier (:class:`DraftTreeBuilder`, and :func:`draft_model_tree`
+over a callable)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,25 @@ def draft_model_tree(next_logits: NextLogits, num_speculative_tokens: int, *, to
     """A draft tree of at most ``num_speculative_tokens`` nodes.
 
     ``next_logits(paths) -> [len(paths), vocab]``: the draft model's next-token logits after the last accepted
-    token followed by each path (a list of token ids; ``[]`` is the root). The caller decodes those paths
-    however it likes (e.g. the draft model over its own treeattn cache, one 1-token node per path element).
-    ``to_probs``: turns those logits into the draft distribution (default: softmax in fp32), e.g. through the
-    same logits processors as the target.
+    token followed by each path (a list of token ids; ``[]`` is the root), called once per depth. The other
+    arguments are :class:`DraftTreeBuilder`'s, which grows the tree (a driver that scores the frontiers of
+    many trees in one forward uses it directly).
+    """
+    if not callable(next_logits):
+        raise ValueError(f"next_logits: expected a callable paths -> logits, got {type(next_logits).__name__}")
+    builder = DraftTreeBuilder(num_speculative_tokens, top_k=top_k, max_depth=max_depth, sample=sample,
+                               generator=generator, to_probs=to_probs)
+    while not builder.done:
+        builder.grow(next_logits([builder.path_tokens(f) for f in builder.frontier]))
+    return builder.tree()
 
-    Depth by depth, the frontier (at most ``top_k`` nodes, the best by cumulative draft probability) is scored
-    in one ``next_logits`` call and grows children:
+
+class DraftTreeBuilder:
+    """A draft-model tree grown one depth at a time: the caller scores :attr:`frontier` (the draft model's
+    next-token logits after each frontier node's path) and passes them to :meth:`grow`, until :attr:`done`.
+
+    Depth by depth, the frontier (at most ``top_k`` nodes, the best by cumulative draft probability; first the
+    root, ``ROOT``) grows children, ``num_speculative_tokens`` nodes in all at most:
 
     - ``sample=False``: each frontier node's ``top_k`` most likely tokens are candidates, and the candidates
       with the highest cumulative probability are kept while the budget lasts. Proposals are deterministic
@@ -36,61 +49,90 @@ def draft_model_tree(next_logits: NextLogits, num_speculative_tokens: int, *, to
       without replacement from the draft distribution (``generator``). Every drawn child is kept, so that
       ``verify_sampling``'s recursive rejection with ``draft_probs`` is exact.
 
-    ``token_probs`` holds each node's draft probability; ``max_depth`` bounds the depth (default: the budget).
+    ``to_probs``: turns logits into the draft distribution (default: softmax in fp32), e.g. through the same
+    logits processors as the target. ``max_depth`` bounds the depth (default: the budget). :meth:`tree`: the
+    :class:`DraftTree`, ``token_probs`` holding each node's draft probability. One :meth:`grow` per depth, so
+    a tree of depth ``d`` costs ``d`` draft-model calls.
     """
-    if not callable(next_logits):
-        raise ValueError(f"next_logits: expected a callable paths -> logits, got {type(next_logits).__name__}")
-    budget = check_int("num_speculative_tokens", num_speculative_tokens, 0)
-    top_k = check_int("top_k", top_k, 1)
-    max_depth = budget if max_depth is None else check_int("max_depth", max_depth, 0)
-    if not isinstance(sample, bool):
-        raise ValueError(f"sample: expected a bool, got {type(sample).__name__}")
-    if to_probs is None:
-        to_probs = _softmax
 
-    tokens: list[int] = []
-    parents: list[int] = []
-    token_probs: list[float] = []
-    paths: list[list[int]] = []
-    cumulative: list[float] = []
-    rows: dict[int, torch.Tensor] = {}  # node -> the draft distribution its children come from (ROOT included)
-    frontier = [ROOT]
-    depth = 0
-    vocab = None
-    while frontier and len(tokens) < budget and depth < max_depth:
-        logits = next_logits([[] if f == ROOT else paths[f] for f in frontier])
+    def __init__(self, num_speculative_tokens: int, *, top_k: int = 4, max_depth: int | None = None,
+                 sample: bool = False, generator: torch.Generator | None = None,
+                 to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self._budget = check_int("num_speculative_tokens", num_speculative_tokens, 0)
+        self._top_k = check_int("top_k", top_k, 1)
+        self._max_depth = self._budget if max_depth is None else check_int("max_depth", max_depth, 0)
+        if not isinstance(sample, bool):
+            raise ValueError(f"sample: expected a bool, got {type(sample).__name__}")
+        self._sample, self._generator = sample, generator
+        self._to_probs = _softmax if to_probs is None else to_probs
+        self._tokens: list[int] = []
+        self._parents: list[int] = []
+        self._token_probs: list[float] = []
+        self._paths: list[list[int]] = []
+        self._cumulative: list[float] = []
+        self._rows: dict[int, torch.Tensor] = {}  # node -> the draft distribution its children come from
+        self._frontier = [ROOT]
+        self._depth = 0
+        self._vocab: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return not self._frontier or len(self._tokens) >= self._budget or self._depth >= self._max_depth
+
+    @property
+    def frontier(self) -> list[int]:
+        """The nodes (``ROOT`` first) whose next-token logits :meth:`grow` takes, best first; ``[]`` when done."""
+        return [] if self.done else list(self._frontier)
+
+    def parent(self, node: int) -> int:
+        return self._parents[node]
+
+    def path_tokens(self, node: int) -> list[int]:
+        """The tokens after the last accepted token down to ``node`` (``[]`` for ``ROOT``)."""
+        return [] if node == ROOT else list(self._paths[node])
+
+    def grow(self, logits: torch.Tensor) -> list[int]:
+        """Grow the frontier's children from ``logits [len(frontier), vocab]`` (row ``i``: after frontier node
+        ``i``'s path); returns the new nodes."""
+        frontier = self.frontier
+        if not frontier:
+            raise RuntimeError("DraftTreeBuilder.grow: expected a tree still growing, got a finished one")
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(frontier):
             got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise ValueError(f"next_logits: expected a [{len(frontier)}, vocab] tensor (one row per path), got {got}")
-        if vocab is not None and logits.shape[1] != vocab:
-            raise ValueError(f"next_logits: expected vocab {vocab} as before, got {logits.shape[1]}")
-        vocab = logits.shape[1]
-        probs = to_probs(logits)
+        if self._vocab is not None and logits.shape[1] != self._vocab:
+            raise ValueError(f"next_logits: expected vocab {self._vocab} as before, got {logits.shape[1]}")
+        self._vocab = logits.shape[1]
+        probs = self._to_probs(logits)
         for f, row in zip(frontier, probs):
-            rows[f] = row
-        remaining = budget - len(tokens)
-        if sample:
-            picks = _sampled_children(frontier, probs, top_k, remaining, generator)
+            self._rows[f] = row
+        remaining = self._budget - len(self._tokens)
+        if self._sample:
+            picks = _sampled_children(frontier, probs, self._top_k, remaining, self._generator)
         else:
-            picks = _top_children(frontier, probs, cumulative, top_k, remaining)
+            picks = _top_children(frontier, probs, self._cumulative, self._top_k, remaining)
         new_nodes = []
         for f, token, prob in picks:
-            tokens.append(token)
-            parents.append(f)
-            token_probs.append(prob)
-            paths.append(([] if f == ROOT else paths[f]) + [token])
-            cumulative.append((1.0 if f == ROOT else cumulative[f]) * prob)
-            new_nodes.append(len(tokens) - 1)
+            self._tokens.append(token)
+            self._parents.append(f)
+            self._token_probs.append(prob)
+            self._paths.append(self.path_tokens(f) + [token])
+            self._cumulative.append((1.0 if f == ROOT else self._cumulative[f]) * prob)
+            new_nodes.append(len(self._tokens) - 1)
         # Stable sort: ties keep creation order, so the frontier is deterministic.
-        frontier = sorted(new_nodes, key=lambda i: -cumulative[i])[:top_k]
-        depth += 1
+        self._frontier = sorted(new_nodes, key=lambda i: -self._cumulative[i])[: self._top_k]
+        self._depth += 1
+        return new_nodes
 
-    draft_probs = None
-    if sample and tokens:
-        blank = torch.zeros(vocab, dtype=probs.dtype, device=probs.device)
-        draft_probs = torch.stack([rows.get(i, blank) for i in range(ROOT, len(tokens))])
-    return DraftTree(tokens, parents, draft_probs=draft_probs,
-                     token_probs=torch.tensor(token_probs, dtype=torch.float32))
+    def tree(self) -> DraftTree:
+        """The tree grown so far."""
+        draft_probs = None
+        if self._sample and self._tokens:
+            any_row = next(iter(self._rows.values()))
+            blank = torch.zeros_like(any_row)
+            draft_probs = torch.stack([self._rows.get(i, blank) for i in range(ROOT, len(self._tokens))])
+        return DraftTree(self._tokens, self._parents, draft_probs=draft_probs,
+                         token_probs=torch.tensor(self._token_probs, dtype=torch.float32))
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
