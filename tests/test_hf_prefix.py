@@ -167,8 +167,9 @@ def test_misuse(model):
         treeattn.hf.generate(model, torch.ones(1, 3, dtype=torch.long), prefix_cache=object(), max_new_tokens=1)
     out = treeattn.hf.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=1, pad_token_id=PAD,
                                return_dict_in_generate=True)
-    with pytest.raises(ValueError, match=r"past_key_values: expected None .*prefix_cache=treeattn.hf.PrefixCache"):
-        treeattn.hf.generate(model, out.sequences, past_key_values=out.cache, max_new_tokens=1, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="past_key_values: expected None with prefix_cache"):
+        treeattn.hf.generate(model, out.sequences, past_key_values=out.cache, prefix_cache=pc, max_new_tokens=1,
+                             pad_token_id=PAD)
     out.cache.release()
     ids, mask = torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]])
     with pytest.raises(treeattn.hf.UnsupportedModel, match="attention_mask: expected left padding"):
