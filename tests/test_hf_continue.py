@@ -102,7 +102,8 @@ def test_multi_turn_conversation_grows_the_pool(model):
 
 def test_branches_from_one_cache_and_samples(model):
     """One cache continued twice (different new tokens), and continued into sampled rows
-    (num_return_sequences): each as model.generate over the whole sequences, the earlier cache unchanged."""
+    (num_return_sequences) and beams: each as model.generate over the whole sequences, the earlier cache
+    unchanged."""
     first = treeattn.hf.generate(model, _tokens(4, 1, 6), max_new_tokens=2, **KW)
     before = _rows(first.cache)
     for seed in (5, 6):
@@ -117,6 +118,8 @@ def test_branches_from_one_cache_and_samples(model):
     torch.manual_seed(0)
     out = treeattn.hf.generate(model, ids, past_key_values=first.cache, **kw)
     _same_outputs(ref, out)
+    kw = {**KW, "num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 3}
+    _same_outputs(model.generate(ids, **kw), treeattn.hf.generate(model, ids, past_key_values=first.cache, **kw))
     # The sampled rows continue too (as HF's own: the cache's rows are the returned sequences).
     more = torch.cat([out.sequences, _tokens(8, 3, 2)], dim=1)
     _same_outputs(model.generate(more, max_new_tokens=2, **KW),

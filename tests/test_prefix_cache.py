@@ -297,3 +297,26 @@ def test_out_of_pages_evicts_only_what_it_must():
     leaf, _, lock = serve(pc, rows, None, [4] * 3)
     assert pc.stats()["evicted_tokens"] == 4  # sequence 2, the least recently used
     assert pc.match(None, [1, 0, 0, 0, 5]).length == 4 and pc.match(None, [2, 0, 0, 0, 5]).length == 0
+
+
+def test_pages_a_live_reader_keeps_are_not_counted_as_freeable():
+    """A cached sequence whose released node a live node still reads frees nothing when evicted: a request
+    that only fits if it did raises OutOfPages with nothing evicted, rather than after losing entries."""
+    cache = make_cache(page_size=2, num_pages=4)
+    pc = PrefixKVCache(cache)
+    root = cache.add(4)  # 2 pages
+    kid = cache.fork(root, 1)[0]
+    cache.append([kid], 2)  # 1 page; kid reads root's pages
+    pc.insert("k", [1, 2, 3, 4], root)
+    cache.release(root)
+    other = cache.add(2)  # 1 page
+    pc.insert("k", [9, 9], other)
+    cache.release(other)
+    assert cache.allocator.num_free == 0
+    assert pc.index.evictable_pages() == 3 and pc.freeable_pages() == 1
+    before = pc.stats()
+    with pytest.raises(OutOfPages):
+        pc.reserve(lambda: cache.add(6))  # 3 pages: only 1 can be freed
+    assert pc.stats() == before and pc.match("k", [1, 2, 3, 4, 5]).length == 4
+    leaf = pc.reserve(lambda: cache.add(2))  # 1 page: fits once the sequence no live node reads is evicted
+    assert pc.match("k", [9, 9, 9]).length == 0 and cache.length(leaf) == 2
