@@ -126,7 +126,9 @@ def test_branches_from_one_cache_and_samples(model):
                   treeattn.hf.generate(model, more, past_key_values=out.cache, max_new_tokens=2, **KW))
 
 
-class _Fails(LogitsProcessor):
+class FailsAfter(LogitsProcessor):
+    """Raises on its call number ``after + 1`` (0: in the prompt step)."""
+
     def __init__(self, after):
         self.calls, self.after = 0, after
 
@@ -144,7 +146,7 @@ def test_a_failing_continuation_changes_nothing(model):
     for after in (0, 2):  # in the prompt step, mid-decode
         with pytest.raises(RuntimeError, match="processor failed"):
             treeattn.hf.generate(model, ids, past_key_values=first.cache, max_new_tokens=4,
-                                 logits_processor=LogitsProcessorList([_Fails(after)]), **KW)
+                                 logits_processor=LogitsProcessorList([FailsAfter(after)]), **KW)
         assert first.cache.stats() == before and first.cache.tree.stats()["pages_used"] == pool
     _same_outputs(model.generate(ids, max_new_tokens=3, **KW),
                   treeattn.hf.generate(model, ids, past_key_values=first.cache, max_new_tokens=3, **KW))

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from test_hf_continue import FailsAfter
+from transformers import LogitsProcessorList
 
 import treeattn
 import treeattn.hf
@@ -162,19 +163,6 @@ def test_eviction_in_a_small_pool(model):
     assert s["cached_tokens"] == 0 and s["pages_used"] == 0 and s["prompt_tokens"] == 0
 
 
-class _FailsAfter(LogitsProcessor):
-    """Raises on its call number ``after + 1`` (0: in the prompt step)."""
-
-    def __init__(self, after):
-        self.calls, self.after = 0, after
-
-    def __call__(self, input_ids, scores):
-        self.calls += 1
-        if self.calls > self.after:
-            raise RuntimeError("processor failed")
-        return scores
-
-
 def test_a_failing_call_leaves_the_prefix_cache_as_it_was(model):
     """A call that fails in its prompt step or mid-decode (a logits processor raising, the pool running out
     with nothing left to evict) changes neither the counters nor what is cached."""
@@ -184,8 +172,8 @@ def test_a_failing_call_leaves_the_prefix_cache_as_it_was(model):
     turn = torch.cat([first, _tokens(g, 3)])[None]
     lock = pc.prefixes.index.lock(pc.prefixes.index.match(None, first.tolist() + [0]))  # (nothing evictable)
     for fail, error, message in (
-            ({"logits_processor": LogitsProcessorList([_FailsAfter(0)])}, RuntimeError, "processor failed"),
-            ({"logits_processor": LogitsProcessorList([_FailsAfter(2)])}, RuntimeError, "processor failed"),
+            ({"logits_processor": LogitsProcessorList([FailsAfter(0)])}, RuntimeError, "processor failed"),
+            ({"logits_processor": LogitsProcessorList([FailsAfter(2)])}, RuntimeError, "processor failed"),
             ({"max_new_tokens": 40}, treeattn.OutOfPages, "pass num_pages=")):
         before, cached = pc.stats(), [n.tokens.tolist() for n in pc.prefixes.index.nodes()]
         with pytest.raises(error, match=message):

@@ -72,11 +72,12 @@ class Continuation:
         self.leaves = []
 
 
-def continue_cache(model, past, input_ids, num_prompts: int, width: int, max_length: int) -> Continuation:
+def continue_cache(model, past, input_ids, num_prompts: int, num_rows: int, width: int,
+                   max_length: int) -> Continuation:
     """The cache a ``treeattn.hf.generate`` call given ``past_key_values=past`` runs in.
 
     ``input_ids``: the call's ``[num_prompts, width]`` prompt (None when it gives ``inputs_embeds``, of
-    ``width`` positions too);
+    ``width`` positions too), which ``model.generate`` expands into ``num_rows`` rows (samples or beams);
     ``max_length``: the longest sequence the call may return (prompt and new tokens), to size the pool.
     Raises ``ValueError`` (``past_key_values: expected ...``) for a cache that cannot be continued here."""
     if not isinstance(past, TreeCache):
@@ -117,7 +118,7 @@ def continue_cache(model, past, input_ids, num_prompts: int, width: int, max_len
                                  f"past_key_values holds), got row {differs[0]} differing")
     tree, page = past.tree, past.page_size
     grow = max(max_length - 1 - positions, 1)  # tokens a row may still store (its last is never fed back)
-    need = rows * (-(-grow // page) + 1)  # (+1: a copy on write of each row's shared last page)
+    need = num_rows * (-(-grow // page) + 1)  # (+1: a copy on write of each row's shared last page)
     if tree.stats()["pages_free"] >= need:
         cache = TreeCache(model, tree=tree, sized_by="treeattn.hf.generate")
         return Continuation(cache, [tree.fork(r, 1)[0] for r in past.rows])

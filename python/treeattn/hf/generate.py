@@ -159,7 +159,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     if past is None:
         cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
     else:
-        continued = continue_cache(model, past, input_ids, num_prompts, prompt_length, max_length)
+        continued = continue_cache(model, past, input_ids, num_prompts, num_rows, prompt_length, max_length)
         cache = continued.cache
         if continued.leaves:
             cache.continue_from(continued.expand(num_rows // num_prompts), past.positions)
