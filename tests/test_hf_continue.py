@@ -183,7 +183,8 @@ def test_caches_that_cannot_be_continued(model):
     def go(past, input_ids=more, **kw):
         return treeattn.hf.generate(model, input_ids, past_key_values=past, max_new_tokens=1, **{**KW, **kw})
 
-    with pytest.raises(ValueError, match="past_key_values: expected the TreeCache of an earlier .* got DynamicCache"):
+    with pytest.raises(ValueError, match="past_key_values: expected None or the TreeCache of an earlier .* got "
+                                         "DynamicCache"):
         go(DynamicCache())
     with pytest.raises(ValueError, match=r"past_key_values: expected a TreeCache with 1 rows \(the batch\), got 2"):
         go(out.cache, more[:1])
@@ -200,6 +201,8 @@ def test_caches_that_cannot_be_continued(model):
         go(out.cache, num_pages=64)
     with pytest.raises(ValueError, match="cache: expected None with past_key_values"):
         go(out.cache, cache=out.cache)
+    with pytest.raises(ValueError, match="cache: expected None or the TreeCache of an earlier"):
+        treeattn.hf.generate(model, more, cache=DynamicCache(), max_new_tokens=1, **KW)
     other = tiny_model(model.config.model_type, seed=12)
     with pytest.raises(ValueError, match="past_key_values: expected a TreeCache made by this model"):
         treeattn.hf.generate(other, more, past_key_values=out.cache, max_new_tokens=1, **KW)

@@ -72,40 +72,41 @@ class Continuation:
         self.leaves = []
 
 
-def continue_cache(model, past, input_ids, num_prompts: int, num_rows: int, width: int,
-                   max_length: int) -> Continuation:
+def continue_cache(model, past, input_ids, num_prompts: int, num_rows: int, width: int, max_length: int,
+                   name: str = "past_key_values") -> Continuation:
     """The cache a ``treeattn.hf.generate`` call given ``past_key_values=past`` runs in.
 
     ``input_ids``: the call's ``[num_prompts, width]`` prompt (None when it gives ``inputs_embeds``, of
     ``width`` positions too), which ``model.generate`` expands into ``num_rows`` rows (samples or beams);
     ``max_length``: the longest sequence the call may return (prompt and new tokens), to size the pool.
-    Raises ``ValueError`` (``past_key_values: expected ...``) for a cache that cannot be continued here."""
+    Raises ``ValueError`` (``past_key_values: expected ...``; ``name``: the argument as the call named it) for a
+    cache that cannot be continued here."""
     if not isinstance(past, TreeCache):
-        raise ValueError("past_key_values: expected the TreeCache of an earlier treeattn.hf.generate call (its "
-                         f"out.cache, with return_dict_in_generate=True) or None, got {type(past).__name__}")
+        raise ValueError(f"{name}: expected None or the TreeCache of an earlier treeattn.hf.generate call (its "
+                         f"out.cache, with return_dict_in_generate=True), got {type(past).__name__}")
     if past.prefixes is not None:
-        raise ValueError("past_key_values: expected a TreeCache of a call without prefix_cache, got one of a "
+        raise ValueError(f"{name}: expected a TreeCache of a call without prefix_cache, got one of a "
                          "prefix_cache call (pass prefix_cache= again instead: it holds the earlier sequences)")
     if past.step.mode != "idle":
-        raise ValueError(f"past_key_values: expected a TreeCache between calls, got one running a {past.step.mode} "
+        raise ValueError(f"{name}: expected a TreeCache between calls, got one running a {past.step.mode} "
                          "step")
     if inspect_model(model) != past.spec:
-        raise ValueError("past_key_values: expected a TreeCache made for this model's KV layout, got one for another "
+        raise ValueError(f"{name}: expected a TreeCache made for this model's KV layout, got one for another "
                          f"({past.spec.model_type}, {past.spec.num_layers} layers)")
     if not past.rows:
         return Continuation(past, [])
     rec = _RECORDS.get(past)
     if rec is None:
-        raise ValueError("past_key_values: expected the TreeCache a treeattn.hf.generate call returned (or an empty "
+        raise ValueError(f"{name}: expected the TreeCache a treeattn.hf.generate call returned (or an empty "
                          "one), got one holding rows no such call left (a TreeSearch's, or a speculative call's)")
     if rec.refused:
-        raise ValueError(f"past_key_values: expected the TreeCache of a call without {rec.refused}, got one with it "
+        raise ValueError(f"{name}: expected the TreeCache of a call without {rec.refused}, got one with it "
                          "(its rows are not the returned sequences)")
     if rec.model() is not model:
-        raise ValueError("past_key_values: expected a TreeCache made by this model, got one another model filled")
+        raise ValueError(f"{name}: expected a TreeCache made by this model, got one another model filled")
     rows, positions = len(past.rows), past.positions
     if num_prompts != rows:
-        raise ValueError(f"past_key_values: expected a TreeCache with {num_prompts} rows (the batch), got {rows}")
+        raise ValueError(f"{name}: expected a TreeCache with {num_prompts} rows (the batch), got {rows}")
     if width <= positions:
         raise ValueError(f"input_ids: expected more than the {positions} positions past_key_values holds (the "
                          f"earlier sequences and at least one new token), got {width}")

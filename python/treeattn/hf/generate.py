@@ -109,12 +109,12 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         UnsupportedModel: a model family or option treeattn cannot serve (the message names it).
         treeattn.OutOfPages: the pool is too small (the message says which ``num_pages`` to pass).
     """
-    past = generate_kwargs.pop("past_key_values", None)
+    past, past_name = generate_kwargs.pop("past_key_values", None), "past_key_values"
     if generate_kwargs.get("cache") is not None:
         if past is not None:
             raise ValueError("cache: expected None with past_key_values (two names for one cache), got "
                              f"{type(generate_kwargs['cache']).__name__}")
-        past = generate_kwargs["cache"]
+        past, past_name = generate_kwargs["cache"], "cache"
     generate_kwargs.pop("cache", None)
     model = unwrap_compiled(model)
     if input_ids is None:
@@ -159,7 +159,8 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     if past is None:
         cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
     else:
-        continued = continue_cache(model, past, input_ids, num_prompts, num_rows, prompt_length, max_length)
+        continued = continue_cache(model, past, input_ids, num_prompts, num_rows, prompt_length, max_length,
+                                   past_name)
         cache = continued.cache
         if continued.leaves:
             cache.continue_from(continued.expand(num_rows // num_prompts), past.positions)
