@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_hf_continue import FailsAfter
+from transformers import LogitsProcessorList
 
 import treeattn
 import treeattn.hf
@@ -161,15 +163,44 @@ def test_eviction_in_a_small_pool(model):
     assert s["cached_tokens"] == 0 and s["pages_used"] == 0 and s["prompt_tokens"] == 0
 
 
+def test_a_failing_call_leaves_the_prefix_cache_as_it_was(model):
+    """A call that fails in its prompt step or mid-decode (a logits processor raising, the pool running out
+    with nothing left to evict) changes neither the counters nor what is cached."""
+    g = torch.Generator().manual_seed(9)
+    pc = treeattn.hf.PrefixCache(model, num_pages=12, page_size=PAGE)
+    first = _same(model, pc, _tokens(g, 9)[None], do_sample=False)[0]
+    turn = torch.cat([first, _tokens(g, 3)])[None]
+    lock = pc.prefixes.index.lock(pc.prefixes.index.match(None, first.tolist() + [0]))  # (nothing evictable)
+    for fail, error, message in (
+            ({"logits_processor": LogitsProcessorList([FailsAfter(0)])}, RuntimeError, "processor failed"),
+            ({"logits_processor": LogitsProcessorList([FailsAfter(2)])}, RuntimeError, "processor failed"),
+            ({"max_new_tokens": 40}, treeattn.OutOfPages, "pass num_pages=")):
+        before, cached = pc.stats(), [n.tokens.tolist() for n in pc.prefixes.index.nodes()]
+        with pytest.raises(error, match=message):
+            treeattn.hf.generate(model, torch.cat([turn, _tokens(g, 2)[None]], dim=1), prefix_cache=pc,
+                                 pad_token_id=PAD, **{"max_new_tokens": 5, **fail})
+        assert pc.stats() == before
+        assert [n.tokens.tolist() for n in pc.prefixes.index.nodes()] == cached
+        assert pc.prefixes.cache.tree.live_ids() == []
+    pc.prefixes.unlock(lock)
+    before = pc.stats()
+    _same(model, pc, turn, do_sample=False)
+    assert pc.stats()["hit_tokens"] - before["hit_tokens"] == first.shape[0] - 1  # (its last token: not fed back)
+
+
 def test_misuse(model):
     pc = treeattn.hf.PrefixCache(model, num_pages=8, page_size=PAGE)
     with pytest.raises(ValueError, match="prefix_cache: expected"):
         treeattn.hf.generate(model, torch.ones(1, 3, dtype=torch.long), prefix_cache=object(), max_new_tokens=1)
     out = treeattn.hf.generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=1, pad_token_id=PAD,
                                return_dict_in_generate=True)
-    with pytest.raises(ValueError, match=r"past_key_values: expected None .*prefix_cache=treeattn.hf.PrefixCache"):
-        treeattn.hf.generate(model, out.sequences, past_key_values=out.cache, max_new_tokens=1, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="past_key_values: expected None with prefix_cache"):
+        treeattn.hf.generate(model, out.sequences, past_key_values=out.cache, prefix_cache=pc, max_new_tokens=1,
+                             pad_token_id=PAD)
     out.cache.release()
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        with pytest.raises(treeattn.hf.UnsupportedModel, match="dtype: expected a 16- or 32-bit float dtype"):
+            treeattn.hf.PrefixCache(model, num_pages=8, dtype=fp8)
     ids, mask = torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]])
     with pytest.raises(treeattn.hf.UnsupportedModel, match="attention_mask: expected left padding"):
         treeattn.hf.generate(model, ids, attention_mask=mask, prefix_cache=pc, max_new_tokens=1)

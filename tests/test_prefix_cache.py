@@ -132,6 +132,43 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         assert hit <= len(tokens) - 1
         self.live[leaf] = [key, tokens, lock]
 
+    def cached_sequences(self) -> set:
+        return {(n.key, tuple(self.pc.index.path_tokens(n).tolist())) for n in self.pc.index.nodes() if not n.children}
+
+    @rule(key=st.sampled_from(KEYS), base=st.integers(0, 3), extra=st.lists(st.integers(0, 2), min_size=1, max_size=7),
+          cut=st.integers(0, 12), decode=st.booleans())
+    def failed_request(self, key, base, extra, cut, decode):
+        """A request that fails once its prompt is cached (as a generate call's prompt step caches it), maybe
+        after a decode step: the transaction takes out what it indexed and restores the counters."""
+        prev = self.done[base][1] if base < len(self.done) else []
+        tokens = list(prev[:cut]) + extra
+        before, cached, live = self.pc.stats(), self.cached_sequences(), set(self.cache.tree.live_ids())
+
+        class Failed(Exception):
+            pass
+
+        with pytest.raises((Failed, OutOfPages)):
+            with self.pc.transaction():
+                leaf, _, lock = serve(self.pc, self.rows, key, tokens)
+                locks = [lock]
+                try:
+                    locks.append(self.pc.insert(key, tokens, leaf, lock=True)[1])
+                    if decode:
+                        self.pc.reserve(lambda: self.cache.append([leaf], 1))
+                    raise Failed
+                finally:
+                    self.cache.release(leaf)
+                    for held in locks:
+                        self.pc.unlock(held)
+        after = self.pc.stats()
+        assert set(self.cache.tree.live_ids()) == live
+        if after["evicted_tokens"] == before["evicted_tokens"]:  # (an entry it split stays split: the same tokens)
+            assert {**after, "nodes": 0} == {**before, "nodes": 0} and self.cached_sequences() == cached
+        else:  # (what was evicted to make room stays evicted)
+            assert {k: after[k] for k in ("prompt_tokens", "hit_tokens", "prefill_tokens")} == \
+                {k: before[k] for k in ("prompt_tokens", "hit_tokens", "prefill_tokens")}
+            assert self.cached_sequences() <= cached
+
     @precondition(lambda self: self.live)
     @rule(i=st.integers(0, 50), n=st.integers(1, 4))
     def decode(self, i, n):
@@ -297,3 +334,26 @@ def test_out_of_pages_evicts_only_what_it_must():
     leaf, _, lock = serve(pc, rows, None, [4] * 3)
     assert pc.stats()["evicted_tokens"] == 4  # sequence 2, the least recently used
     assert pc.match(None, [1, 0, 0, 0, 5]).length == 4 and pc.match(None, [2, 0, 0, 0, 5]).length == 0
+
+
+def test_pages_a_live_reader_keeps_are_not_counted_as_freeable():
+    """A cached sequence whose released node a live node still reads frees nothing when evicted: a request
+    that only fits if it did raises OutOfPages with nothing evicted, rather than after losing entries."""
+    cache = make_cache(page_size=2, num_pages=4)
+    pc = PrefixKVCache(cache)
+    root = cache.add(4)  # 2 pages
+    kid = cache.fork(root, 1)[0]
+    cache.append([kid], 2)  # 1 page; kid reads root's pages
+    pc.insert("k", [1, 2, 3, 4], root)
+    cache.release(root)
+    other = cache.add(2)  # 1 page
+    pc.insert("k", [9, 9], other)
+    cache.release(other)
+    assert cache.allocator.num_free == 0
+    assert pc.index.evictable_pages() == 3 and pc.freeable_pages() == 1
+    before = pc.stats()
+    with pytest.raises(OutOfPages):
+        pc.reserve(lambda: cache.add(6))  # 3 pages: only 1 can be freed
+    assert pc.stats() == before and pc.match("k", [1, 2, 3, 4, 5]).length == 4
+    leaf = pc.reserve(lambda: cache.add(2))  # 1 page: fits once the sequence no live node reads is evicted
+    assert pc.match("k", [9, 9, 9]).length == 0 and cache.length(leaf) == 2

@@ -190,6 +190,29 @@ def test_locks_survive_splits_and_clear_keeps_locked_paths():
         ix.lock(ins)
 
 
+def test_forget_takes_out_what_was_indexed_since_the_mark():
+    """The undo of a failed request: new sequences (one splitting an earlier node, one below a new one) go
+    again; what was cached before stays cached, and the counters of evictions do not move."""
+    ix = PrefixIndex(page_size=2)
+    one_node(ix, "k", [1, 2, 3, 4, 5], node=0)
+    before = ix.stats()
+    mark = ix.mark()
+    one_node(ix, "k", [1, 2, 3, 9, 9], node=1, first_page=10)  # splits node 0's entry after 3 tokens
+    ins = ix.insert("k", [1, 2, 3, 9, 9, 7, 7], [Segment(1, 0, 5, (10, 11, 12)), Segment(2, 5, 7, (12, 13))])
+    one_node(ix, "j", [4, 4], node=3, first_page=20)
+    lock = ix.lock(ins)
+    with pytest.raises(ValueError, match="mark: expected the tokens indexed since to be unlocked, got 2 locked"):
+        ix.forget(mark)
+    ix.unlock(lock)
+    ev = ix.forget(mark)
+    assert sorted(ev.release) == [1, 2, 3] and ev.truncate == [] and ev.pages == [10, 11, 12, 13, 20]
+    after = ix.stats()
+    assert after == {**before, "nodes": 2}  # (node 0's entry stays split in two: the same tokens)
+    assert (ix.match("k", [1, 2, 3, 4, 5, 6]).length, ix.match("k", [1, 2, 3, 9, 9, 7]).length) == (5, 3)
+    with pytest.raises(ValueError, match="mark: expected"):
+        ix.forget(ix.mark() + 1)
+
+
 def test_page_accounting_agrees_with_tree_kv_cache():
     """The index's freed pages are the pages TreeKVCache frees when it releases the evicted nodes: a prompt of
     6 tokens (page_size 4), one branch continuing its partial page in place, one copying it."""

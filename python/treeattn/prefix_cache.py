@@ -98,17 +98,28 @@ class PrefixKVCache:
 
     def reserve(self, call: Callable[[], T]) -> T:
         """``call()`` (a cache operation taking pages); on :class:`OutOfPages` evict least recently used
-        unlocked cached sequences and retry. Raises the last :class:`OutOfPages` when nothing more can be
-        evicted, having evicted nothing when the index never had enough pages to give."""
+        unlocked cached sequences and retry. Raises :class:`OutOfPages` having evicted nothing when evicting
+        every unlocked sequence would not free enough pages."""
         while True:
             try:
                 return call()
             except OutOfPages as err:
                 short = err.pages_needed - err.pages_free
-                if short > self.index.evictable_pages():
+                if short > self.freeable_pages():
                     raise
                 if not self._apply(self.index.evict(short)).tokens:
                     raise
+
+    def freeable_pages(self) -> int:
+        """Pages evicting every unlocked cached sequence would give back to the pool: the index's evictable
+        pages that no live cache node reads (a live node reading a cached, released ancestor keeps its pages;
+        the index, which knows only cached sequences, counts them)."""
+        read: set[int] = set()
+        tree = self.cache.tree
+        for node in tree.live_ids():
+            for seg in cache_path(tree.any_node(node)):
+                read.update(seg.pages)
+        return len(self.index.evictable_page_ids() - read)
 
     def evict(self, num_pages: int) -> Eviction:
         """Evict unlocked cached leaves, LRU first, until ``num_pages`` index pages are free (or nothing, when
@@ -136,19 +147,41 @@ class PrefixKVCache:
         """Count ``num_tokens`` prompt tokens computed (not served from the cache)."""
         self.prefill_tokens += int(num_tokens)
 
+    def _counts(self) -> dict:
+        return {**self.index._counters, "prefill_tokens": self.prefill_tokens, "record_tokens": self.record_tokens}
+
+    def _restore_counts(self, counts: dict, names) -> None:
+        for name in names:
+            if name in self.index._counters:
+                self.index._counters[name] = counts[name]
+            else:
+                setattr(self, name, counts[name])
+
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Within the block, matches and prefills cache a result rather than serve a prompt: the tokens
         computed count as ``record_tokens``, and ``prompt_tokens``/``hit_tokens``/``prefill_tokens`` stay as
         they were (evictions still count)."""
-        counters, prefill = dict(self.index._counters), self.prefill_tokens
+        before = self._counts()
         try:
             yield
         finally:
-            self.record_tokens += self.prefill_tokens - prefill
-            self.prefill_tokens = prefill
-            for name in ("prompt_tokens", "hit_tokens"):
-                self.index._counters[name] = counters[name]
+            self.record_tokens += self.prefill_tokens - before["prefill_tokens"]
+            self._restore_counts(before, ("prompt_tokens", "hit_tokens", "prefill_tokens"))
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Within the block, an exception undoes what the block did to the index: the tokens it indexed are
+        taken out again (their cache nodes unpinned: release the block's live nodes and locks before it
+        ends), and every counter is as before but ``evicted_tokens`` (sequences evicted to make room stay
+        evicted: their pages were reused)."""
+        before, mark = self._counts(), self.index.mark()
+        try:
+            yield
+        except BaseException:
+            self._apply(self.index.forget(mark))
+            self._restore_counts(before, [name for name in before if name != "evicted_tokens"])
+            raise
 
     def stats(self) -> dict:
         """The index's counters (``prompt_tokens``, ``hit_tokens``, ``cached_tokens``, ``evicted_tokens``,

@@ -140,14 +140,15 @@ class IndexNode:
     ``tokens`` (int64 ``[end - start]``), ``start``/``end`` (path positions), ``cache_node``, ``pages`` (the
     physical pages of its positions), ``hidden`` (pages of its cache path before ``start`` that no index
     ancestor holds), ``parent``, ``children`` (first token -> node), ``locks``, ``stamp`` (last use),
-    ``serial`` (creation order), ``key`` (the canonical key), ``evicted``.
+    ``serial`` (creation order), ``born`` (the serial under which its tokens were first indexed: a split keeps
+    it), ``key`` (the canonical key), ``evicted``.
     """
 
-    __slots__ = ("owner", "key", "serial", "parent", "children", "tokens", "start", "cache_node", "pages",
+    __slots__ = ("owner", "key", "serial", "born", "parent", "children", "tokens", "start", "cache_node", "pages",
                  "hidden", "locks", "stamp", "evicted")
 
     def __init__(self, owner, key, serial, parent, tokens, start, cache_node, pages, hidden=()):
-        self.owner, self.key, self.serial, self.parent = owner, key, serial, parent
+        self.owner, self.key, self.serial, self.born, self.parent = owner, key, serial, serial, parent
         self.children: dict[int, IndexNode] = {}
         self.tokens, self.start, self.cache_node = tokens, start, cache_node
         self.pages, self.hidden = tuple(pages), tuple(hidden)
@@ -316,7 +317,7 @@ class PrefixIndex:
         upper = self._new_node(n.key, n.tokens[:at].copy(), n.start, n.cache_node,
                                self._pages_of(n.pages, n.start, n.start, cut), n.hidden)
         self._cached_tokens -= at  # the tokens move, they are not new
-        upper.locks, upper.stamp = n.locks, n.stamp
+        upper.locks, upper.stamp, upper.born = n.locks, n.stamp, n.born
         if locked:
             self._pin(upper, +1)
         # n keeps only the pages of its remaining positions; the upper node took the hidden ones.
@@ -507,6 +508,10 @@ class PrefixIndex:
         """Pages that evicting every unlocked node would free: held by index nodes, none of them locked."""
         return len(self._refs) - len(self._pins)
 
+    def evictable_page_ids(self) -> set[int]:
+        """The pages :meth:`evictable_pages` counts (the cache may still have other readers of some)."""
+        return {p for p in self._refs if p not in self._pins}
+
     def evict(self, num_pages: int) -> Eviction:
         """Evict unlocked leaves, least recently used first, until at least ``num_pages`` pages are freed; evict
         nothing when fewer than ``num_pages`` are evictable."""
@@ -520,32 +525,61 @@ class PrefixIndex:
         heapq.heapify(heap)
         freed: list[int] = []
         evicted, cut = [], {}
-        tokens = 0
         while heap and not done(freed):
             _, _, n = heapq.heappop(heap)
-            parent = n.parent
-            self._drop(n.held_pages(), False, freed)
-            del parent.children[int(n.tokens[0])]
-            self._evictable.pop(n.serial, None)
-            n.evicted = True
-            self._num_nodes -= 1
-            self._cached_tokens -= len(n.tokens)
-            tokens += len(n.tokens)
-            key, count = self._cache_refs[n.cache_node]
-            self._cache_refs[n.cache_node] = (key, count - 1)
-            cut[n.cache_node] = min(cut.get(n.cache_node, n.start), n.start)
+            parent = self._remove(n, freed, cut)
             evicted.append(n)
-            if parent.parent is None and not parent.children:
-                del self._roots[parent.key]
-            self._update_candidate(parent)
             if parent.serial in self._evictable:
                 heapq.heappush(heap, (parent.stamp, parent.serial, parent))
+        eviction = self._eviction(cut, freed, evicted)
+        self._counters["evicted_tokens"] += eviction.tokens
+        return eviction
+
+    def _remove(self, n: IndexNode, freed: list, cut: dict) -> IndexNode:
+        """Take the unlocked leaf ``n`` out of the index (its pages no node holds any more go to ``freed``, its
+        cache node's cut to ``cut``); returns its parent."""
+        parent = n.parent
+        self._drop(n.held_pages(), False, freed)
+        del parent.children[int(n.tokens[0])]
+        self._evictable.pop(n.serial, None)
+        n.evicted = True
+        self._num_nodes -= 1
+        self._cached_tokens -= len(n.tokens)
+        key, count = self._cache_refs[n.cache_node]
+        self._cache_refs[n.cache_node] = (key, count - 1)
+        cut[n.cache_node] = min(cut.get(n.cache_node, n.start), n.start)
+        if parent.parent is None and not parent.children:
+            del self._roots[parent.key]
+        self._update_candidate(parent)
+        return parent
+
+    def _eviction(self, cut: dict, freed: list, evicted: list) -> Eviction:
         release = sorted(c for c in cut if not self._cache_refs[c][1])
         for c in release:
             del self._cache_refs[c]
         truncate = sorted((c, e) for c, e in cut.items() if c in self._cache_refs)
-        self._counters["evicted_tokens"] += tokens
-        return Eviction(release, truncate, sorted(freed), tokens, evicted)
+        return Eviction(release, truncate, sorted(freed), sum(len(n.tokens) for n in evicted), evicted)
+
+    def mark(self) -> int:
+        """A point to :meth:`forget` back to: the tokens indexed from now on can be taken out again."""
+        return self._serial
+
+    def forget(self, mark: int) -> Eviction:
+        """Take out every token first indexed since ``mark`` (from :meth:`mark`): the undo of the inserts since
+        then (an edge split since stays split; its tokens are unchanged). Their nodes must be unlocked. Not
+        counted as evicted."""
+        mark = check_int("mark", mark, 0, self._serial)
+        doomed = [n for n in self.nodes() if n.born >= mark]
+        locked = [n for n in doomed if n.locks]
+        if locked:
+            raise ValueError(f"mark: expected the tokens indexed since to be unlocked, got {len(locked)} locked "
+                             f"node(s) (cache node {locked[0].cache_node})")
+        freed: list[int] = []
+        cut: dict = {}
+        doomed.sort(key=lambda n: -n.start)  # (a child starts where its parent ends: children go first)
+        for n in doomed:
+            self._remove(n, freed, cut)
+        return self._eviction(cut, freed, doomed)
 
     def clear(self) -> Eviction:
         """Evict every unlocked node and reset the counters (locked paths stay cached)."""

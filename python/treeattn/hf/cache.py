@@ -141,6 +141,8 @@ class TreeCache(Cache):
         num_pages: pool size (default: room for 16384 tokens).
         device, dtype: of the pool (default: the model's).
         sized_by: the call whose ``num_pages`` an ``OutOfPages`` message tells to raise.
+        tree: a ``treeattn.TreeKVCache`` to serve from instead of a new pool (``page_size``, ``num_pages``,
+            ``device`` and ``dtype`` are then its own).
 
     ``stats()`` reports what the tree stores (``tokens_stored``) against one cache per row
     (``tokens_if_unshared``), see ``treeattn.TreeKVCache.stats``. ``tree`` is the ``TreeKVCache``, ``rows``
@@ -150,7 +152,7 @@ class TreeCache(Cache):
     """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, device=None, dtype=None,
-                 sized_by: str = "TreeCache(...)", prefixes=None):
+                 sized_by: str = "TreeCache(...)", prefixes=None, tree=None):
         model = unwrap_compiled(model)
         self.spec: ModelSpec = inspect_model(model)
         spec = self.spec
@@ -166,6 +168,8 @@ class TreeCache(Cache):
         dtype = parameter.dtype if dtype is None else dtype
         if prefixes is not None:
             self.tree = prefixes.cache
+        elif tree is not None:  # another TreeCache's pool (a continuation of its rows), see treeattn.hf.continuation
+            self.tree = tree
         elif spec.mla:
             self.tree = treeattn.TreeKVCache.mla(
                 spec.num_layers, kv_lora_rank=spec.kv_lora_rank, rope_dim=spec.rope_dim, page_size=page_size,
@@ -341,6 +345,8 @@ class TreeCache(Cache):
             real = [torch.arange(length)] * num_rows
         else:  # (continuing cached prefixes, the mask also covers the positions seen before)
             real = [torch.nonzero(row[row.shape[0] - length:]).flatten() for row in mask.detach().cpu()]
+            if past_leaves:
+                self._check_past_mask(mask.detach().cpu()[:, : mask.shape[1] - length], past_leaves)
         roots: list[int] = []
         slots = []
         try:
@@ -390,6 +396,18 @@ class TreeCache(Cache):
         self._rows = tuple([children[u].pop() for u in reversed(row_of)][::-1])
         self._expects_prompt = False
         self._positions = (positions if past_leaves else 0) + length
+
+    def _check_past_mask(self, seen: torch.Tensor, leaves) -> None:
+        """``seen [rows, positions]`` (the mask over the positions continued) must say what each continued leaf
+        stores: padding first, then one for each stored token (a stored row is read whole)."""
+        for u, leaf in enumerate(leaves):
+            stored = 0 if leaf is None else self.tree.length(leaf)
+            row = seen[u].bool()
+            if int(row.sum()) != stored or not row[row.shape[0] - stored:].all():
+                raise UnsupportedModel(
+                    f"attention_mask: expected the {row.shape[0]} cached positions of row {u} as padding first, then "
+                    f"ones for the {stored} tokens the cache holds (padding inside a sequence is stored once it was "
+                    f"generated), got {int(row.sum())} ones elsewhere")
 
     @contextlib.contextmanager
     def decode(self, num_rows: int, num_tokens: int = 1) -> Iterator[CacheStep]:

@@ -8,6 +8,7 @@ import torch
 
 from .adapter import UnsupportedModel, attached, unwrap_compiled
 from .cache import TreeCache
+from .continuation import continue_cache, record
 from .prefix import PrefixCache
 from .speculative import speculation_from, speculative_decoding
 
@@ -88,6 +89,13 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
             the target's distribution. HF's ``assistant_model=`` and ``prompt_lookup_num_tokens=`` ask for the
             same. Not with beam search.
         num_speculative_tokens: draft tokens per sequence and step (default 8).
+        past_key_values: the ``cache`` of an earlier call's output (``return_dict_in_generate=True``), to continue
+            its rows as ``model.generate(..., past_key_values=...)`` does: ``input_ids`` are the earlier
+            sequences with new tokens after them (or ``inputs_embeds`` likewise), and only the new tokens are
+            computed. The earlier cache stays as it was (it can be continued again); the output's ``cache`` is
+            a new one (sharing the earlier pool when it has room, else copying the rows into a larger one).
+            An empty :class:`~treeattn.hf.TreeCache` is used as the call's cache. See
+            :mod:`treeattn.hf.continuation`.
         **generate_kwargs: anything ``model.generate`` takes (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``top_k``, ``top_p``, ``num_return_sequences``, ``num_beams``, ``eos_token_id``, ``pad_token_id``,
             ``attention_mask``, ``generation_config``, ``return_dict_in_generate``, ...).
@@ -101,12 +109,13 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         UnsupportedModel: a model family or option treeattn cannot serve (the message names it).
         treeattn.OutOfPages: the pool is too small (the message says which ``num_pages`` to pass).
     """
-    for name in ("cache", "past_key_values"):
-        if generate_kwargs.get(name) is not None:
-            raise ValueError(f"{name}: expected None (treeattn.hf.generate brings its own TreeCache; to continue an "
-                             "earlier call's sequences, pass prefix_cache=treeattn.hf.PrefixCache(model) to both "
-                             "calls and the later one computes only the new tokens), got "
-                             f"{type(generate_kwargs[name]).__name__}")
+    past, past_name = generate_kwargs.pop("past_key_values", None), "past_key_values"
+    if generate_kwargs.get("cache") is not None:
+        if past is not None:
+            raise ValueError("cache: expected None with past_key_values (two names for one cache), got "
+                             f"{type(generate_kwargs['cache']).__name__}")
+        past, past_name = generate_kwargs["cache"], "cache"
+    generate_kwargs.pop("cache", None)
     model = unwrap_compiled(model)
     if input_ids is None:
         input_ids = generate_kwargs.pop("inputs", None)
@@ -123,6 +132,17 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         raise UnsupportedModel("use_cache: expected True (treeattn.hf.generate decodes from its cache), got False")
     num_prompts, prompt_length = _prompt_shape(config, input_ids, generate_kwargs)
     num_rows = num_prompts * max(config.num_beams or 1, config.num_return_sequences or 1)
+    if past is not None:
+        if prefix_cache is not None:
+            raise ValueError("past_key_values: expected None with prefix_cache (the prefix cache holds the earlier "
+                             "call's sequences: pass them and the new tokens as input_ids), got "
+                             f"{type(past).__name__}")
+        if speculation is not None:
+            raise UnsupportedModel("past_key_values: continuing an earlier call with speculative decoding is not "
+                                   "supported yet")
+        if num_pages is not None:
+            raise ValueError("num_pages: expected None with past_key_values (the continuation sizes its pool from "
+                             f"the earlier cache's), got {num_pages}")
     if prefix_cache is not None:
         if not isinstance(prefix_cache, PrefixCache):
             raise ValueError(f"prefix_cache: expected a treeattn.hf.PrefixCache, got {type(prefix_cache).__name__}")
@@ -132,9 +152,27 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         num_pages = default_num_pages(num_rows, max(max_length, prompt_length + 1), page_size)
         if speculation is not None:
             num_pages += speculation.extra_pages(num_rows)
-    cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
-    with attached(model, cache):
-        out = model.generate(input_ids, cache=cache, **generate_kwargs)
+    continued = None
+    if past is None:
+        cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
+    else:
+        continued = continue_cache(model, past, input_ids, num_prompts, num_rows, prompt_length, max_length,
+                                   past_name)
+        cache = continued.cache
+        if continued.leaves:
+            cache.continue_from(continued.expand(num_rows // num_prompts), past.positions)
+    try:
+        with attached(model, cache):
+            out = model.generate(input_ids, cache=cache, **generate_kwargs)
+    except BaseException:
+        if continued is not None:  # (the earlier cache stays as it was; a given empty one is emptied again)
+            continued.release_unused()
+            if cache.step.mode == "idle":
+                cache.release()
+        raise
     if not config.return_dict_in_generate:
         cache.release()
+    elif speculation is None:
+        record(cache, model, out.sequences, from_ids="inputs_embeds" not in generate_kwargs,
+               refused="beam search" if (config.num_beams or 1) > 1 else None)
     return out

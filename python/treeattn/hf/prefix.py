@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validate import is_fp8
 from ..pages import OutOfPages
 from ..prefix_cache import PrefixKVCache
 from ..prefix_index import canonical_key
@@ -35,6 +36,11 @@ class PrefixCache:
     """
 
     def __init__(self, model, num_pages: int = 4096, page_size: int = 16, *, device=None, dtype=None):
+        if isinstance(dtype, torch.dtype) and is_fp8(dtype):
+            # A hit's prefix would be read back quantized by the prompt's own attention, where a prompt computed
+            # whole attends its unquantized KV: outputs would depend on what was cached.
+            raise UnsupportedModel(f"dtype: expected a 16- or 32-bit float dtype (treeattn.hf.PrefixCache has no FP8 "
+                                   f"pools), got {dtype}")
         model = unwrap_compiled(model)
         self.spec = inspect_model(model)
         pool = TreeCache(model, page_size=page_size, num_pages=num_pages, device=device, dtype=dtype,
@@ -73,13 +79,17 @@ class PrefixCache:
 
     def generate(self, model, input_ids, expand: int, cache_key, config, generate_kwargs: dict):
         """``model.generate`` over cached prefixes (what :func:`treeattn.hf.generate` runs with a prefix
-        cache): ``expand`` batch rows per prompt (samples or beams)."""
+        cache): ``expand`` batch rows per prompt (samples or beams). When it raises, the prefix cache is as it
+        was (its counters, what it caches), but for sequences evicted to make room."""
         canonical_key(cache_key, "cache_key")
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise UnsupportedModel("input_ids: expected a [batch, length] tensor of token ids with prefix_cache "
                                    f"(the cache matches token ids), got {type(input_ids).__name__}")
-        mask = generate_kwargs.get("attention_mask")
-        prompts, pads = _real_prompts(input_ids, mask)
+        with self.prefixes.transaction():  # (a failing call leaves the prefix cache as it was)
+            return self._generate(model, input_ids, expand, cache_key, config, generate_kwargs)
+
+    def _generate(self, model, input_ids, expand: int, cache_key, config, generate_kwargs: dict):
+        prompts, pads = _real_prompts(input_ids, generate_kwargs.get("attention_mask"))
         cache = self.tree_cache(model, "treeattn.hf.PrefixCache(...)")
         prefixes, tree = self.prefixes, cache.tree
         locks, made = [], []
