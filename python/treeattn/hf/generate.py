@@ -10,13 +10,13 @@ from .adapter import UnsupportedModel, attached, unwrap_compiled
 from .cache import TreeCache
 from .prefix import PrefixCache
 from .speculative import speculation_from, speculative_decoding
+from .static import StaticTreeCache, compile_requested, compiled_decoding
 
 # generate() options that need a cache treeattn does not provide, or attention outputs it does not compute.
 _UNSUPPORTED_OPTIONS = {
     "assistant_model": "assisted (speculative) decoding",
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
     "prefill_chunk_size": "chunked prefill",
-    "cache_implementation": "a transformers cache implementation (treeattn brings its own cache)",
     "output_attentions": "attention weights (treeattn's decode does not compute them)",
 }
 
@@ -115,6 +115,8 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     if speculation is not None:
         speculation.check(config)
         generate_kwargs["custom_generate"] = speculative_decoding(speculation)
+    compiled = compile_requested(config, speculation is not None or prefix_cache is not None)
+    generate_kwargs["cache_implementation"] = None  # (treeattn brings its own cache; "static" is a StaticTreeCache)
     for name, what in _UNSUPPORTED_OPTIONS.items():
         value = generate_kwargs.get(name, getattr(config, name, None))
         if value not in (None, False):
@@ -135,8 +137,12 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         num_pages = default_num_pages(num_rows, max(max_length, prompt_length + 1), page_size)
         if speculation is not None:
             num_pages += speculation.extra_pages(num_rows)
-    cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
-    with attached(model, cache):
+    cache_args = dict(page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
+    if compiled:
+        cache = StaticTreeCache(model, max_length=max(max_length, prompt_length + 1), **cache_args)
+    else:
+        cache = TreeCache(model, **cache_args)
+    with (compiled_decoding if compiled else attached)(model, cache):
         out = model.generate(input_ids, cache=cache, **generate_kwargs)
     if not config.return_dict_in_generate:
         cache.release()

@@ -29,7 +29,7 @@ import torch
 import treeattn
 from treeattn import _planner
 
-from .adapter import attached
+from .adapter import UnsupportedModel, attached
 from .cache import CacheStep, TreeCache, _TreeLayer
 
 _SIZING = _planner.SIZING
@@ -140,6 +140,25 @@ def _static(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- transformers' compiled call over a StaticTreeCache ---------------------------------------------------
+
+
+def compile_requested(config, other_driver: bool = False) -> bool:
+    """Whether ``generate`` with generation config ``config`` asks for compiled decoding
+    (``cache_implementation="static"`` or a ``compile_config``), which treeattn serves with a
+    :class:`StaticTreeCache`. Other cache implementations, and compiled decoding together with a driver of its
+    own (``other_driver``: speculative decoding, a prefix cache), raise :class:`UnsupportedModel`."""
+    implementation = getattr(config, "cache_implementation", None)
+    if implementation not in (None, "static"):
+        raise UnsupportedModel(
+            f"cache_implementation: expected None or 'static' (treeattn brings its own cache; 'static' is its "
+            f"compileable TreeCache), got {implementation!r}"
+        )
+    compiled = implementation == "static" or getattr(config, "compile_config", None) is not None
+    if compiled and other_driver:
+        raise UnsupportedModel("compile_config: compiled decoding together with speculative decoding or a prefix "
+                               "cache is not supported; pass one of them")
+    return compiled
+
 
 # Compiled forwards by model and compile options: later generate calls reuse the compiled step.
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
