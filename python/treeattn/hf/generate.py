@@ -91,6 +91,9 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         **generate_kwargs: anything ``model.generate`` takes (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``top_k``, ``top_p``, ``num_return_sequences``, ``num_beams``, ``eos_token_id``, ``pad_token_id``,
             ``attention_mask``, ``generation_config``, ``return_dict_in_generate``, ...).
+            ``cache_implementation="static"`` or ``compile_config=`` ask for compiled decoding: the KV lives in a
+            :class:`~treeattn.hf.static.StaticTreeCache` whose decode step transformers compiles once (where it
+            compiles: a GPU, or ``compile_config._compile_all_devices``), see :mod:`treeattn.hf.static`.
 
     Returns:
         What ``model.generate`` returns. With ``return_dict_in_generate=True`` its ``cache`` is the
