@@ -56,7 +56,7 @@ def _two_input_sets(generator, batch=2, length=6, vocab=128):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("family, how", list(zip(FAMILIES, ["compile_config", "cache_implementation", "compile_config"])))
+@pytest.mark.parametrize("family, how", list(zip(FAMILIES, ["compile_config", "cache_implementation"] * 2)))
 def test_generate_compile_model_forward(family, how):
     """transformers' test_generate_compile_model_forward(_fullgraph): the compiled step gives the eager
     sequences and scores, with one compile for both generations (no recompile as the tree grows)."""
