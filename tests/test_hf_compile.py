@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import treeattn
 import treeattn.hf
-from treeattn.hf.static import StaticTreeCache, decode_capacity
+from treeattn.hf.static import StaticTreeCache, compiled_decoding, decode_capacity
 from treeattn.hf.testing import FAMILIES, tiny_model
 from treeattn.testing import assert_close
 
@@ -188,3 +188,18 @@ def test_decode_capacity_fits_every_tree(seed, page_size, num_rows):
         grow()
         plan = cache.plan(rows, into=plan)
     assert plan.num_queries == num_rows
+
+
+@pytest.mark.interpreter
+def test_a_step_that_outgrows_the_plan_replans():
+    """A cache sized for shorter sequences than it decodes re-plans into a larger plan (the compiled step would
+    recompile once) and still gives model.generate's tokens."""
+    model = tiny_model("llama", seed=8, layers=1)
+    ids = torch.randint(1, 128, (2, 3), generator=torch.Generator().manual_seed(8))
+    ref = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    cache = StaticTreeCache(model, max_length=4, page_size=1, num_pages=64)
+    with compiled_decoding(model, cache):
+        out = model.generate(ids, cache=cache, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(out, ref)
+    assert cache.max_length == 16  # 4 -> 8 -> 16: two larger plans for 15 tokens
+    assert cache.plan.capacity == decode_capacity(2, 16, 1)

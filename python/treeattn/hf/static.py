@@ -84,7 +84,7 @@ class StaticTreeCache(TreeCache):
 
     ``plan`` is the fixed-capacity plan every decode step refills (None before the first), ``seen`` the 0-d
     int64 tensor of positions seen. A step that does not fit the plan (more rows, a longer sequence than
-    ``max_length``) re-plans into a new, larger plan: the compiled step then recompiles once.
+    ``max_length``, which then doubles) re-plans into a new, larger plan: the compiled step then recompiles.
     """
 
     def __init__(self, model, *, max_length: int, **kwargs):
@@ -123,8 +123,10 @@ class StaticTreeCache(TreeCache):
                 return self.tree.plan(rows, num_qo_heads=heads, into=self.plan)
             except ValueError:  # does not fit: a larger plan below (the compiled step recompiles once)
                 pass
-        longest = max([self.max_length, *(self.tree.length(r) for r in rows)])
-        capacity = decode_capacity(len(rows), longest, self.page_size)
+        longest = max((self.tree.length(r) for r in rows), default=0)
+        if longest > self.max_length:  # outgrown: twice the room, so that the step recompiles O(log) times
+            self.max_length = max(longest, 2 * self.max_length)
+        capacity = decode_capacity(len(rows), self.max_length, self.page_size)
         plan = self.tree.plan(rows, num_qo_heads=heads, capacity=capacity)
         width = self.spec.kv_lora_rank if self.spec.mla else self.spec.head_dim
         for t in (*plan.tensor_args(), *plan.workspace(heads, width)):  # (made here, not in the compiled region)
