@@ -68,9 +68,7 @@ def check_plan_matches(plan, q: torch.Tensor, cache: torch.Tensor, cache_name: s
         raise ValueError(
             f"{cache_name}: expected page_size {plan.page_size} (from plan) in dim 1, got {cache.shape[1]}"
         )
-    # Under torch.compile a refillable plan's page bound is its refiller's to check (the value changes every
-    # step; reading it here would recompile the step each time it does).
-    if not (plan.capacity is not None and torch.compiler.is_compiling()) and plan.max_page_id >= cache.shape[0]:
+    if plan.max_page_id >= cache.shape[0]:
         raise ValueError(
             f"kv_indices: expected page ids < {cache_name}.shape[0]={cache.shape[0]}, got {plan.max_page_id}"
         )

@@ -120,8 +120,8 @@ class StaticTreeCache(TreeCache):
         rows, heads = self.rows, self.spec.num_qo_heads
         if self.plan is not None and self.plan.num_queries == len(rows):
             try:
-                return self.tree.plan(rows, num_qo_heads=heads, into=self.plan)
-            except ValueError:  # does not fit: a larger plan below (the compiled step recompiles once)
+                return self._bounded(self.tree.plan(rows, num_qo_heads=heads, into=self.plan))
+            except ValueError:  # does not fit: a larger plan below (the compiled step recompiles)
                 pass
         longest = max((self.tree.length(r) for r in rows), default=0)
         if longest > self.max_length:  # outgrown: twice the room, so that the step recompiles O(log) times
@@ -132,6 +132,13 @@ class StaticTreeCache(TreeCache):
         for t in (*plan.tensor_args(), *plan.workspace(heads, width)):  # (made here, not in the compiled region)
             _static(t)
         self.plan = plan
+        return self._bounded(plan)
+
+    def _bounded(self, plan: treeattn.TreePlan) -> treeattn.TreePlan:
+        """``plan`` with its page bound at the pool's last page: every page id of a plan this tree makes is
+        below it, and the decode op's bound check (which the compiled step specialises on) then reads a
+        value that does not change from step to step."""
+        plan.max_page_id = self.num_pages - 1
         return plan
 
 
