@@ -22,6 +22,7 @@ treeattn's kernels are registered ops (``torch.ops.treeattn.*``) opaque to dynam
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
 
 import torch
@@ -174,12 +175,17 @@ _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compiled_forward(model, forward, compile_config):
+    """``forward(**kwargs)`` under ``torch.compile`` with ``compile_config``'s options, made once per model and
+    options. A bound method of ``model`` is compiled as its function (called with ``model``), so that the table
+    of compiled forwards does not keep the model alive."""
     options = compile_config.to_dict()
     key = repr(sorted(options.items(), key=lambda kv: kv[0]))
     per_model = _compiled.setdefault(model, {})
+    function = getattr(forward, "__func__", None) if getattr(forward, "__self__", None) is model else None
     if key not in per_model:
-        per_model[key] = torch.compile(forward, **options)
-    return per_model[key]
+        per_model[key] = torch.compile(function or forward, **options)
+    compiled = per_model[key]
+    return functools.partial(compiled, model) if function is not None else compiled
 
 
 def _decode_masks(own):
