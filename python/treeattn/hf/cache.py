@@ -429,16 +429,21 @@ class TreeCache(Cache):
             except treeattn.OutOfPages as err:
                 raise self.out_of_pages(err) from None
         self._positions += 1
-        self._step = CacheStep(
-            mode="decode", rows=self._rows, slots=slots, take=take,
-            plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
-            longest_row=max((self.tree.length(r) for r in self._rows), default=0),
-        )
+        self._step = self._decode_step(slots, take)
         try:
             yield self._step
         finally:
             self._step = _IDLE
         self._counts["forward_passes"] += 1
+
+    def _decode_step(self, slots: torch.Tensor, take: torch.Tensor | None) -> CacheStep:
+        """The decode step over the rows' new ``slots`` (see :meth:`set_rows` for ``take``): its plan is made
+        here (a compileable cache plans into fixed buffers instead)."""
+        return CacheStep(
+            mode="decode", rows=self._rows, slots=slots, take=take,
+            plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
+            longest_row=max((self.tree.length(r) for r in self._rows), default=0),
+        )
 
     def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
         """Store a layer's new KV in the running step: ``a, b [rows, kv_heads, tokens, head_dim]`` (GQA keys

@@ -11,13 +11,13 @@ from .cache import TreeCache
 from .continuation import continue_cache, record
 from .prefix import PrefixCache
 from .speculative import speculation_from, speculative_decoding
+from .static import StaticTreeCache, compile_requested, compiled_decoding
 
 # generate() options that need a cache treeattn does not provide, or attention outputs it does not compute.
 _UNSUPPORTED_OPTIONS = {
     "assistant_model": "assisted (speculative) decoding",
     "prompt_lookup_num_tokens": "prompt-lookup decoding",
     "prefill_chunk_size": "chunked prefill",
-    "cache_implementation": "a transformers cache implementation (treeattn brings its own cache)",
     "output_attentions": "attention weights (treeattn's decode does not compute them)",
 }
 
@@ -99,6 +99,9 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         **generate_kwargs: anything ``model.generate`` takes (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``top_k``, ``top_p``, ``num_return_sequences``, ``num_beams``, ``eos_token_id``, ``pad_token_id``,
             ``attention_mask``, ``generation_config``, ``return_dict_in_generate``, ...).
+            ``cache_implementation="static"`` or ``compile_config=`` ask for compiled decoding: the KV lives in a
+            :class:`~treeattn.hf.static.StaticTreeCache` whose decode step transformers compiles once (where it
+            compiles: a GPU, or ``compile_config._compile_all_devices``), see :mod:`treeattn.hf.static`.
 
     Returns:
         What ``model.generate`` returns. With ``return_dict_in_generate=True`` its ``cache`` is the
@@ -124,6 +127,8 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
     if speculation is not None:
         speculation.check(config)
         generate_kwargs["custom_generate"] = speculative_decoding(speculation, cache_key)
+    compiled = compile_requested(config, speculation is not None or prefix_cache is not None or past is not None)
+    generate_kwargs["cache_implementation"] = None  # (treeattn brings its own cache; "static" is a StaticTreeCache)
     for name, what in _UNSUPPORTED_OPTIONS.items():
         value = generate_kwargs.get(name, getattr(config, name, None))
         if value not in (None, False):
@@ -154,7 +159,11 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
             num_pages += speculation.extra_pages(num_rows)
     continued = None
     if past is None:
-        cache = TreeCache(model, page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
+        cache_args = dict(page_size=page_size, num_pages=num_pages, sized_by="treeattn.hf.generate")
+        if compiled:
+            cache = StaticTreeCache(model, max_length=max(max_length, prompt_length + 1), **cache_args)
+        else:
+            cache = TreeCache(model, **cache_args)
     else:
         continued = continue_cache(model, past, input_ids, num_prompts, num_rows, prompt_length, max_length,
                                    past_name)
@@ -162,7 +171,7 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         if continued.leaves:
             cache.continue_from(continued.expand(num_rows // num_prompts), past.positions)
     try:
-        with attached(model, cache):
+        with (compiled_decoding if compiled else attached)(model, cache):
             out = model.generate(input_ids, cache=cache, **generate_kwargs)
     except BaseException:
         if continued is not None:  # (the earlier cache stays as it was; a given empty one is emptied again)
@@ -174,5 +183,5 @@ def generate(model, input_ids: torch.Tensor | None = None, *, page_size: int = 1
         cache.release()
     elif speculation is None:
         record(cache, model, out.sequences, from_ids="inputs_embeds" not in generate_kwargs,
-               refused="beam search" if (config.num_beams or 1) > 1 else None)
+               refused="beam search" if (config.num_beams or 1) > 1 else "compiled decoding" if compiled else None)
     return out
