@@ -34,6 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import treeattn
+from treeattn.cache import StepWriter
 
 from .adapter import ModelSpec, UnsupportedModel, inspect_model, unwrap_compiled
 
@@ -186,6 +187,7 @@ class TreeCache(Cache):
         self._expects_prompt = True
         self._step = _IDLE
         self._grown_slots: torch.Tensor | None = None  # set_rows(..., slots=): the next decode step's slots
+        self._writer: StepWriter | None = None  # the running decode step's writes
         self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
 
     # ---- facts transformers asks for ----
@@ -414,10 +416,11 @@ class TreeCache(Cache):
             plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
             longest_row=max((self.tree.length(r) for r in self._rows), default=0),
         )
+        self._writer = self.tree.writer(slots)  # every layer writes these slots: checked once, launch prepared once
         try:
             yield self._step
         finally:
-            self._step = _IDLE
+            self._step, self._writer = _IDLE, None
         self._counts["forward_passes"] += 1
 
     def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
@@ -439,7 +442,10 @@ class TreeCache(Cache):
             flat = tuple(t.index_select(0, step.take) for t in flat)
         if any(t.dtype != dtype or not t.is_contiguous() for t in flat):
             flat = tuple(t.to(dtype).contiguous() for t in flat)
-        self.tree.write(layer, step.slots, *flat)
+        if self._writer is not None:
+            self._writer(layer, *flat)
+        else:
+            self.tree.write(layer, step.slots, *flat)
         if step.past:  # the prompt's own attention also reads the cached prefixes, laid out as the past positions
             return self._with_past(layer, a, b)
         return a, b
