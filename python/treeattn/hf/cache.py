@@ -188,6 +188,7 @@ class TreeCache(Cache):
         self._step = _IDLE
         self._grown_slots: torch.Tensor | None = None  # set_rows(..., slots=): the next decode step's slots
         self._writer: StepWriter | None = None  # the running decode step's writes
+        self._lse: torch.Tensor | None = None  # see decode_lse
         self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
 
     # ---- facts transformers asks for ----
@@ -286,6 +287,14 @@ class TreeCache(Cache):
         if isinstance(layer, int) and 0 <= layer < len(self._layer_kv):
             return self._layer_kv[layer]
         return self.tree.layer(layer)  # (which names what is wrong with ``layer``)
+
+    def decode_lse(self, num_heads: int) -> torch.Tensor:
+        """fp32 ``[rows, num_heads]``: where the running decode step's attention puts the LSE it does not use,
+        one tensor for the step's layers (made on its first call)."""
+        lse = self._lse
+        if lse is None or lse.shape[1] != num_heads:
+            lse = self._lse = torch.empty(len(self._rows), num_heads, dtype=torch.float32, device=self.tree.device)
+        return lse
 
     def decode_kwargs(self, layer: int) -> dict[str, torch.Tensor]:
         """:meth:`layer_kv` as a plain dict, made once per cache (the attention unpacks it in every layer of
@@ -420,7 +429,7 @@ class TreeCache(Cache):
         try:
             yield self._step
         finally:
-            self._step, self._writer = _IDLE, None
+            self._step, self._writer, self._lse = _IDLE, None, None
         self._counts["forward_passes"] += 1
 
     def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
@@ -435,7 +444,7 @@ class TreeCache(Cache):
         if self.spec.mla:
             flat = (torch.cat([a, b], dim=-1).transpose(1, 2).reshape(rows * tokens, -1),)
         elif tokens == 1:  # a decode step: [rows, kv_heads, 1, head_dim] -> [rows, kv_heads, head_dim], a view
-            flat = (a[:, :, 0], b[:, :, 0])
+            flat = (a.select(2, 0), b.select(2, 0))
         else:
             flat = tuple(t.transpose(1, 2).reshape(rows * tokens, t.shape[1], t.shape[3]) for t in (a, b))
         if step.take is not None:
