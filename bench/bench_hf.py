@@ -228,7 +228,8 @@ def host_step_row(layers: int = 32, rows: int = 64, prompt: int = 32, steps: int
         torch.set_num_threads(threads)
     return {"layers": layers, "rows": rows, "prompt": prompt,
             "treeattn_added_ms": sum(added.values()), **{f"{name}_ms": ms for name, ms in added.items()},
-            "tree_step_ms": tree_ms, "model_generate_step_ms": model_ms, "target_ms": HOST_STEP_TARGET_MS}
+            "tree_step_ms": tree_ms, "model_generate_step_ms": model_ms, "target_ms": HOST_STEP_TARGET_MS,
+            "load_average": os.getloadavg()[0]}  # (a shared machine's load moves host times)
 
 
 def main(argv=None):
@@ -280,7 +281,8 @@ def host_step_lines(row: dict) -> list[dict]:
              "value": f"{added:.2f} ms (attention {row.get('attention_ms', 0):.2f}, KV writes "
                       f"{row.get('kv_write_ms', 0):.2f}, append and plan {row.get('step_open_ms', 0):.2f})",
              "vs": f"{verdict}; model.generate's whole step "
-                   f"{row['model_generate_step_ms']:.1f} ms, treeattn.hf.generate's {row['tree_step_ms']:.1f} ms"}]
+                   f"{row['model_generate_step_ms']:.1f} ms, treeattn.hf.generate's {row['tree_step_ms']:.1f} ms"
+                   + (f" (load average {row['load_average']:.1f})" if "load_average" in row else "")}]
 
 
 if __name__ == "__main__":
