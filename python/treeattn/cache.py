@@ -214,8 +214,9 @@ class TreeKVCache:
         while ...:
             slots = cache.append(leaves)                                # one new token per leaf
             plan = cache.plan(leaves)                                   # once per step
+            write = cache.writer(slots)                  # the step's writes (or cache.write(i, slots, k_i, v_i))
             for i in range(L):
-                cache.write(i, slots, k_i, v_i)
+                write(i, k_i, v_i)
                 o = treeattn.tree_decode(q_i, **cache.layer(i), plan=plan)
             ...; cache.release(dead_leaf); kids = cache.fork(leaf, 2)
 
