@@ -750,3 +750,76 @@ def test_cache_decode_and_cuda_graph_gpu(backend):
     assert torch.equal(k_cache.reshape(-1, 8, 128)[slots], k_new)
     ref, _ = _table(plan, cache).reference(q, k_cache, v_cache)
     assert_close(out, ref)
+
+
+# ---- a step's writer: every layer's write of one slot tensor ----------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla", "fp8"])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_writer_writes_what_write_writes(kind, backend):
+    """``cache.writer(slots)(layer, ...)`` for every layer leaves the pool as ``cache.write(layer, slots, ...)``
+    does, also with rows of another layout part-way (strided views, then contiguous rows again)."""
+    g = torch.Generator().manual_seed(7)
+    if kind == "mla":
+        def make():
+            return TreeKVCache.mla(3, kv_lora_rank=24, rope_dim=8, page_size=4, num_pages=9, dtype=DTYPE, device="cpu")
+        row, planes = (32,), 1
+    else:
+        options = dict(dtype=torch.float8_e4m3fn, k_scale=0.5, v_scale=torch.tensor([0.25, 2.0])) if kind == "fp8" \
+            else dict(dtype=DTYPE)
+
+        def make():
+            return TreeKVCache(3, HKV, DIM, page_size=4, num_pages=9, device="cpu", **options)
+        row, planes = (HKV, DIM), 2
+    mine, theirs = make(), make()
+    with force(backend):
+        for cache in (mine, theirs):
+            cache._pool.zero_()
+            roots = [cache.add(n) for n in (5, 3)]
+            cache.append(roots)
+            slots = cache.append(roots, 2)
+        writer = mine.writer(slots)
+        for i, layer in enumerate((0, 2, 1, 0)):
+            # the third write: strided rows (every other row of a larger batch), another layout; then contiguous
+            step = 2 if i == 2 else 1
+            rows = [torch.randn(step * len(slots), *row, generator=g)[::step] for _ in range(planes)]
+            writer(layer, *rows)
+            theirs.write(layer, slots, *rows)
+    assert writer.slots is slots
+    assert torch.equal(mine._pool.view(torch.uint8), theirs._pool.view(torch.uint8))
+    assert mine._pool.view(torch.uint8).any()
+
+
+def test_writer_checks_like_write():
+    """The writer's errors are write's: its slots when it is made, a bad layer or rows on any call (also after
+    a prepared call, and with the layout of the prepared rows but another dtype); a failing call writes nothing.
+    Slots changed in place (a new version) during the step are checked again."""
+    cache = make_cache(page_size=4, num_pages=8)
+    root = cache.add(5)
+    with pytest.raises(ValueError, match=r"slots: expected values < 32 \(num_pages \* page_size.*got 32"):
+        cache.writer(torch.tensor([3, 32]))
+    with pytest.raises(ValueError, match="slots: expected a 1-D torch.int64 tensor"):
+        cache.writer(torch.tensor([3.0]))
+    slots = cache.slots(root)
+    writer = cache.writer(slots)
+    k, v = torch.randn(5, HKV, DIM), torch.randn(5, HKV, DIM)
+    writer(0, k, v)
+    before = snapshot(cache)
+    for layer in (LAYERS, -1, 0.0, True):
+        with pytest.raises((ValueError, TypeError), match="layer: expected an int"):
+            writer(layer, k, v)
+    with pytest.raises(ValueError, match=r"k: expected shape \[5, 2, 16\]"):
+        writer(1, k[:4], v)
+    with pytest.raises(ValueError, match=r"v: expected dtype torch.float32 \(the cache's\), got torch.float16"):
+        writer(1, k, v.half())
+    with pytest.raises(ValueError, match="v: expected a tensor"):
+        writer(1, k)
+    assert_unchanged(cache, before)
+    writer(1, k, v)  # the prepared layout again
+    assert torch.equal(cache.layer(1).v_cache.reshape(-1, HKV, DIM)[:5], v)
+    slots[2] = 32  # in place: a new version, checked again before the next write
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match="slots: expected values < 32"):
+        writer(0, k, v)
+    assert_unchanged(cache, before)

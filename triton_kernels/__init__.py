@@ -9,12 +9,12 @@ Naming: ``_x_kernel`` (the ``@triton.jit`` function) → ``x`` (host launcher ta
 """
 
 from .gqa_decode import tree_decode
-from .kv_write import copy_pages, kv_write
+from .kv_write import copy_pages, kv_write, pool_rows, prepare_kv_write
 from .merge_partials import merge_partials
 from .merge_state import merge_state
 from .mla_decode import mla_tree_decode
 
 __all__ = [
     "copy_pages", "kv_write", "merge_partials", "merge_state",
-    "mla_tree_decode", "tree_decode",
+    "mla_tree_decode", "pool_rows", "prepare_kv_write", "tree_decode",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -21,11 +22,22 @@ _INTERPRETER_LOCK = threading.Lock()
 
 def run_kernel(kernel, grid: tuple, *args, **options) -> None:
     """``kernel[grid](*args, **options)``, one interpreted launch at a time (see ``_INTERPRETER_LOCK``)."""
-    if _INTERPRETED:
+    bind(kernel, grid, options)(*args)
+
+
+def bind(kernel, grid: tuple, options: dict):
+    """``launch(*args)``: ``kernel[grid](*args, **options)`` bound once (taking the interpreter's turn when
+    interpreted): indexing a kernel by its grid makes a new callable each time, and a call's keyword constexprs
+    cost more unpacked from a dict in Python than bound in a ``functools.partial``."""
+    launcher = functools.partial(kernel[grid], **options)
+    if not _INTERPRETED:
+        return launcher
+
+    def interpreted(*args) -> None:
         with _INTERPRETER_LOCK:
-            kernel[grid](*args, **options)
-    else:
-        kernel[grid](*args, **options)
+            launcher(*args)
+
+    return interpreted
 
 
 def next_pow2(x: int) -> int:
@@ -42,18 +54,19 @@ class Launch:
     computed once; ``launch(*values)`` puts ``values`` at the argument positions ``slots`` (what changes from
     call to call: the tensors of one layer) and runs ``kernel[grid](*args, **options)``."""
 
-    __slots__ = ("kernel", "grid", "args", "slots", "options", "rest")
+    __slots__ = ("kernel", "grid", "args", "slots", "options", "rest", "launch")
 
     def __init__(self, kernel, grid: tuple, args: list, slots: tuple[int, ...], options: dict):
         self.kernel, self.grid, self.args, self.slots, self.options = kernel, grid, list(args), tuple(slots), options
+        self.launch = bind(kernel, grid, options)
         # The usual case, per-call values first: no per-call copy of the argument list.
         self.rest = tuple(args[len(slots):]) if self.slots == tuple(range(len(slots))) else None
 
     def __call__(self, *values) -> None:
         if self.rest is not None:
-            run_kernel(self.kernel, self.grid, *values, *self.rest, **self.options)
+            self.launch(*values, *self.rest)
             return
         args = self.args.copy()
         for slot, value in zip(self.slots, values):
             args[slot] = value
-        run_kernel(self.kernel, self.grid, *args, **self.options)
+        self.launch(*args)

@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2, run_kernel
+from ._utils import Launch, next_pow2, run_kernel
 from .fp8 import fp8_format, round_to_fp8
 
-__all__ = ["kv_write", "copy_pages"]
+__all__ = ["copy_pages", "kv_write", "pool_rows", "prepare_kv_write"]
 
 # Elements of a row each program moves (a power of two; masked at the row's end), and elements per tile.
 _MAX_BLOCK = 1024
@@ -67,6 +67,56 @@ def _heads_view(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 2 else t
 
 
+def pool_rows(pool: torch.Tensor) -> torch.Tensor:
+    """One layer's pool ``[num_pages, page_size, H, D]`` (MLA: ``[num_pages, page_size, D]``) as the rows
+    ``[num_pages * page_size, H, D]`` (``[.., 1, D]``) the write kernel indexes by flat slot (a view)."""
+    return _heads_view(pool.flatten(0, 1))
+
+
+def prepare_kv_write(
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    k_rows: torch.Tensor,
+    v: torch.Tensor | None = None,
+    v_rows: torch.Tensor | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> Launch | None:
+    """:func:`kv_write`'s launch prepared for tensors shaped and strided like these: called as
+    ``launch(slots, k3, v3, k_rows, v_rows)`` with ``k3``/``v3`` the rows as ``[n, H, D]`` (MLA: ``[n, 1, D]``;
+    without ``v``, ``k3`` and ``k_rows`` again) and :func:`pool_rows` views, so the writes of one step's layers
+    (same slots, rows laid out alike) compute the grid and arguments once. None when there is nothing to write.
+    Arguments as in :func:`kv_write`, with the pools as :func:`pool_rows`; FP8 scales are fixed in the launch."""
+    n = slots.shape[0]
+    if n == 0:
+        return None
+    k3 = _heads_view(k)
+    heads, head_dim = k3.shape[1], k3.shape[2]
+    row = heads * head_dim
+    has_v = v is not None
+    v3, v_rows = (_heads_view(v), v_rows) if has_v else (k3, k_rows)
+    block = min(next_pow2(row), _MAX_BLOCK)
+    block_t = max(1, _TILE // block)  # a fixed tile per row width: no recompile per token count
+    quantize = k_scale is not None
+    if quantize:
+        encode = fp8_format(k_rows.dtype)
+        scales = (k_scale, k_scale if v_scale is None else v_scale, 1 if k_scale.numel() > 1 else 0)
+    else:
+        encode = dict(FP8_MANTISSA_BITS=0, FP8_MIN_EXP=0, FP8_MAX=0.0)
+        scales = (slots, slots, 0)  # unused pointers
+    args = [
+        slots, k3, v3, k_rows, v_rows,
+        n, k_rows.shape[0],
+        k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
+        k_rows.stride(0), k_rows.stride(1), v_rows.stride(0), v_rows.stride(1),
+        *scales,
+    ]
+    grid = (-(-n // block_t), -(-row // block))
+    options = dict(ROW=row, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK=block, HAS_V=has_v, QUANTIZE=quantize, **encode)
+    return Launch(_kv_write_kernel, grid, args, range(5), options)
+
+
 def kv_write(
     slots: torch.Tensor,
     k: torch.Tensor,
@@ -86,39 +136,12 @@ def kv_write(
     FP8 pools: ``k_scale`` (and ``v_scale``), fp32 ``[H]`` or ``[1]``, and the stored value is
     ``quantize(k[i], k_scale)`` (see ``treeattn.reference.quantize``).
     """
-    n = slots.shape[0]
-    if n == 0:
-        return
-    k3 = _heads_view(k)
-    kp = k_pool.flatten(0, 1)
-    kp = kp.unsqueeze(1) if kp.dim() == 2 else kp
-    heads, head_dim = k3.shape[1], k3.shape[2]
-    row = heads * head_dim
-    has_v = v is not None
-    if has_v:
-        v3 = _heads_view(v)
-        vp = v_pool.flatten(0, 1)
-        vp = vp.unsqueeze(1) if vp.dim() == 2 else vp
-    else:
-        v3, vp = k3, kp
-    block = min(next_pow2(row), _MAX_BLOCK)
-    block_t = max(1, _TILE // block)  # a fixed tile per row width: no recompile per token count
-    quantize = k_scale is not None
-    if quantize:
-        encode = fp8_format(k_pool.dtype)
-        scales = (k_scale, k_scale if v_scale is None else v_scale, 1 if k_scale.numel() > 1 else 0)
-    else:
-        encode = dict(FP8_MANTISSA_BITS=0, FP8_MIN_EXP=0, FP8_MAX=0.0)
-        scales = (slots, slots, 0)  # unused pointers
-    run_kernel(
-        _kv_write_kernel, (triton.cdiv(n, block_t), triton.cdiv(row, block)),
-        slots, k3, v3, kp, vp,
-        n, kp.shape[0],
-        k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1),
-        kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-        *scales,
-        ROW=row, HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK=block, HAS_V=has_v, QUANTIZE=quantize, **encode,
-    )
+    k_rows = pool_rows(k_pool)
+    v_rows = None if v is None else pool_rows(v_pool)
+    launch = prepare_kv_write(slots, k, k_rows, v, v_rows, k_scale=k_scale, v_scale=v_scale)
+    if launch is not None:
+        k3 = _heads_view(k)
+        launch(slots, k3, k3 if v is None else _heads_view(v), k_rows, k_rows if v is None else v_rows)
 
 
 @triton.jit
@@ -154,7 +177,7 @@ def copy_pages(pool: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, num_slo
     block = min(next_pow2(page_size * slot_elems), _MAX_BLOCK)
     num_elems = num_slots * slot_elems
     run_kernel(
-        _copy_pages_kernel, (num_copies, num_planes, triton.cdiv(page_size * slot_elems, block)),
+        _copy_pages_kernel, (num_copies, num_planes, -(-page_size * slot_elems // block)),
         pool, src, dst, num_elems,
         pool.stride(0), pool.stride(1),
         BLOCK=block,

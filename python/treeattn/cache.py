@@ -46,7 +46,7 @@ from .pages import OutOfPages, PageAllocator
 from .plan import PlanCapacity, TreePlan, plan_from_tree
 from .tree import NodeTree
 
-__all__ = ["TreeKVCache", "KVLayer", "OutOfPages"]
+__all__ = ["TreeKVCache", "KVLayer", "OutOfPages", "StepWriter"]
 
 # ---- argument checks ----------------------------------------------------------------------------------
 
@@ -71,14 +71,15 @@ class _KnownSlots:
         self._entries: OrderedDict[int, tuple[weakref.ref, int]] = OrderedDict()
 
     @staticmethod
-    def _version(t: torch.Tensor) -> int:
+    def version(t: torch.Tensor) -> int:
+        """``t``'s version counter (-1 for an inference tensor, which has none)."""
         try:
             return t._version
         except RuntimeError:  # an inference tensor
             return -1
 
     def add(self, t: torch.Tensor) -> torch.Tensor:
-        self._entries[id(t)] = (weakref.ref(t), self._version(t))
+        self._entries[id(t)] = (weakref.ref(t), self.version(t))
         self._entries.move_to_end(id(t))
         if len(self._entries) > self._size:
             self._entries.popitem(last=False)
@@ -86,7 +87,7 @@ class _KnownSlots:
 
     def __contains__(self, t: torch.Tensor) -> bool:
         entry = self._entries.get(id(t))
-        return entry is not None and entry[0]() is t and entry[1] == self._version(t)
+        return entry is not None and entry[0]() is t and entry[1] == self.version(t)
 
 
 class KVLayer(Mapping):
@@ -131,6 +132,64 @@ class KVLayer(Mapping):
         return f"KVLayer({', '.join(parts)})"
 
 
+def _plain(*tensors) -> bool:
+    """Plain tensors (or None) take the eager path; subclasses (fake tensors, ...) go through the registered op."""
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _rows_layout(k, v) -> tuple:
+    """What a prepared write depends on in its rows besides their data."""
+    return (type(k), k.shape, k.stride(), k.dtype, k.device,
+            None if v is None else (type(v), v.shape, v.stride(), v.dtype, v.device))
+
+
+class StepWriter:
+    """The writes of one step's layers, all to one slot tensor (made by :meth:`TreeKVCache.writer`, which
+    checks the slots once). ``writer(layer, k, v)`` (MLA: ``writer(layer, kv)``) is
+    ``cache.write(layer, slots, k, v)``: the first call checks the rows and prepares the launch (backend,
+    grid, arguments); a later call with rows of the same layout checks the layer index and launches, and one
+    with any other layout is checked in full (the same errors as ``write``). Under ``torch.compile`` and for
+    tensor subclasses every call is ``write``.
+
+    The slots are not checked again per layer: a change of their values during the step that no version
+    counter sees is the caller's (the write kernels skip any slot outside the layer, so it never writes out of
+    bounds; ``write`` re-checks per call on the CPU)."""
+
+    __slots__ = ("_cache", "_slots", "_layout", "_write", "_version")
+
+    def __init__(self, cache: TreeKVCache, slots: torch.Tensor):
+        self._cache, self._slots = cache, slots
+        self._layout, self._write = None, None
+        self._version = _KnownSlots.version(slots)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self._slots
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor | None = None) -> None:
+        cache = self._cache
+        if type(layer) is not int or not 0 <= layer < cache.num_layers:
+            layer = cache._check_layer(layer)
+        if self._layout is None or _rows_layout(k, v) != self._layout or torch.compiler.is_compiling():
+            self._prepare(k, v)
+            if self._write is None:  # (compiling, or tensor subclasses: write itself)
+                cache.write(layer, self._slots, k, v)
+                return
+        if _KnownSlots.version(self._slots) != self._version:  # changed in place since checked: check again
+            cache._check_slots(self._slots)
+            self._version = _KnownSlots.version(self._slots)
+        self._write(layer, k, v)
+
+    def _prepare(self, k, v) -> None:
+        cache, slots = self._cache, self._slots
+        self._layout, self._write = None, None
+        if torch.compiler.is_compiling() or not _plain(slots, k, v, cache._pool):
+            return
+        cache._check_write_rows(k, v, slots.shape[0])
+        self._write = kv_ops.prepare_kv_write(slots, k, v, cache._pool, cache._planes(), *cache._write_scales())
+        self._layout = _rows_layout(k, v)
+
+
 # ---- the cache ----------------------------------------------------------------------------------------
 
 
@@ -155,8 +214,9 @@ class TreeKVCache:
         while ...:
             slots = cache.append(leaves)                                # one new token per leaf
             plan = cache.plan(leaves)                                   # once per step
+            write = cache.writer(slots)                  # the step's writes (or cache.write(i, slots, k_i, v_i))
             for i in range(L):
-                cache.write(i, slots, k_i, v_i)
+                write(i, k_i, v_i)
                 o = treeattn.tree_decode(q_i, **cache.layer(i), plan=plan)
             ...; cache.release(dead_leaf); kids = cache.fork(leaf, 2)
 
@@ -232,6 +292,7 @@ class TreeKVCache:
         self.tree = NodeTree(self.page_size)
         self.allocator = PageAllocator(self.num_pages, self.page_size)
         self._known_slots = _KnownSlots()
+        self._layer_planes = None  # see _planes
 
     def _check_scales(self, scales, num_heads: int | None) -> tuple[torch.Tensor, ...] | None:
         """FP8 pools: each scale as an fp32 tensor ``[num_layers, H]`` on the pool's device (``H``: KV heads, 1
@@ -455,7 +516,35 @@ class TreeKVCache:
         """
         layer = self._check_layer(layer)
         self._check_slots(slots)
-        n = slots.shape[0]
+        self._check_write_rows(k, v, slots.shape[0])
+        if torch.compiler.is_compiling() or not _plain(slots, k, v, self._pool):
+            torch.ops.treeattn.kv_write_run(slots, k, v, self._pool, layer, *self._write_scales())
+        else:  # plain tensors in eager mode: the op's body without its dispatch
+            kv_ops.kv_write(slots, k, v, self._pool, layer, *self._write_scales())
+
+    def writer(self, slots: torch.Tensor) -> StepWriter:
+        """The writes of one step's layers to ``slots``: ``w = cache.writer(slots)``, then ``w(layer, k, v)``
+        (MLA: ``w(layer, kv)``) for each layer does what ``write(layer, slots, k, v)`` does. The slots are
+        checked here, once for all layers (the CPU's host check, or on a GPU the host check of a tensor not
+        known and one device-side check); the first write checks its rows and prepares the launch, and a later
+        write whose rows are laid out the same way (type, shape, strides, dtype, device) only launches (any
+        other layout is checked in full). See :class:`StepWriter`."""
+        self._check_slots(slots)
+        return StepWriter(self, slots)
+
+    def _write_scales(self) -> tuple:
+        """An FP8 pool's ``(k_scale, v_scale)`` as the write ops take them (None for a 16/32-bit pool)."""
+        scales = self._scales or ()
+        return (scales[0] if scales else None), (scales[1] if len(scales) > 1 else None)
+
+    def _planes(self) -> tuple[tuple[torch.Tensor, ...], ...]:
+        """Each layer's pool planes (``[num_pages, page_size, ...]`` views: K and V, or the latent rows),
+        made once: the pool never moves."""
+        if self._layer_planes is None:
+            self._layer_planes = tuple(layer.unbind(0) for layer in self._pool.unbind(1))
+        return self._layer_planes
+
+    def _check_write_rows(self, k, v, n: int) -> None:
         if self.is_mla:
             if v is not None:
                 raise ValueError("v: an MLA cache stores one latent row per token: call write(layer, slots, kv)")
@@ -465,14 +554,6 @@ class TreeKVCache:
                 raise ValueError("v: expected a tensor (GQA caches take write(layer, slots, k, v))")
             self._check_rows("k", k, n)
             self._check_rows("v", v, n)
-        scales = self._scales or ()
-        k_scale = scales[0] if scales else None
-        v_scale = scales[1] if len(scales) > 1 else None
-        if torch.compiler.is_compiling() or not all(type(t) is torch.Tensor for t in (slots, k, self._pool)) or (
-                v is not None and type(v) is not torch.Tensor):
-            torch.ops.treeattn.kv_write_run(slots, k, v, self._pool, layer, k_scale, v_scale)
-        else:  # plain tensors in eager mode: the op's body without its dispatch
-            kv_ops.kv_write(slots, k, v, self._pool, layer, k_scale, v_scale)
 
     def _check_slots(self, slots) -> None:
         if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.dim() != 1:

@@ -77,6 +77,32 @@ def kv_write(slots, k, v, pool, layer, k_scale=None, v_scale=None) -> None:
         _dispatch.run("kv_write_fp8", slots.device, slots, k, v, pool, layer, k_scale, v_scale)
 
 
+def prepare_kv_write(slots, k, v, pool, planes, k_scale=None, v_scale=None):
+    """``write(layer, k, v)``: :func:`kv_write` of ``slots`` for rows laid out like ``k``, ``v`` (every layer's
+    rows of one step are), with the backend chosen once and, on Triton, the launch prepared once (its grid and
+    arguments; a layer's call only puts its tensors in). ``planes[layer]``: that layer's pool planes
+    (``pool[c, layer]`` for each ``c``). The caller has checked the arguments, as for :func:`kv_write`."""
+    if k_scale is None and _dispatch.select("kv_write", slots.device) == "triton":
+        k_plane, v_plane = planes[0][0], planes[0][-1]
+        kernels = _dispatch.triton_kernels
+        launch = kernels.prepare_kv_write(slots, k, kernels.pool_rows(k_plane), v,
+                                          None if v is None else kernels.pool_rows(v_plane))
+        if launch is None:
+            return lambda layer, k, v: None
+
+        def write(layer, k, v):
+            # A launch reads its per-call tensors' data pointers: the strides are the prepared ones, and each
+            # layer's plane starts where its pool_rows view does (MLA: ``k`` is its own [n, 1, D] view).
+            k_plane, v_plane = planes[layer][0], planes[layer][-1]
+            if v is None:
+                launch(slots, k, k, k_plane, k_plane)
+            else:
+                launch(slots, k, v, k_plane, v_plane)
+
+        return write
+    return lambda layer, k, v: kv_write(slots, k, v, pool, layer, k_scale, v_scale)
+
+
 @torch.library.custom_op("treeattn::kv_write_run", mutates_args=("pool",))
 def _kv_write_run(
     slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, pool: torch.Tensor, layer: int,

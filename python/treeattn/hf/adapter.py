@@ -213,21 +213,21 @@ def treeattn_attention(module, query, key, value, attention_mask, scaling=None, 
     if step.mode != "decode" or query.shape[2] != 1:
         raise RuntimeError(
             f"treeattn attention: expected one new token per row in a decode step, got query {list(query.shape)}")
-    rows, heads = query.shape[0], query.shape[1]
     layer = module.layer_idx
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     tree = cache.tree
-    q = query[:, :, 0]
+    q = query.select(2, 0)  # [rows, heads, head_dim] (select: the cheapest view op for it)
     if q.dtype != tree.dtype or q.device != tree.device:
         q = q.to(device=tree.device, dtype=tree.dtype)  # (a pool of another dtype)
     if cache.spec.mla:
         out = _mla_decode(module, q, cache, layer, scaling)
     else:
-        out = treeattn.tree_decode(q.contiguous(), **cache.decode_kwargs(layer), plan=step.plan, sm_scale=scaling)
+        out = treeattn.tree_decode(q.contiguous(), **cache.decode_kwargs(layer), plan=step.plan, sm_scale=scaling,
+                                   lse_out=cache.decode_lse(q.shape[1]))
     if out.dtype != query.dtype or out.device != query.device:
         out = out.to(device=query.device, dtype=query.dtype)
-    return out.view(rows, 1, heads, out.shape[-1]), None
+    return out.unsqueeze(1), None  # [rows, 1, heads, v_dim]
 
 
 def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:
@@ -243,7 +243,7 @@ def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:
     q_latent = torch.einsum("nhd,hdc->nhc", q[..., :nope], w_uk)
     q_absorbed = torch.cat([q_latent, q[..., nope:]], dim=-1).contiguous()
     o_latent = treeattn.mla_tree_decode(q_absorbed, **cache.layer_kv(layer), plan=cache.step.plan, sm_scale=scaling,
-                                        v_head_dim=rank)
+                                        v_head_dim=rank, lse_out=cache.decode_lse(q_absorbed.shape[1]))
     return torch.einsum("nhc,hdc->nhd", o_latent, w_uv)
 
 

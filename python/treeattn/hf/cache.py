@@ -34,6 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 import treeattn
+from treeattn.cache import StepWriter
 
 from .adapter import ModelSpec, UnsupportedModel, inspect_model, unwrap_compiled
 
@@ -190,7 +191,10 @@ class TreeCache(Cache):
         self._expects_prompt = True
         self._step = _IDLE
         self._grown_slots: torch.Tensor | None = None  # set_rows(..., slots=): the next decode step's slots
-        self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0, "draft_forward_passes": 0}
+        self._writer: StepWriter | None = None  # the running decode step's writes
+        self._lse: torch.Tensor | None = None  # see decode_lse
+        self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0,
+                        "draft_forward_passes": 0}
 
     # ---- facts transformers asks for ----
 
@@ -290,6 +294,14 @@ class TreeCache(Cache):
         if isinstance(layer, int) and 0 <= layer < len(self._layer_kv):
             return self._layer_kv[layer]
         return self.tree.layer(layer)  # (which names what is wrong with ``layer``)
+
+    def decode_lse(self, num_heads: int) -> torch.Tensor:
+        """fp32 ``[rows, num_heads]``: where the running decode step's attention puts the LSE it does not use,
+        one tensor for the step's layers (made on its first call)."""
+        lse = self._lse
+        if lse is None or lse.shape[1] != num_heads:
+            lse = self._lse = torch.empty(len(self._rows), num_heads, dtype=torch.float32, device=self.tree.device)
+        return lse
 
     def decode_kwargs(self, layer: int) -> dict[str, torch.Tensor]:
         """:meth:`layer_kv` as a plain dict, made once per cache (the attention unpacks it in every layer of
@@ -431,9 +443,11 @@ class TreeCache(Cache):
         self._positions += 1
         self._step = self._decode_step(slots, take)
         try:
+            # every layer writes these slots: checked once, launch prepared once
+            self._writer = self.tree.writer(self._step.slots)
             yield self._step
         finally:
-            self._step = _IDLE
+            self._step, self._writer, self._lse = _IDLE, None, None
         self._counts["forward_passes"] += 1
 
     def _decode_step(self, slots: torch.Tensor, take: torch.Tensor | None) -> CacheStep:
@@ -457,14 +471,17 @@ class TreeCache(Cache):
         if self.spec.mla:
             flat = (torch.cat([a, b], dim=-1).transpose(1, 2).reshape(rows * tokens, -1),)
         elif tokens == 1:  # a decode step: [rows, kv_heads, 1, head_dim] -> [rows, kv_heads, head_dim], a view
-            flat = (a[:, :, 0], b[:, :, 0])
+            flat = (a.select(2, 0), b.select(2, 0))
         else:
             flat = tuple(t.transpose(1, 2).reshape(rows * tokens, t.shape[1], t.shape[3]) for t in (a, b))
         if step.take is not None:
             flat = tuple(t.index_select(0, step.take) for t in flat)
         if any(t.dtype != dtype or not t.is_contiguous() for t in flat):
             flat = tuple(t.to(dtype).contiguous() for t in flat)
-        self.tree.write(layer, step.slots, *flat)
+        if self._writer is not None:
+            self._writer(layer, *flat)
+        else:
+            self.tree.write(layer, step.slots, *flat)
         if step.past:  # the prompt's own attention also reads the cached prefixes, laid out as the past positions
             return self._with_past(layer, a, b)
         return a, b
