@@ -542,7 +542,7 @@ class TreeKVCache:
         node_list = self.tree.nodes(nodes, "plan")
         # (types in the request: 1 == True, but a bool is no head count and must reach the checks)
         request = (node_list, num_tokens, type(num_tokens), self.tree.version, num_qo_heads, type(num_qo_heads),
-                   num_sms, type(num_sms), capacity)
+                   num_sms, type(num_sms), capacity, into is None)
         if request == self._last_plan_request:
             patched = self._last_plan.patched(self.tree.query_ends(node_list, num_tokens), into)
             if patched is not None:

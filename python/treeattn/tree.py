@@ -16,6 +16,7 @@ pages the live paths read. Which pages exist and who may write where is the page
 
 from __future__ import annotations
 
+import operator
 from array import array
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 __all__ = ["Node", "NodeTree", "PlanWalk"]
+
+_END = operator.attrgetter("end")
 
 class Node:
     """One node. Read its fields; change nodes only through :class:`NodeTree`.
@@ -403,7 +406,7 @@ class NodeTree:
     def query_ends(nodes: list[Node], num_tokens: int = 1) -> list[int]:
         """Path length each query of :meth:`plan_walk` attends: node-major, a node's last ``num_tokens`` ends."""
         k = num_tokens
-        return [n.end for n in nodes] if k == 1 else [e for n in nodes for e in range(n.end - k + 1, n.end + 1)]
+        return list(map(_END, nodes)) if k == 1 else [e for n in nodes for e in range(n.end - k + 1, n.end + 1)]
 
     def counts(self) -> dict:
         """``nodes``, ``live_nodes``, ``leaves``, ``tokens_stored`` (each once), and ``tokens_if_unshared`` /
