@@ -318,8 +318,8 @@ def plan_from_tree(
 class LastTreePlan:
     """The last plan made from a tree (:func:`plan_from_tree` with ``last=``), kept so that the next step's plan,
     when only lengths changed, is this one's buffer patched (``_planner.patch_growth``: a copy and a few writes)
-    instead of a walk and a new plan: the common decode step, where every query grew inside its last page (15 of
-    16 steps at page size 16). Which steps those are, the planner decides (:meth:`patched` returns None for any
+    instead of a walk and a new plan: the common decode step, where every query grew inside its last page and
+    left it partial (14 of 16 steps at page size 16). Which steps those are, the planner decides (:meth:`patched` returns None for any
     other), given that the caller asks only when nothing but growth inside the nodes' pages happened since (the
     same nodes, parents, starts, page lists and query owners, and the same planning options).
 
