@@ -1036,7 +1036,8 @@ std::optional<GrowthStats> patch_growth(Growth& g, const int32_t* packed, int32_
   for (size_t k = 0; k < tail.size(); ++k) {
     const i64 grown = g.edge_tail[k] - tail[k];
     if (grown)
-      for (i64 b = 0; b < g.edge_blocks[k]; ++b) item_tokens[item + b * g.edge_chunks[k] + g.edge_chunks[k] - 1] += static_cast<int32_t>(grown);
+      for (i64 b = 0; b < g.edge_blocks[k]; ++b)
+        item_tokens[item + (b + 1) * g.edge_chunks[k] - 1] += static_cast<int32_t>(grown);
     g.planned_tokens += grown * g.edge_blocks[k];
     item += g.edge_blocks[k] * g.edge_chunks[k];
   }

@@ -7,7 +7,8 @@
 //   neighbours; LCP-interval stack walk -> compressed-trie edges.
 // - plan_tree (TreeKVCache.plan): the cache knows its tree, so the edges come from a walk of the queried
 //   subtree (O(nodes + queries): no sorting, no page comparisons) and the table is written from the nodes'
-//   page lists.
+//   page lists. patch_growth: the next decode step of such a plan when only lengths changed (each query grew
+//   inside its last page): the last plan's buffer with its lengths patched, no walk.
 // Back end: edges -> chunks x query blocks -> work items, rows, partial-state rows (root->leaf per query) and
 // the stage-2 merge CSR, packed with the table into one int32 buffer laid out as kPieces says (padded to a
 // fixed capacity when one is given); python/treeattn/plan.py splits it by the piece sizes and never restates
@@ -172,11 +173,11 @@ Plan plan_table(const TableView& table, const Options& options);
 Plan plan_tree(const TreeView& tree, const Options& options, Growth* growth = nullptr);
 // Writes into out[0:packed_size) (which may be packed itself) packed[0:packed_size), the plan `growth`
 // describes, patched into the plan of the same tree after its queries grew to query_end, and returns the changed
-// stats, when that plan differs in lengths only: every
-// query that changed grew inside its last page, which it neither fills nor started (end % page_size != 0
-// before and after), on a node without children, keeping each node's queries in their order, and the items
-// keep their chunks. Else nullopt, nothing written, growth unchanged. The caller guarantees everything but the query ends (the
-// nodes, their parents, starts and page lists, query owners) is as it was; only then is the patch the plan.
+// stats, when that plan differs in lengths only: every query that changed grew inside its last page, which it
+// neither fills nor started (end % page_size != 0 before and after), on a node without children, keeping each
+// node's queries in their order, and the items keep their chunks. Else nullopt, nothing written, growth unchanged. The caller guarantees everything but the
+// query ends (the nodes, their parents, starts and page lists, query owners) is as it was; only then is the
+// patch the plan.
 std::optional<GrowthStats> patch_growth(Growth& growth, const int32_t* packed, int32_t* out, i64 packed_size,
                                         const std::vector<i64>& query_end);
 

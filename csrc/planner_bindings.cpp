@@ -195,7 +195,8 @@ py::dict plan_tree(const py::handle& parent, const py::handle& start, const py::
   for (size_t m = 0; m < spans.size(); ++m) spans[m] = {views.data(m), views.size(m)};
   if (!keep_growth) return to_dict(planner::plan_tree({parents, starts, ends, spans, owners, query_ends}, options));
   auto growth = std::make_unique<planner::Growth>();
-  py::dict result = to_dict(planner::plan_tree({parents, starts, ends, spans, owners, query_ends}, options, growth.get()));
+  py::dict result =
+      to_dict(planner::plan_tree({parents, starts, ends, spans, owners, query_ends}, options, growth.get()));
   result["growth"] = py::cast(std::move(growth));
   return result;
 }

@@ -29,7 +29,8 @@ import torch
 from . import _planner
 from ._validate import check_device, check_index_tensor, check_int
 
-__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "LastTreePlan", "PLAN_TENSOR_FIELDS", "PlanArgs", "plan_of"]
+__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "LastTreePlan", "PLAN_TENSOR_FIELDS", "PlanArgs",
+           "plan_of"]
 
 # The plan's int32 tensors, in the planner's buffer order (what the registered ops take).
 PLAN_TENSOR_FIELDS: tuple[str, ...] = tuple(_planner.PIECES)
@@ -319,9 +320,10 @@ class LastTreePlan:
     """The last plan made from a tree (:func:`plan_from_tree` with ``last=``), kept so that the next step's plan,
     when only lengths changed, is this one's buffer patched (``_planner.patch_growth``: a copy and a few writes)
     instead of a walk and a new plan: the common decode step, where every query grew inside its last page and
-    left it partial (14 of 16 steps at page size 16). Which steps those are, the planner decides (:meth:`patched` returns None for any
-    other), given that the caller asks only when nothing but growth inside the nodes' pages happened since (the
-    same nodes, parents, starts, page lists and query owners, and the same planning options).
+    left it partial (14 of 16 steps at page size 16). Which steps those are, the planner decides
+    (:meth:`patched` returns None for any other), given that the caller asks only when nothing but growth inside
+    the nodes' pages happened since (the same nodes, parents, starts, page lists and query owners, and the same
+    planning options).
 
     A plan handed out never changes under its holder: a new plan gets a patched copy. Only ``into=`` the last
     plan itself (the documented in-place refill) is patched in place, and only while nothing else refilled it.
