@@ -379,37 +379,56 @@ struct Items {
   i64 block_queries = 1;  // the sizing's query block: no item holds more queries
 };
 
-// Edges -> chunks x query blocks -> items, rows, partial rows (root->leaf per query), merge CSR. Sizes are
-// known before the rows are made, so every array is written in place, once.
-Items build_items(const std::vector<i64>& order, const Edges& e, const Options& o) {
-  const i64 ps = o.page_size;
-  Items it;
-  it.block_queries = std::max<i64>(1, kSizing.target_rows_per_item / next_pow2(o.group));
-  if (o.max_queries_per_item > 0) it.block_queries = std::min(it.block_queries, o.max_queries_per_item);
-  const i64 block_q = it.block_queries;
-  const i64 n = static_cast<i64>(order.size()), num_edges = static_cast<i64>(e.lo.size());
-  std::vector<i64> eq(num_edges), eb(num_edges), echunks(num_edges), echunk_pages(num_edges);
+// How the edges are cut: each edge's query blocks and its chunks (and pages per chunk), from the edges' query
+// counts, pages and last-page tails. The chunk length balances the step's work over the machine, so it
+// depends on every edge's tokens (patch_growth checks that a step's growth leaves it as it was).
+struct Chunking {
+  i64 block_queries = 1;
+  std::vector<i64> blocks, chunks, chunk_pages;
+  i64 num_items = 0, num_rows = 0;
+};
+
+Chunking chunking(const std::vector<i64>& lo, const std::vector<i64>& hi, const std::vector<i64>& pages,
+                  const std::vector<i64>& tail, const Options& o) {
+  const i64 ps = o.page_size, num_edges = static_cast<i64>(lo.size());
+  Chunking c;
+  c.block_queries = std::max<i64>(1, kSizing.target_rows_per_item / next_pow2(o.group));
+  if (o.max_queries_per_item > 0) c.block_queries = std::min(c.block_queries, o.max_queries_per_item);
+  c.blocks.resize(num_edges);
+  c.chunks.resize(num_edges);
+  c.chunk_pages.resize(num_edges);
   i64 total_work = 0;
   for (i64 k = 0; k < num_edges; ++k) {
-    eq[k] = e.hi[k] - e.lo[k];
-    eb[k] = ceil_div(eq[k], block_q);
-    total_work += (e.pages[k] * ps - e.tail[k]) * eb[k];
+    c.blocks[k] = ceil_div(hi[k] - lo[k], c.block_queries);
+    total_work += (pages[k] * ps - tail[k]) * c.blocks[k];
   }
   const i64 programs = std::max<i64>(1, kSizing.programs_per_sm * o.num_sms / o.kv_heads);
   const i64 balanced = ceil_div(total_work, programs);
   // An item's token count is an int32 of the plan: at most that many pages per chunk, whatever the policy.
   const i64 max_chunk_pages = std::max<i64>(1, INT32_MAX / ps);
-  i64 num_items = 0, num_rows = 0;
   for (i64 k = 0; k < num_edges; ++k) {
-    const i64 rows_per_block = ceil_div(eq[k], eb[k]) * o.group;
+    const i64 queries = hi[k] - lo[k];
+    const i64 rows_per_block = ceil_div(queries, c.blocks[k]) * o.group;
     const i64 chunk_tokens =
         std::max({rows_per_block * kSizing.tokens_per_partial_row, balanced, kSizing.min_chunk_tokens});
     const i64 chunk_pages = std::min(max_chunk_pages, std::max<i64>(1, chunk_tokens / ps));
-    echunks[k] = ceil_div(e.pages[k], chunk_pages);
-    echunk_pages[k] = ceil_div(e.pages[k], echunks[k]);
-    num_items += eb[k] * echunks[k];
-    num_rows += eq[k] * echunks[k];
+    c.chunks[k] = ceil_div(pages[k], chunk_pages);
+    c.chunk_pages[k] = ceil_div(pages[k], c.chunks[k]);
+    c.num_items += c.blocks[k] * c.chunks[k];
+    c.num_rows += queries * c.chunks[k];
   }
+  return c;
+}
+
+// Edges -> chunks x query blocks -> items, rows, partial rows (root->leaf per query), merge CSR. Sizes are
+// known before the rows are made, so every array is written in place, once.
+Items build_items(const std::vector<i64>& order, const Edges& e, const Chunking& cut, const Options& o) {
+  const i64 ps = o.page_size;
+  Items it;
+  it.block_queries = cut.block_queries;
+  const i64 n = static_cast<i64>(order.size()), num_edges = static_cast<i64>(e.lo.size());
+  const std::vector<i64>&eb = cut.blocks, &echunks = cut.chunks, &echunk_pages = cut.chunk_pages;
+  const i64 num_items = cut.num_items, num_rows = cut.num_rows;
   for (auto [name, count] : {std::pair<const char*, i64>{"items", num_items}, {"rows", num_rows}})
     if (count >= INT32_MAX)  // (the input bounds keep them below: a defence, not a limit)
       throw std::invalid_argument(std::string("plan: expected ") + name + " to fit int32, got " + str(count));
@@ -424,7 +443,8 @@ Items build_items(const std::vector<i64>& order, const Edges& e, const Options& 
   for (i64 k = 0; k < num_edges; ++k) {
     for (i64 b = 0; b < eb[k]; ++b) {
       // Balanced query blocks: block b holds sorted queries [lo + b*q/nb, lo + (b+1)*q/nb).
-      const i64 block_lo = e.lo[k] + b * eq[k] / eb[k], block_hi = e.lo[k] + (b + 1) * eq[k] / eb[k];
+      const i64 queries = e.hi[k] - e.lo[k];
+      const i64 block_lo = e.lo[k] + b * queries / eb[k], block_hi = e.lo[k] + (b + 1) * queries / eb[k];
       for (i64 c = 0; c < echunks[k]; ++c) {
         const i64 page_begin = c * echunk_pages[k];
         const i64 pages = std::min(echunk_pages[k], e.pages[k] - page_begin);
@@ -632,7 +652,7 @@ Plan plan_table(const TableView& input, const Options& o) {
     e.first_page.push_back(sstart[e.lo[k]] + e.depth[k]);
     e.tail.push_back(ps - keys.used(order[e.lo[k]], depth_end[k] - 1));
   }
-  const Items items = build_items(order, e, o);
+  const Items items = build_items(order, e, chunking(e.lo, e.hi, e.pages, e.tail, o), o);
   const PieceData table[3] = {{t.indptr, n + 1}, {t.indices, t.nnz}, {t.last_len, n}};
   Plan plan = pack(table, items, n, max_page, o);
   plan.stats.unique_tokens = unique_tokens;
@@ -703,7 +723,7 @@ struct Tree {
 struct TreeWalk {
   const Tree& t;
   std::vector<i64> order, kid_ptr, kids, own_ptr, own;
-  std::vector<i64> lo, hi, d0, d1, tail;
+  std::vector<i64> lo, hi, d0, d1, tail, tail_query;  // tail_query: whose last page the tail is (-1: none)
   // Edge of each (lo, hi): open addressing (linear probing) over a power-of-two table of edge indices, -1
   // empty, at most half full; no allocation per edge, which std::unordered_map's nodes cost.
   std::vector<i64> slots;
@@ -735,7 +755,7 @@ struct TreeWalk {
         });
     order.reserve(n);
     // Usually one segment per node or query; room for that up front saves most regrowth.
-    for (std::vector<i64>* v : {&lo, &hi, &d0, &d1, &tail}) v->reserve(m_count + n);
+    for (std::vector<i64>* v : {&lo, &hi, &d0, &d1, &tail, &tail_query}) v->reserve(m_count + n);
     slots.assign(next_pow2(2 * (m_count + n) + 2), -1);
 
     // Post-order over the forest, roots and children in index order: (node, lo) with lo < 0 on the way down.
@@ -773,13 +793,14 @@ struct TreeWalk {
     return slots[at];
   }
 
-  void add_segment(i64 l, i64 h, i64 a, i64 b, i64 tl) {
+  void add_segment(i64 l, i64 h, i64 a, i64 b, i64 tl, i64 tq = -1) {
     i64& k = slot(l, h);
     if (k >= 0) {
       d0[k] = std::min(d0[k], a);
       if (b > d1[k]) {
         d1[k] = b;
         tail[k] = tl;
+        tail_query[k] = tq;
       }
       return;
     }
@@ -789,6 +810,7 @@ struct TreeWalk {
     d0.push_back(a);
     d1.push_back(b);
     tail.push_back(tl);
+    tail_query.push_back(tq);
     if (2 * lo.size() > slots.size()) {  // keep it at most half full: twice the slots, edges placed again
       slots.assign(2 * slots.size(), -1);
       for (i64 e = 0; e < static_cast<i64>(lo.size()); ++e) slot(lo[e], hi[e]) = e;
@@ -805,7 +827,7 @@ struct TreeWalk {
       const i64 e = t.query_end[mine[0]], f = e / ps, rest = e % ps;
       order.push_back(mine[0]);
       if (rest)
-        add_segment(first, first + 1, a, f + 1, ps - rest);
+        add_segment(first, first + 1, a, f + 1, ps - rest, mine[0]);
       else if (a < f)
         add_segment(first, first + 1, a, f, 0);
       return;
@@ -838,14 +860,14 @@ struct TreeWalk {
       const i64 e = t.query_end[mine[i]];
       for (j = i + 1; j < count && t.query_end[mine[j]] == e; ++j) {
       }
-      if (e % ps) add_segment(desc_end + i, desc_end + j, e / ps, e / ps + 1, ps - e % ps);
+      if (e % ps) add_segment(desc_end + i, desc_end + j, e / ps, e / ps + 1, ps - e % ps, mine[i]);
     }
   }
 };
 
 }  // namespace
 
-Plan plan_tree(const TreeView& tree, const Options& o) {
+Plan plan_tree(const TreeView& tree, const Options& o, Growth* growth) {
   const std::vector<i64>&parent = tree.parent, &start = tree.start, &end = tree.end;
   const std::vector<i64>&owner = tree.query_owner, &query_end = tree.query_end;
   const std::vector<Int32Span>& pages = tree.pages;
@@ -935,13 +957,97 @@ Plan plan_tree(const TreeView& tree, const Options& o) {
     e.pages.push_back(walk.d1[k] - walk.d0[k]);
     e.first_page.push_back(indptr[walk.order[walk.lo[k]]] + walk.d0[k]);
   }
-  const Items items = build_items(walk.order, e, o);
+  Chunking cut = chunking(e.lo, e.hi, e.pages, e.tail, o);
+  const Items items = build_items(walk.order, e, cut, o);
   const PieceData table[3] = {{indptr.data(), n + 1}, {nullptr, nnz, &write_indices},
                               {last_len.data(), n}};
   Plan plan = pack(table, items, n, max_page, o);
   plan.stats.unique_tokens = unique_tokens;
   plan.stats.naive_tokens = naive_tokens;
+  if (growth) {
+    Growth& g = *growth;
+    g.options = o;
+    g.query_end = query_end;
+    g.owner = owner;
+    g.own_ptr = walk.own_ptr;
+    g.own = walk.own;
+    g.has_kids = std::move(has_kids);
+    g.edge_lo = walk.lo;
+    g.edge_hi = walk.hi;
+    g.edge_pages = std::move(e.pages);
+    g.edge_tail = walk.tail;
+    g.edge_tail_query = walk.tail_query;
+    g.edge_blocks = std::move(cut.blocks);
+    g.edge_chunks = std::move(cut.chunks);
+    g.edge_chunk_pages = std::move(cut.chunk_pages);
+    g.last_len_offset = plan.piece_sizes[0] + plan.piece_sizes[1];
+    g.item_tokens_offset = g.last_len_offset + plan.piece_sizes[2] + plan.piece_sizes[3];
+    g.num_items = plan.stats.work_items;
+    g.planned_tokens = plan.stats.planned_tokens;
+    g.unique_tokens = unique_tokens;
+    g.naive_tokens = naive_tokens;
+  }
   return plan;
+}
+
+std::optional<GrowthStats> patch_growth(Growth& g, const int32_t* packed, int32_t* out, i64 packed_size,
+                                        const std::vector<i64>& query_end) {
+  const i64 n = static_cast<i64>(g.query_end.size()), ps = g.options.page_size;
+  if (static_cast<i64>(query_end.size()) != n || g.item_tokens_offset + g.num_items > packed_size) return std::nullopt;
+  // Every change is growth inside a last page that stays partial, on a node without children (whose pages
+  // no other node continues, so the distinct tokens grow by the growth of each node's farthest query).
+  i64 growth_naive = 0;
+  for (i64 q = 0; q < n; ++q) {
+    const i64 before = g.query_end[q], after = query_end[q];
+    if (after == before) continue;
+    const i64 m = g.owner[q];
+    if (after < before || m < 0 || g.has_kids[m] || after / ps != before / ps || before % ps == 0 || after % ps == 0)
+      return std::nullopt;
+    growth_naive += after - before;
+  }
+  // Each node's queries keep their order (by decreasing end) and their runs of equal ends: the same rows and
+  // the same partial-page edges.
+  const i64 m_count = static_cast<i64>(g.own_ptr.size()) - 1;
+  i64 growth_unique = 0;
+  for (i64 m = 0; m < m_count; ++m) {
+    const i64 first = g.own_ptr[m], last = g.own_ptr[m + 1];
+    if (first == last) continue;
+    for (i64 i = first + 1; i < last; ++i) {
+      const i64 a = g.own[i - 1], b = g.own[i];
+      if ((g.query_end[a] == g.query_end[b]) != (query_end[a] == query_end[b]) || query_end[a] < query_end[b])
+        return std::nullopt;
+    }
+    // (the first own query has the largest end: the node's reach)
+    growth_unique += query_end[g.own[first]] - g.query_end[g.own[first]];
+  }
+  // The new tails, and the same chunks under them.
+  std::vector<i64> tail(g.edge_tail);
+  for (size_t k = 0; k < tail.size(); ++k)
+    if (g.edge_tail_query[k] >= 0) tail[k] = ps - query_end[g.edge_tail_query[k]] % ps;
+  const Chunking cut = chunking(g.edge_lo, g.edge_hi, g.edge_pages, tail, g.options);
+  if (cut.chunks != g.edge_chunks || cut.chunk_pages != g.edge_chunk_pages) return std::nullopt;
+
+  // Write: each changed query's last page length, and the last chunk of each block of an edge whose tail moved.
+  if (out != packed) std::memcpy(out, packed, packed_size * sizeof(int32_t));
+  int32_t* last_len = out + g.last_len_offset;
+  int32_t* item_tokens = out + g.item_tokens_offset;
+  for (i64 q = 0; q < n; ++q) last_len[q] += static_cast<int32_t>(query_end[q] - g.query_end[q]);
+  i64 item = 0;
+  for (size_t k = 0; k < tail.size(); ++k) {
+    const i64 grown = g.edge_tail[k] - tail[k];
+    if (grown)
+      for (i64 b = 0; b < g.edge_blocks[k]; ++b)
+        item_tokens[item + (b + 1) * g.edge_chunks[k] - 1] += static_cast<int32_t>(grown);
+    g.planned_tokens += grown * g.edge_blocks[k];
+    item += g.edge_blocks[k] * g.edge_chunks[k];
+  }
+  i64 max_item_tokens = 0;
+  for (i64 i = 0; i < g.num_items; ++i) max_item_tokens = std::max<i64>(max_item_tokens, item_tokens[i]);
+  g.edge_tail = std::move(tail);
+  g.query_end = query_end;
+  g.unique_tokens += growth_unique;
+  g.naive_tokens += growth_naive;
+  return GrowthStats{g.planned_tokens, g.unique_tokens, g.naive_tokens, max_item_tokens};
 }
 
 }  // namespace treeattn::planner

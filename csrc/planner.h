@@ -7,7 +7,8 @@
 //   neighbours; LCP-interval stack walk -> compressed-trie edges.
 // - plan_tree (TreeKVCache.plan): the cache knows its tree, so the edges come from a walk of the queried
 //   subtree (O(nodes + queries): no sorting, no page comparisons) and the table is written from the nodes'
-//   page lists.
+//   page lists. patch_growth: the next decode step of such a plan when only lengths changed (each query grew
+//   inside its last page): the last plan's buffer with its lengths patched, no walk.
 // Back end: edges -> chunks x query blocks -> work items, rows, partial-state rows (root->leaf per query) and
 // the stage-2 merge CSR, packed with the table into one int32 buffer laid out as kPieces says (padded to a
 // fixed capacity when one is given); python/treeattn/plan.py splits it by the piece sizes and never restates
@@ -145,9 +146,39 @@ struct Plan {
   i64 max_queries_per_item = 1;
 };
 
+// What a tree plan's query lengths feed, kept so that the next decode step, whose queries only grew inside
+// their last pages, is patched into a copy of the plan (patch_growth) instead of planned again. Opaque: made by
+// plan_tree, updated by every patch it accepts.
+struct Growth {
+  Options options;
+  std::vector<i64> query_end, owner, own_ptr, own;  // own: each node's queries in walk order (CSR by node)
+  std::vector<uint8_t> has_kids;
+  // Per edge: its sorted-query range, pages, unused slots in its last page, the query whose last page that is
+  // (-1: a full-page edge, whose tail no length changes), and its query blocks and chunks.
+  std::vector<i64> edge_lo, edge_hi, edge_pages, edge_tail, edge_tail_query, edge_blocks, edge_chunks,
+      edge_chunk_pages;
+  i64 last_len_offset = 0, item_tokens_offset = 0, num_items = 0;
+  i64 planned_tokens = 0, unique_tokens = 0, naive_tokens = 0;
+};
+
+// The stats a patch changes.
+struct GrowthStats {
+  i64 planned_tokens, unique_tokens, naive_tokens, max_item_tokens;
+};
+
 // The plan of a CSR page table (treeattn.plan).
 Plan plan_table(const TableView& table, const Options& options);
 // The plan of a known tree (TreeKVCache.plan): the table its paths give, with the stats plan_table finds on it.
-Plan plan_tree(const TreeView& tree, const Options& options);
+// With `growth`, also what its lengths feed (for patch_growth).
+Plan plan_tree(const TreeView& tree, const Options& options, Growth* growth = nullptr);
+// Writes into out[0:packed_size) (which may be packed itself) packed[0:packed_size), the plan `growth`
+// describes, patched into the plan of the same tree after its queries grew to query_end, and returns the changed
+// stats, when that plan differs in lengths only: every query that changed grew inside its last page, which it
+// neither fills nor started (end % page_size != 0 before and after), on a node without children, keeping each
+// node's queries in their order, and the items keep their chunks. Else nullopt, nothing written, growth unchanged. The caller guarantees everything but the
+// query ends (the nodes, their parents, starts and page lists, query owners) is as it was; only then is the
+// patch the plan.
+std::optional<GrowthStats> patch_growth(Growth& growth, const int32_t* packed, int32_t* out, i64 packed_size,
+                                        const std::vector<i64>& query_end);
 
 }  // namespace treeattn::planner

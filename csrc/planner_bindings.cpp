@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -185,13 +186,44 @@ py::dict plan_table(const py::handle& kv_indptr, const py::handle& kv_indices, c
 }
 
 py::dict plan_tree(const py::handle& parent, const py::handle& start, const py::handle& end, const py::list& pages,
-                   const py::handle& query_owner, const py::handle& query_end, const planner::Options& options) {
+                   const py::handle& query_owner, const py::handle& query_end, const planner::Options& options,
+                   bool keep_growth) {
   const std::vector<i64> parents = int64s(parent, "parent"), starts = int64s(start, "start"), ends = int64s(end, "end");
   const std::vector<i64> owners = int64s(query_owner, "query_owner"), query_ends = int64s(query_end, "query_end");
   const Int32Views views(pages);
   std::vector<planner::Int32Span> spans(pages.size());
   for (size_t m = 0; m < spans.size(); ++m) spans[m] = {views.data(m), views.size(m)};
-  return to_dict(planner::plan_tree({parents, starts, ends, spans, owners, query_ends}, options));
+  if (!keep_growth) return to_dict(planner::plan_tree({parents, starts, ends, spans, owners, query_ends}, options));
+  auto growth = std::make_unique<planner::Growth>();
+  py::dict result =
+      to_dict(planner::plan_tree({parents, starts, ends, spans, owners, query_ends}, options, growth.get()));
+  result["growth"] = py::cast(std::move(growth));
+  return result;
+}
+
+// (planned_tokens, unique_tokens, naive_tokens, max_item_tokens, patched): patched is `packed` itself (patched
+// in place) or, with copy, a new array; None when the step needs a new plan (nothing written, nothing allocated
+// that outlives the call).
+py::object patch_growth(planner::Growth& growth, const py::handle& packed, const py::handle& query_end, bool copy) {
+  if (!py::isinstance<py::array>(packed))
+    throw py::type_error("packed: expected a writable 1-D int32 numpy array, got " + type_name(packed));
+  auto arr = py::reinterpret_borrow<py::array>(packed);
+  if (arr.dtype().kind() != 'i' || arr.dtype().itemsize() != 4 || arr.ndim() != 1 || !arr.writeable() ||
+      !(arr.flags() & py::array::c_style))
+    throw py::type_error("packed: expected a writable, contiguous 1-D int32 numpy array");
+  const std::vector<i64> ends = int64s(query_end, "query_end");
+  const i64 size = arr.shape(0);
+  int32_t* data = static_cast<int32_t*>(arr.mutable_data());
+  std::unique_ptr<int32_t[]> fresh(copy ? new int32_t[size] : nullptr);  // (not touched unless the patch applies)
+  const auto stats = planner::patch_growth(growth, data, copy ? fresh.get() : data, size, ends);
+  if (!stats) return py::none();
+  py::object out = arr;
+  if (copy) {
+    int32_t* raw = fresh.release();
+    out = Int32Array(size, raw, py::capsule(raw, [](void* p) { delete[] static_cast<int32_t*>(p); }));
+  }
+  return py::make_tuple(stats->planned_tokens, stats->unique_tokens, stats->naive_tokens, stats->max_item_tokens,
+                        out);
 }
 
 }  // namespace
@@ -228,7 +260,17 @@ PYBIND11_MODULE(_planner, m) {
   m.def("plan_table", &plan_table, py::arg("kv_indptr"), py::arg("kv_indices"), py::arg("kv_last_page_len"),
         py::arg("options"), (std::string("Plan a CSR page table (1-D int32 numpy arrays). ") + returns).c_str());
   m.def("plan_tree", &plan_tree, py::arg("parent"), py::arg("start"), py::arg("end"), py::arg("pages"),
-        py::arg("query_owner"), py::arg("query_end"), py::arg("options"),
-        (std::string("Plan a known tree (TreeKVCache.plan; contract: treeattn.plan.plan_from_tree). ") + returns)
+        py::arg("query_owner"), py::arg("query_end"), py::arg("options"), py::kw_only(),
+        py::arg("keep_growth") = false,
+        (std::string("Plan a known tree (TreeKVCache.plan; contract: treeattn.plan.plan_from_tree). ") + returns +
+         " keep_growth: the dict also holds growth, what the plan's lengths feed (for patch_growth).")
             .c_str());
+  py::class_<planner::Growth>(m, "Growth", "What a tree plan's query lengths feed (opaque; see patch_growth).");
+  m.def("patch_growth", &patch_growth, py::arg("growth"), py::arg("packed"), py::arg("query_end"), py::kw_only(),
+        py::arg("copy"),
+        "Patch packed (the plan growth describes; in place, or with copy into a new array) into the plan of the "
+        "same tree whose queries grew to query_end, when only lengths change (growth inside last pages that stay "
+        "partial, same chunks): returns (planned_tokens, unique_tokens, naive_tokens, max_item_tokens, patched) "
+        "and updates growth; else None, nothing written. Everything but the query ends must be as when growth "
+        "was made.");
 }

@@ -8,7 +8,9 @@ table planner sorts queries by page ids.
 
 Random forests are grown, forked, released and copied on write through the cache's public methods, for fresh
 plans, fixed-capacity plans and plans refilled in place step after step (the walk the cache keeps between
-decode steps).
+decode steps). Decode steps where every planned leaf grew by one token are patched from the last plan (its
+lengths only) when no page was started or filled: those plans have the very bits of a plan made in full, and
+plans handed out earlier never change.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 import treeattn
 from treeattn import OutOfPages, PlanCapacity, TreeKVCache
-from treeattn.plan import PLAN_TENSOR_FIELDS
+from treeattn.plan import PLAN_TENSOR_FIELDS, LastTreePlan, plan_from_tree
 
 HKV, HQ, DIM, NUM_PAGES = 2, 4, 16, 384
 
@@ -61,6 +63,24 @@ def assert_equivalent(tree_plan: treeattn.TreePlan, table_plan: treeattn.TreePla
     for name in ("num_items", "num_partial_rows", "max_queries_per_item", "max_item_tokens", "max_page_id"):
         assert getattr(tree_plan, name) == getattr(table_plan, name), name
     assert work(tree_plan) == work(table_plan)
+
+
+def full_plan(cache: TreeKVCache, nodes: list[int], num_tokens: int = 1, **kw) -> treeattn.TreePlan:
+    """The cache's plan made in full (a fresh walk, nothing patched), with the hints the cache plans with."""
+    walk = cache.tree.plan_walk(cache.tree.nodes(nodes, "plan"), num_tokens, reuse=False)
+    return plan_from_tree(parent=walk.parent, start=walk.start, end=walk.end, pages=walk.pages,
+                          query_owner=walk.query_owner, query_end=walk.query_end, page_size=cache.page_size,
+                          num_qo_heads=HQ, num_kv_heads=cache.num_kv_heads, device=cache.device, **kw)
+
+
+def assert_same_plan(plan: treeattn.TreePlan, want: treeattn.TreePlan) -> None:
+    """The same bits, stats and ints (the same plan, however it was made)."""
+    for name in PLAN_TENSOR_FIELDS:
+        assert torch.equal(getattr(plan, name), getattr(want, name)), name
+    assert plan.stats == want.stats
+    for name in ("num_queries", "num_items", "num_partial_rows", "max_queries_per_item", "max_item_tokens",
+                 "max_page_id", "capacity"):
+        assert getattr(plan, name) == getattr(want, name), name
 
 
 def check_table(cache: TreeKVCache, plan: treeattn.TreePlan, nodes: list[int], num_tokens: int) -> None:
@@ -169,9 +189,29 @@ class TreeVsTable(RuleBasedStateMachine):
             assert "capacity" in str(exc)
             self.refill = None
             return
-        fresh = self.cache.plan(leaves, num_qo_heads=HQ)
+        fresh = full_plan(self.cache, leaves)
         check_table(self.cache, refilled, leaves, 1)
+        assert_same_plan(refilled, full_plan(self.cache, leaves, capacity=into.capacity, into=fresh_into(into)))
         assert_equivalent(refilled, table_plan(fresh, self.cache.page_size, capacity=into.capacity))
+
+    @rule(data=st.data())
+    def decode_steps(self, data):
+        """Steps of a decode loop: every planned leaf grows by one token, then the same leaves are planned (the
+        last plan patched when no leaf started or filled a page); plans handed out before never change."""
+        leaves = self.leaves()[:8]
+        if not leaves:
+            return
+        held = []
+        for _ in range(data.draw(st.integers(1, 4))):
+            try:
+                self.cache.append(leaves)
+            except OutOfPages:
+                break
+            plan = self.cache.plan(leaves, num_qo_heads=HQ)
+            assert_same_plan(plan, full_plan(self.cache, leaves))
+            held.append((plan, plan._buffer.clone()))
+        for plan, bits in held:
+            assert torch.equal(plan._buffer, bits)
 
 
 TreeVsTable.TestCase.settings = settings(
@@ -190,3 +230,111 @@ def test_decode_steps_keep_equal_plans(page_size):
         cache.append(leaves[: 1 + step % 5])
         plan = cache.plan(leaves, num_qo_heads=HQ)
         assert_equivalent(plan, table_plan(plan, page_size))
+
+
+def fresh_into(plan: treeattn.TreePlan) -> treeattn.TreePlan:
+    """A fixed-capacity plan like ``plan`` (same capacity, query block), to refill in full for comparison."""
+    twin = treeattn.TreePlan.__new__(treeattn.TreePlan)
+    twin.__dict__.update(plan.__dict__)
+    twin._buffer = plan._buffer.clone()
+    for name, view in zip(PLAN_TENSOR_FIELDS, twin._buffer.split_with_sizes([t.numel() for t in plan.tensor_args()])):
+        setattr(twin, name, view)
+    return twin
+
+
+def count_patches(monkeypatch) -> list:
+    """Plans LastTreePlan.patched returns from now on (None when it declined), in order."""
+    calls = []
+    patched = LastTreePlan.patched
+
+    def spy(self, query_end, into):
+        calls.append(patched(self, query_end, into))
+        return calls[-1]
+
+    monkeypatch.setattr(LastTreePlan, "patched", spy)
+    return calls
+
+
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_decode_steps_patch_lengths_inside_pages(monkeypatch, page_size):
+    """One token per leaf per step: a step that starts or fills no page is patched from the last plan, the others
+    are planned in full; every plan has the bits of one made in full, and earlier plans keep theirs."""
+    cache = TreeKVCache(1, HKV, DIM, page_size=page_size, num_pages=2048, dtype=torch.float32, device="cpu")
+    root = cache.add(8 * page_size + 3)
+    leaves = cache.fork(root, 6)
+    cache.append(leaves, 2)  # (each leaf copies the root's partial page, then grows in place)
+    cache.plan(leaves, num_qo_heads=HQ)
+    calls = count_patches(monkeypatch)
+    held = []
+    for _ in range(3 * page_size):
+        inside = all(cache.length(n) % page_size not in (0, page_size - 1) for n in leaves)
+        cache.append(leaves)
+        plan = cache.plan(leaves, num_qo_heads=HQ)
+        assert (calls[-1] is not None) == inside
+        assert_same_plan(plan, full_plan(cache, leaves))
+        held.append((plan, plan._buffer.clone()))
+    assert sum(c is not None for c in calls) == 3 * (page_size - 2)
+    for plan, bits in held:
+        assert torch.equal(plan._buffer, bits)
+
+
+def test_page_crossing_or_other_change_plans_in_full(monkeypatch):
+    """An append that starts a page, a fork, a release, other hints: the plan is made in full."""
+    s = 8
+    cache = TreeKVCache(1, HKV, DIM, page_size=s, num_pages=512, dtype=torch.float32, device="cpu")
+    root = cache.add(3 * s + 2)
+    leaves = cache.fork(root, 3)
+    cache.append(leaves, 3)  # path length 3s + 5: one step from filling no page
+    cache.plan(leaves, num_qo_heads=HQ)
+    calls = count_patches(monkeypatch)
+    cache.append(leaves)
+    assert_same_plan(cache.plan(leaves, num_qo_heads=HQ), full_plan(cache, leaves))
+    assert calls[-1] is not None
+    cache.append(leaves, 2)  # fills the page: in full
+    assert_same_plan(cache.plan(leaves, num_qo_heads=HQ), full_plan(cache, leaves))
+    cache.append(leaves)  # starts a page: a new page list, in full
+    assert_same_plan(cache.plan(leaves, num_qo_heads=HQ), full_plan(cache, leaves))
+    patched_so_far = sum(c is not None for c in calls)
+    assert patched_so_far == 1
+    extra = cache.fork(root, 1)[0]  # (a new node, read by no planned leaf: the tree changed all the same)
+    cache.append(leaves)
+    assert_same_plan(cache.plan(leaves, num_qo_heads=HQ), full_plan(cache, leaves))
+    cache.release(extra)
+    cache.append(leaves)
+    assert_same_plan(cache.plan(leaves, num_qo_heads=HQ), full_plan(cache, leaves))
+    cache.append(leaves)
+    plan = cache.plan(leaves, num_qo_heads=2 * HQ)  # other hints: in full, with them
+    walk = cache.tree.plan_walk(cache.tree.nodes(leaves, "plan"), reuse=False)
+    want = plan_from_tree(parent=walk.parent, start=walk.start, end=walk.end, pages=walk.pages,
+                          query_owner=walk.query_owner, query_end=walk.query_end, page_size=s,
+                          num_qo_heads=2 * HQ, num_kv_heads=HKV, device=cache.device)
+    assert_same_plan(plan, want)
+    assert sum(c is not None for c in calls) == patched_so_far
+
+
+def test_refill_into_is_patched_in_place(monkeypatch):
+    """into= the last plan: patched in its own buffer (the documented refill); a plan made without capacity in
+    between is not a fixed-capacity one; into= another plan is refilled in full."""
+    s = 16
+    cache = TreeKVCache(1, HKV, DIM, page_size=s, num_pages=512, dtype=torch.float32, device="cpu")
+    root = cache.add(5 * s + 1)
+    leaves = cache.fork(root, 4)
+    cache.append(leaves, 1)
+    cap = PlanCapacity.of(cache.plan(leaves, num_qo_heads=HQ), headroom=2.0)
+    into = cache.plan(leaves, num_qo_heads=HQ, capacity=cap)
+    other = cache.plan(leaves, num_qo_heads=HQ, capacity=cap)
+    calls = count_patches(monkeypatch)
+    for _ in range(3):
+        cache.append(leaves)
+        address = into._buffer.data_ptr()
+        assert cache.plan(leaves, num_qo_heads=HQ, into=into) is into
+        assert into._buffer.data_ptr() == address
+        assert_same_plan(into, full_plan(cache, leaves, capacity=cap, into=fresh_into(into)))
+    assert [c is into for c in calls] == [True, True]  # (the first refill follows another request: in full)
+    cache.append(leaves)
+    fresh = cache.plan(leaves, num_qo_heads=HQ)  # no capacity asked: none given
+    assert fresh.capacity is None
+    assert_same_plan(fresh, full_plan(cache, leaves))
+    cache.append(leaves)
+    assert cache.plan(leaves, num_qo_heads=HQ, into=other) is other
+    assert_same_plan(other, full_plan(cache, leaves, capacity=cap, into=fresh_into(other)))

@@ -43,7 +43,7 @@ import torch
 from . import kv_ops  # (also registers the treeattn::kv_write_run / copy_pages_run ops)
 from ._validate import check_device, check_float_tensor, check_int, check_kv_scale, is_fp8
 from .pages import OutOfPages, PageAllocator
-from .plan import PlanCapacity, TreePlan, plan_from_tree
+from .plan import LastTreePlan, PlanCapacity, TreePlan, plan_from_tree
 from .tree import NodeTree
 
 __all__ = ["TreeKVCache", "KVLayer", "OutOfPages", "StepWriter"]
@@ -291,6 +291,10 @@ class TreeKVCache:
         self._scales = self._check_scales(scales, num_heads)
         self.tree = NodeTree(self.page_size)
         self.allocator = PageAllocator(self.num_pages, self.page_size)
+        # The last plan, and what it was asked for: the next plan of the same request, with only growth inside
+        # pages between (the tree's version unchanged), is patched from it.
+        self._last_plan = LastTreePlan()
+        self._last_plan_request: tuple | None = None
         self._known_slots = _KnownSlots()
         self._layer_planes = None  # see _planes
 
@@ -611,20 +615,34 @@ class TreeKVCache:
         ``capacity`` makes a fixed-capacity plan (see :class:`treeattn.PlanCapacity`); ``into=`` such a plan
         (made by this cache, or one with its page size) refills its buffers in place instead of making a new
         plan, so a CUDA graph captured over ``tree_decode(..., plan)`` replays every later step of a changing tree.
+
+        A decode step that plans the same nodes as the last call, after each only grew inside its last page,
+        patches the last plan's lengths into a copy of it (or into ``into=`` that plan itself) instead of walking
+        the tree again; plans already returned never change.
         """
         node_list = self.tree.nodes(nodes, "plan")
+        # (types in the request: 1 == True, but a bool is no head count and must reach the checks)
+        request = (node_list, num_tokens, type(num_tokens), self.tree.version, num_qo_heads, type(num_qo_heads),
+                   num_sms, type(num_sms), capacity, into is None)
+        if request == self._last_plan_request:
+            patched = self._last_plan.patched(self.tree.query_ends(node_list, num_tokens), into)
+            if patched is not None:
+                return patched
+        self._last_plan_request = None
         k = check_int("num_tokens", num_tokens, 1)
         if k > 1:  # (one query over an empty path is fine: empty KV, output 0)
             for n in node_list:
                 if n.end < k:
                     raise ValueError(f"plan: node {n.id} has {n.end} tokens on its path, fewer than num_tokens={k}")
         walk = self.tree.plan_walk(node_list, k)
-        return plan_from_tree(
+        plan = plan_from_tree(
             parent=walk.parent, start=walk.start, end=walk.end, pages=walk.pages,
             query_owner=walk.query_owner, query_end=walk.query_end, page_size=self.page_size,
             num_qo_heads=num_qo_heads, num_kv_heads=self.num_kv_heads, device=self.device, num_sms=num_sms,
-            capacity=capacity, into=into,
+            capacity=capacity, into=into, last=self._last_plan,
         )
+        self._last_plan_request = request
+        return plan
 
     # ---- accounting ----
 

@@ -29,7 +29,8 @@ import torch
 from . import _planner
 from ._validate import check_device, check_index_tensor, check_int
 
-__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "PLAN_TENSOR_FIELDS", "PlanArgs", "plan_of"]
+__all__ = ["TreePlan", "PlanCapacity", "plan", "plan_from_tree", "LastTreePlan", "PLAN_TENSOR_FIELDS", "PlanArgs",
+           "plan_of"]
 
 # The plan's int32 tensors, in the planner's buffer order (what the registered ops take).
 PLAN_TENSOR_FIELDS: tuple[str, ...] = tuple(_planner.PIECES)
@@ -117,6 +118,7 @@ class TreePlan:
         self.max_page_id = result["max_page_id"]
         self.stats = stats
         self._options = options  # how treeattn.plan made it (update_ re-plans with them); None for tree plans
+        self._fills = 0  # refills so far (LastTreePlan tells a plan it patched from one refilled since)
         self._workspaces: dict = {}
         self.prepared: dict = {}
         _live_plans[(self._buffer.device, self._buffer.data_ptr())] = self
@@ -174,8 +176,13 @@ class TreePlan:
             raise ValueError(f"plan: expected items of <= {self.max_queries_per_item} queries, got "
                              f"{result['max_queries_per_item']}")
         self._buffer.copy_(_staged(torch.from_numpy(result["packed"]), self.device), non_blocking=True)
+        return self._refilled(result)
+
+    def _refilled(self, result: dict) -> TreePlan:
+        """Takes the ints and stats of ``result``, whose buffer is now this plan's."""
         self.stats = result["stats"]
         self.max_item_tokens, self.max_page_id = result["max_item_tokens"], result["max_page_id"]
+        self._fills += 1
         return self
 
     def __repr__(self) -> str:
@@ -270,6 +277,7 @@ def plan_from_tree(
     num_sms: int | None = None,
     capacity: PlanCapacity | None = None,
     into: TreePlan | None = None,
+    last: LastTreePlan | None = None,
 ) -> TreePlan:
     """Plan a step over a tree whose sharing is known (``TreeKVCache.plan``): the prefix-trie edges come from
     the tree instead of from comparing page lists, and the paged table is written from the nodes' page lists.
@@ -289,6 +297,9 @@ def plan_from_tree(
 
     ``into``: a fixed-capacity plan (made with ``capacity=``, same page size, device and number of queries) to
     refill in place instead of making a new plan; the hints then only size blocks up to its query block.
+
+    ``last``: keeps this plan there, so that the next step's plan can be patched from it
+    (:meth:`LastTreePlan.patched`).
     """
     page_size = check_int("page_size", page_size, 1, _INT32_MAX)
     hints = _hints(num_qo_heads, num_kv_heads, num_sms, device)
@@ -298,10 +309,79 @@ def plan_from_tree(
         hints["max_queries_per_item"] = into.max_queries_per_item
     options = _planner.Options(page_size=page_size, **hints, capacity=_check_capacity(capacity))
     result = _planner.plan_tree(parent, start, end, pages if isinstance(pages, list) else list(pages),
-                                query_owner, query_end, options)
-    if into is not None:
-        return into._fill_(result)
-    return TreePlan(result, page_size, _check_device(device), capacity)
+                                query_owner, query_end, options, keep_growth=last is not None)
+    made = into._fill_(result) if into is not None else TreePlan(result, page_size, _check_device(device), capacity)
+    if last is not None:
+        last._keep(result, made)
+    return made
+
+
+class LastTreePlan:
+    """The last plan made from a tree (:func:`plan_from_tree` with ``last=``), kept so that the next step's plan,
+    when only lengths changed, is this one's buffer patched (``_planner.patch_growth``: a copy and a few writes)
+    instead of a walk and a new plan: the common decode step, where every query grew inside its last page and
+    left it partial (14 of 16 steps at page size 16). Which steps those are, the planner decides
+    (:meth:`patched` returns None for any other), given that the caller asks only when nothing but growth inside
+    the nodes' pages happened since (the same nodes, parents, starts, page lists and query owners, and the same
+    planning options).
+
+    A plan handed out never changes under its holder: a new plan gets a patched copy. Only ``into=`` the last
+    plan itself (the documented in-place refill) is patched in place, and only while nothing else refilled it.
+    """
+
+    __slots__ = ("_growth", "_host", "_meta", "_plan", "_fills")
+
+    def __init__(self):
+        self._growth = None
+
+    def forget(self) -> None:
+        self._growth = self._host = self._meta = self._plan = None
+
+    def _keep(self, result: dict, plan: TreePlan) -> None:
+        # The plan's buffer as host memory: the plan's own on the CPU (never written here, only copied; into= the
+        # plan itself excepted), the planner's private array for a device plan (the plan holds a device copy).
+        self._host = plan._buffer.numpy() if plan.device.type == "cpu" else result["packed"]
+        self._growth = result["growth"]
+        self._meta = {k: result[k] for k in ("piece_sizes", "max_queries_per_item", "max_page_id")}
+        self._meta.update(stats=dict(result["stats"]), page_size=plan.page_size, device=plan.device,
+                          capacity=plan.capacity)
+        self._plan = weakref.ref(plan)
+        self._fills = plan._fills
+
+    def patched(self, query_end: list[int], into: TreePlan | None) -> TreePlan | None:
+        """The plan of the kept plan's tree whose queries now end at ``query_end``, patched from it; None when
+        that plan is more than a change of lengths (or the kept plan's buffer was refilled since, or ``into`` is
+        another plan than the kept one): the caller then plans in full."""
+        if self._growth is None:
+            return None
+        kept = self._plan()
+        if (kept is not None and kept._fills != self._fills) or (into is not None and into is not kept):
+            return None
+        meta = self._meta
+        on_cpu = meta["device"].type == "cpu"
+        # A device plan's host array is private: patched in place. A CPU plan's is the plan's buffer (or a view of
+        # it someone still holds): copied, but for into= the plan itself.
+        got = _planner.patch_growth(self._growth, self._host, query_end, copy=on_cpu and into is None)
+        if got is None:
+            return None
+        planned, unique, naive, max_item_tokens, packed = got
+        stats = dict(meta["stats"], planned_tokens=planned, unique_tokens=unique, naive_tokens=naive)
+        result = {"packed": packed, "piece_sizes": meta["piece_sizes"], "stats": stats,
+                  "max_queries_per_item": meta["max_queries_per_item"], "max_page_id": meta["max_page_id"],
+                  "max_item_tokens": max_item_tokens}
+        try:
+            if into is None:
+                made = TreePlan(result, meta["page_size"], meta["device"], meta["capacity"])
+            elif on_cpu:
+                made = into._refilled(dict(result, stats=dict(stats)))  # (its buffer is the patched array)
+            else:
+                made = into._fill_(dict(result, stats=dict(stats)))
+        except BaseException:
+            self.forget()  # (the growth already describes the patched buffer)
+            raise
+        self._host, meta["stats"] = packed, dict(stats)
+        self._plan, self._fills = weakref.ref(made), made._fills
+        return made
 
 
 def _host_table(kv_indptr, kv_indices, kv_last_page_len) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ pages the live paths read. Which pages exist and who may write where is the page
 
 from __future__ import annotations
 
+import operator
 from array import array
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 __all__ = ["Node", "NodeTree", "PlanWalk"]
+
+_END = operator.attrgetter("end")
 
 class Node:
     """One node. Read its fields; change nodes only through :class:`NodeTree`.
@@ -123,6 +126,10 @@ class NodeTree:
         self._live: dict[int, Node] = {}  # the nodes callers may still use
         self._pins: dict[int, int] = {}  # node id -> pins: a pinned node's path stays readable (a cached sequence)
         self._next_id = 0
+        # Counts every change but growth inside pages a node already holds (nodes made or removed, pages taken
+        # or given back, starts and ends moved by a release): while it stands, a plan of the same nodes differs
+        # from the last one in lengths only.
+        self.version = 0
         self._last_walk: _Walk | None = None
         # The last list of ints nodes() resolved (its own copy) and what it found, valid while no release came
         # between (releases counts them).
@@ -196,6 +203,7 @@ class NodeTree:
     def _new(self, parent: Node | None, start: int, end: int, pages: array) -> Node:
         n = Node(self._next_id, parent, start, end, pages)
         self._next_id += 1
+        self.version += 1
         self._nodes[n.id] = self._live[n.id] = n
         if parent is not None:
             parent.children[n.id] = n
@@ -231,7 +239,9 @@ class NodeTree:
 
     def grow(self, n: Node, pages, num_tokens: int) -> None:
         """Leaf ``n`` holds ``num_tokens`` more positions; ``pages`` are the ones it newly holds."""
-        n.pages.extend(pages)
+        if pages:
+            n.pages.extend(pages)
+            self.version += 1
         n.end += num_tokens
 
     def release(self, n: Node) -> list[tuple[array, int]]:
@@ -241,6 +251,7 @@ class NodeTree:
         n.released = True
         del self._live[n.id]
         self._releases += 1
+        self.version += 1
         return self._settle(n)
 
     def _is_reader(self, n: Node) -> bool:
@@ -261,6 +272,7 @@ class NodeTree:
             self._pins[n.id] -= 1
             return []
         del self._pins[n.id]
+        self.version += 1
         return self._settle(n)
 
     def branch(self, n: Node, end: int, pages: array) -> Node:
@@ -276,6 +288,7 @@ class NodeTree:
         freed = array("i", n.pages[keep:])
         del n.pages[keep:]
         n.end = end
+        self.version += 1
         self._last_walk = None  # (ends and page lists changed under it)
         return [(freed, (n.start // s + keep) * s if keep else n.start)] if freed else []
 
@@ -380,7 +393,7 @@ class NodeTree:
         ``num_tokens``, every query owned by its own node), so a decode loop that plans the same nodes every
         step walks the tree once."""
         k = num_tokens
-        q_end = [n.end for n in nodes] if k == 1 else [e for n in nodes for e in range(n.end - k + 1, n.end + 1)]
+        q_end = self.query_ends(nodes, k)
         walk = self._last_walk if reuse else None
         reused = walk is not None and walk.k == k and walk.nodes == nodes  # (== compares nodes by identity)
         if not reused:
@@ -388,6 +401,12 @@ class NodeTree:
             if reuse:
                 self._last_walk = walk if walk.reusable else None
         return PlanWalk(walk.parent, walk.start, [m.end for m in walk.marked], walk.pages, walk.owner, q_end, reused)
+
+    @staticmethod
+    def query_ends(nodes: list[Node], num_tokens: int = 1) -> list[int]:
+        """Path length each query of :meth:`plan_walk` attends: node-major, a node's last ``num_tokens`` ends."""
+        k = num_tokens
+        return list(map(_END, nodes)) if k == 1 else [e for n in nodes for e in range(n.end - k + 1, n.end + 1)]
 
     def counts(self) -> dict:
         """``nodes``, ``live_nodes``, ``leaves``, ``tokens_stored`` (each once), and ``tokens_if_unshared`` /
