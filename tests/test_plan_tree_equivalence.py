@@ -84,13 +84,19 @@ def assert_same_plan(plan: treeattn.TreePlan, want: treeattn.TreePlan) -> None:
 
 
 def check_table(cache: TreeKVCache, plan: treeattn.TreePlan, nodes: list[int], num_tokens: int) -> None:
-    """Query ``i * num_tokens + j`` reads the slots of ``nodes[i]``'s path up to its ``j``-th last token."""
+    """Query ``i * num_tokens + j`` reads the slots of ``nodes[i]``'s path up to its ``j``-th last token. A query
+    whose tokens all lie on an ancestor's path reads that ancestor's slots: a child that copied the ancestor's
+    partial page on write holds the same values there, but the planner reads (and shares) the original."""
     s = cache.page_size
     for i, node in enumerate(nodes):
-        path = cache.path_slots(node).tolist()
+        leaf = cache.tree.node(node)
         for j in range(num_tokens):
             q = i * num_tokens + j
-            want = path[: len(path) - num_tokens + 1 + j] if path else []
+            end = leaf.end - num_tokens + 1 + j
+            holder = leaf  # (ancestors may be released nodes still in the tree)
+            while holder.parent is not None and holder.parent.end >= end:
+                holder = holder.parent
+            want = cache.tree.path_slots(holder).tolist()[:end]
             pages = plan.kv_indices[plan.kv_indptr[q] : plan.kv_indptr[q + 1]].long()
             slots = (pages[:, None] * s + torch.arange(s)).reshape(-1)[: len(want)]
             assert slots.tolist() == want, (node, j)
@@ -338,3 +344,20 @@ def test_refill_into_is_patched_in_place(monkeypatch):
     cache.append(leaves)
     assert cache.plan(leaves, num_qo_heads=HQ, into=other) is other
     assert_same_plan(other, full_plan(cache, leaves, capacity=cap, into=fresh_into(other)))
+
+
+@pytest.mark.parametrize("page_size", [3, 4, 16])
+def test_query_on_ancestor_tokens_reads_the_original_page(page_size):
+    """Siblings that appended to a shared partial page (the second copied it on write), then the parent
+    released: a 2-token query of the copying sibling whose first query ends at its start reads the parent's
+    page, whose values the copy holds too; the table equals the table planner's."""
+    cache = TreeKVCache(1, HKV, DIM, page_size=page_size, num_pages=NUM_PAGES, dtype=torch.float32, device="cpu")
+    root = cache.add(5)
+    kids = cache.fork(root, 2)
+    cache.append(kids, 1)
+    cache.release(root)
+    plan = cache.plan(kids, 2, num_qo_heads=HQ)
+    check_table(cache, plan, kids, 2)
+    assert_equivalent(plan, table_plan(plan, page_size))
+    copied = cache.path_slots(kids[1])[:5]
+    assert not torch.equal(copied, cache.path_slots(kids[0])[:5])  # (the second sibling's copy is elsewhere)
