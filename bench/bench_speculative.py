@@ -165,10 +165,13 @@ def forward_count(model: torch.nn.Module):
 
 
 def _recording(orig, steps: list[int], at: int):
-    """``orig`` (a method) that first appends its positional argument ``at`` (an accepted count) to ``steps``."""
+    """``orig`` (a method) that first appends its positional argument ``at`` (an accepted count) to ``steps``
+    when it is the last one: a call with more (``count_draft``'s draft-model forwards, once per ``generate``)
+    is no verify step."""
 
     def method(self, *args):
-        steps.append(int(args[at]))
+        if len(args) == at + 1:
+            steps.append(int(args[at]))
         return orig(self, *args)
 
     return method

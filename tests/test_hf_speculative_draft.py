@@ -63,10 +63,12 @@ def test_draft_model_decodes_through_its_own_cache(family, drafter, monkeypatch)
     (pool,) = pools
     assert pool.stats()["pages_used"] == 0 and pool.stats()["leaves"] == 0
     assert "forward" not in vars(draft)
-    # The prompt once, then per step as many forwards as the deepest tree, one token per node each.
+    # The prompt once, then per step as many forwards as the deepest tree (one more when a depth the tree did
+    # not keep was fed), one token per node each.
     assert forwards[0] == ids.shape
     assert all(shape[1] == 1 and shape[0] <= len(ids) * (BUDGET + 2) for shape in forwards[1:])
-    assert [count for _, _, count in steps] == [max(t.max_depth for t in made) for _, made, _ in steps]
+    for _, made, count in steps:
+        assert 0 <= count - max(t.max_depth for t in made) <= 1
     assert stats["draft_forward_passes"] == len(forwards) == pool.stats()["forward_passes"]
     if drafter == "self":
         assert stats["accepted_draft_tokens"] > 0 and stats["forward_passes"] <= 11 // 2

@@ -1,8 +1,11 @@
-"""Draft-model trees: budget, depth, one call per depth, top-k children by cumulative probability, sampled
-children drawn from the draft distribution, errors."""
+"""Draft-model trees: budget, depth, one call per depth, the best nodes over all depths by cumulative
+probability (a chain for a confident draft, a wide tree for a flat one), sampled children drawn from the
+draft distribution, errors."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_speculative_verify import ToyModel, chi_square_p_value, one_thread  # noqa: F401  (fixture)
 
 from treeattn.speculative import ROOT, draft_model_tree
@@ -22,7 +25,8 @@ def test_top_k_tree(budget, top_k, seed):
     draft = Recorder(ToyModel(11, salt=seed, scale=2.0))
     tree = draft_model_tree(draft, budget, top_k=top_k)
     assert 0 < tree.num_nodes <= budget and tree.draft_probs is None
-    assert len(draft.calls) == tree.max_depth
+    # One call per depth, and one more when the last depth grown kept nothing.
+    assert tree.max_depth <= len(draft.calls) <= tree.max_depth + 1
     for depth, paths in enumerate(draft.calls):
         assert all(len(p) == depth for p in paths) and len(paths) <= top_k
     probs = {(): draft.model.probs(())}
@@ -39,8 +43,69 @@ def test_top_k_tree(budget, top_k, seed):
                 assert float(tree.token_probs[c]) == pytest.approx(float(q[int(tree.tokens[c])]), rel=1e-5)
     if top_k == 1:  # a chain: the draft model's greedy continuation
         assert tree.parents.tolist() == list(range(-1, tree.num_nodes - 1))
-    # The root's children are the best candidates of the first round.
-    assert len(tree.children(ROOT)) == min(top_k, budget)
+    assert _kept_paths(tree) == _best_paths(draft.model, budget, top_k, budget)
+
+
+def _kept_paths(tree) -> list[tuple[int, ...]]:
+    return sorted(tuple(tree.path_tokens(i)) for i in range(tree.num_nodes))
+
+
+def _best_paths(model, budget: int, top_k: int, max_depth: int) -> list[tuple[int, ...]]:
+    """The reference: expand every depth up to ``max_depth`` (frontier: the last depth's ``top_k`` best by
+    cumulative probability, never pruned), then keep the ``budget`` best candidates of all depths (ties to the
+    earlier candidate)."""
+    candidates = []  # (cumulative probability, path), in creation order
+    frontier = [(1.0, ())]
+    for _ in range(max_depth if budget else 0):
+        made = []
+        for cumulative, path in frontier:
+            values, indices = torch.softmax(model.logits(path).float(), -1).topk(min(top_k, model.vocab))
+            made += [(cumulative * v, path + (t,)) for v, t in zip(values.tolist(), indices.tolist()) if v > 0]
+        candidates += made
+        frontier = sorted(made, key=lambda c: -c[0])[:top_k]
+    return sorted(path for _, path in sorted(candidates, key=lambda c: -c[0])[:budget])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 12), st.integers(1, 4), st.integers(1, 7), st.sampled_from([0.5, 2.0, 6.0]),
+       st.integers(0, 2**16))
+def test_kept_nodes_are_the_best_over_all_depths(vocab, budget, top_k, max_depth, scale, salt):
+    """The tree is the ``budget`` best candidates by cumulative probability over all depths (closed under
+    ancestors: a DraftTree holds every node's parent), whatever pruning stopped the growth early."""
+    draft = Recorder(ToyModel(vocab, salt=salt, scale=scale))
+    tree = draft_model_tree(draft, budget, top_k=top_k, max_depth=max_depth)
+    assert _kept_paths(tree) == _best_paths(draft.model, budget, top_k, max_depth)
+    assert len(draft.calls) <= min(max_depth, tree.max_depth + 1) if budget else not draft.calls
+    cumulative = {(): 1.0}
+    for i in range(tree.num_nodes):
+        path = tuple(tree.path_tokens(i))
+        cumulative[path] = cumulative[path[:-1]] * float(tree.token_probs[i])
+        assert tree.parents[i] < i  # parents first
+    # Children never outrank their parents, so the growth could stop once the frontier fell out of the kept set.
+    assert all(cumulative[p[:-1]] >= c for p, c in cumulative.items() if p)
+
+
+def test_confident_draft_gives_a_chain():
+    """A draft almost sure of every next token spends the whole budget on one deep path."""
+    def next_logits(paths):
+        logits = torch.zeros(len(paths), 10)
+        for row, path in enumerate(paths):
+            logits[row, (3 * len(path) + 1) % 10] = 25.0
+        return logits
+
+    tree = draft_model_tree(next_logits, 8, top_k=2)
+    assert tree.parents.tolist() == list(range(-1, 7))
+    assert tree.tokens.tolist() == [(3 * d + 1) % 10 for d in range(8)]
+
+
+def test_flat_draft_gives_a_wide_shallow_tree():
+    """A draft with no preference keeps the root's ``top_k`` children and then the first one's; one more call
+    finds the next depth no better than what is kept, and growth stops."""
+    draft = Recorder(ToyModel(10, salt=0, scale=0.0))
+    tree = draft_model_tree(draft, 8, top_k=4)
+    assert tree.max_depth == 2 and len(tree.children(ROOT)) == 4
+    assert [len(tree.children(c)) for c in tree.children(ROOT)] == [4, 0, 0, 0]
+    assert len(draft.calls) == 3
 
 
 def test_sampled_tree_records_its_distributions():
@@ -125,7 +190,10 @@ def test_builder_grows_the_same_tree_by_depth():
     expected = draft_model_tree(Recorder(model), 7, top_k=2)
     tree = builder.tree()
     assert tree.tokens.tolist() == expected.tokens.tolist() and tree.parents.tolist() == expected.parents.tolist()
-    assert depths == tree.max_depth and builder.frontier == []
-    assert [builder.parent(i) for i in range(tree.num_nodes)] == tree.parents.tolist()
+    assert depths in (tree.max_depth, tree.max_depth + 1) and builder.frontier == []
+    kept = builder.kept_nodes()
+    assert [int(tree.tokens[i]) for i in range(tree.num_nodes)] == [builder.path_tokens(n)[-1] for n in kept]
+    assert [kept.index(builder.parent(n)) if builder.parent(n) != ROOT else ROOT for n in kept] \
+        == tree.parents.tolist()
     with pytest.raises(RuntimeError, match="DraftTreeBuilder.grow: expected a tree still growing"):
         builder.grow(torch.zeros(1, 9))

@@ -4,9 +4,10 @@ The draft model keeps each row's context in its own shared-prefix cache across s
 prefilled once; each step it first catches up on the tokens it has not seen (the target's bonus token, and
 accepted draft tokens it never fed), as one chain of 1-token nodes per row in one forward, whose last logits
 start the draft tree; then the tree grows depth by depth as tree nodes, one draft forward per depth for
-every row's frontier (siblings share their context's pages, each reads its own path). Once the target has
-verified the tree, the accepted nodes the draft model fed stay in its cache and the rest are released. So a
-step of depth ``d`` costs ``d`` draft forwards, whatever the context length.
+every row's frontier (siblings share their context's pages, each reads its own path); fed nodes the finished
+tree does not keep are released at once. Once the target has verified the tree, the accepted nodes the draft
+model fed stay in its cache and the rest are released. So a step of depth ``d`` costs ``d`` draft forwards
+(``d + 1`` when the last depth grown is not kept), whatever the context length.
 """
 
 from __future__ import annotations
@@ -88,7 +89,21 @@ class DraftModelDrafter:
                 if count:
                     builders[b].grow(logits[start:start + count])
                     start += count
+        for b, _ in growing:
+            self._keep_fed(b, builders[b].kept_nodes())
         return [builders[b].tree() for b, _, _ in rows]
+
+    def _keep_fed(self, b: int, kept: list[int]) -> None:
+        """Re-key row ``b``'s fed nodes by tree node (tree node ``i`` is builder node ``kept[i]``) and release
+        the fed nodes the tree does not keep (no kept node descends from one)."""
+        fed = self._fed.pop(b, {})
+        self._fed[b] = {i: fed[n] for i, n in enumerate(kept) if n in fed}
+        self._release(set(fed.values()) - set(self._fed[b].values()))
+
+    def _release(self, nodes: set[int]) -> None:
+        """Release draft cache ``nodes``, a set closed under descendants."""
+        for node in sorted(nodes, reverse=True):  # (children before parents)
+            self.cache.tree.release(node)
 
     def accepted(self, b: int, path: list[int]) -> None:
         """Row ``b``'s draft tree was verified and ``path`` (draft nodes, root to node) is kept: the longest
@@ -99,9 +114,8 @@ class DraftModelDrafter:
             if node not in fed:
                 break
             kept.append(fed[node])
+        self._release(set(fed.values()) - set(kept))
         tree = self.cache.tree
-        for node in sorted(set(fed.values()) - set(kept), reverse=True):  # (children before parents)
-            tree.release(node)
         if kept:
             for node in [self._leaf[b], *kept[:-1]]:
                 tree.release(node)
