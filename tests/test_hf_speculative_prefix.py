@@ -72,7 +72,8 @@ def test_rows_that_stop_mid_path_cache_their_output(model):
     after EOS dropped) is still model.generate's."""
     pc = treeattn.hf.PrefixCache(model, num_pages=128, page_size=PAGE)
     ids, mask = _repetitive_prompts()
-    probe = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    probe = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD,
+                           eos_token_id=None)  # (the model's own EOS would end the probe early, padding it)
     eos = int(probe[0, ids.shape[1] + 4])
     draft = copy.deepcopy(model)  # (accepts whole paths: EOS falls inside one)
     out, _ = _same(model, pc, ids, mask, eos_token_id=eos, speculative=draft, num_speculative_tokens=6)
