@@ -457,7 +457,7 @@ class TreeCache(Cache):
         return CacheStep(
             mode="decode", rows=self._rows, slots=slots, take=take,
             plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
-            longest_row=max((self.tree.length(r) for r in self._rows), default=0),
+            longest_row=max((n.end for n in self.tree.tree.nodes(self._rows, "decode", "rows")), default=0),
         )
 
     def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
