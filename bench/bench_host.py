@@ -82,10 +82,12 @@ def _gqa_case(dtype, device):
     plan = treeattn.plan(table.kv_indptr, table.kv_indices, table.kv_last_page_len, page_size=table.page_size,
                          num_qo_heads=32, num_kv_heads=8, device=device)
     out, lse = torch.empty_like(q), torch.empty(q.shape[:2], device=device)
+    decoder = treeattn.decode.tree_decoder(plan)
     return {
         "tree_decode": lambda: treeattn.tree_decode(q, k_cache, v_cache, plan),
         "tree_decode, out= and lse_out= given": lambda: treeattn.tree_decode(
             q, k_cache, v_cache, plan, out=out, lse_out=lse, return_lse=True),
+        "tree_decoder(plan) call (a step's later layers)": lambda: decoder(q, k_cache, v_cache),
     }
 
 
@@ -97,10 +99,12 @@ def _mla_case(dtype, device):
                          num_qo_heads=16, num_kv_heads=1, device=device)
     out, lse = torch.empty(q.shape[0], 16, 512, dtype=dtype, device=device), torch.empty(q.shape[:2], device=device)
     scale = 192 ** -0.5
+    decoder = treeattn.decode.mla_tree_decoder(plan)
     return {
         "mla_tree_decode": lambda: treeattn.mla_tree_decode(q, kv_cache, plan, sm_scale=scale),
         "mla_tree_decode, out= and lse_out= given": lambda: treeattn.mla_tree_decode(
             q, kv_cache, plan, sm_scale=scale, out=out, lse_out=lse, return_lse=True),
+        "mla_tree_decoder(plan) call (a step's later layers)": lambda: decoder(q, kv_cache, sm_scale=scale),
     }
 
 

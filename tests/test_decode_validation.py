@@ -12,6 +12,8 @@ import torch
 
 import treeattn
 from treeattn import reference
+from treeattn._dispatch import force
+from treeattn.decode import mla_tree_decoder, tree_decoder
 from treeattn.plan import plan_of
 from treeattn.testing import assert_close, fp8_cache, poisoned_cache, tree_table
 
@@ -249,3 +251,77 @@ def test_return_lse_overloads():
     for op in (treeattn.tree_decode, treeattn.mla_tree_decode):
         returns = [typing.get_type_hints(f)["return"] for f in typing.get_overloads(op)]
         assert returns == [torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+# ---- a step's decoder: every layer's call over one plan, checked once --------------------------------------
+
+
+def _layers(table, tail, num_layers, device):
+    """``num_layers`` per-layer views of one NaN-poisoned pool (as ``TreeKVCache.layer`` gives them)."""
+    pool = torch.stack([poisoned_cache(table, tail, torch.float32, "cpu") for _ in range(num_layers)])
+    return pool.to(device).unbind(0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_decoder_gives_the_op_bits(kind, backend, device):
+    """``tree_decoder(plan)`` / ``mla_tree_decoder(plan)`` called for each layer gives the op's output and LSE bit
+    for bit: the scratch LSE, a returned one, caller outputs, and a call of another layout part-way (a strided
+    query, then the first layout again)."""
+    table = _table(device)
+    plan = _plan(table)
+    g = torch.Generator().manual_seed(3)
+    if kind == "gqa":
+        caches = [(k, k.flip(-1)) for k in _layers(table, (2, 32), 3, device)]
+        decoder, op, options = tree_decoder(plan), treeattn.tree_decode, {"sm_scale": 0.2}
+    else:
+        caches = [(kv,) for kv in _layers(table, (40,), 3, device)]
+        decoder, op, options = mla_tree_decoder(plan), treeattn.mla_tree_decode, {"sm_scale": 0.2, "v_head_dim": 24}
+    assert decoder.plan is plan
+    with force(backend):
+        for i, layer in enumerate((0, 1, 2, 1, 0)):
+            step = 2 if i == 2 else 1
+            q = torch.randn(table.num_queries * step, 4, caches[0][0].shape[-1], generator=g).to(device)[::step]
+            o_ref, lse_ref = op(q, *caches[layer], plan, return_lse=True, **options)
+            assert torch.equal(decoder(q, *caches[layer], **options), o_ref)
+            o, lse = decoder(q, *caches[layer], return_lse=True, **options)
+            assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+            out, lse_out = torch.empty_like(o_ref), torch.empty_like(lse_ref)
+            assert decoder(q, *caches[layer], out=out, lse_out=lse_out, **options) is out
+            assert torch.equal(out, o_ref) and torch.equal(lse_out, lse_ref)
+        assert not torch.isnan(o_ref).any()
+
+
+def test_decoder_checks_like_the_op(device):
+    """A call whose layout differs from the prepared one is checked in full (the op's error, after prepared
+    calls too), and a failing call keeps the prepared step: the next call of that layout gives the same bits."""
+    table, q, k, plan = _gqa(device)
+    decoder = tree_decoder(plan)
+    with pytest.raises(ValueError, match="plan: expected a treeattn.TreePlan"):
+        tree_decoder(object())
+    first = decoder(q, k, k)
+    kept = decoder._key, decoder._step
+    with pytest.raises(ValueError, match=r"k_cache: expected head_dim 16 \(q.shape\[2\]\) in dim 3"):
+        decoder(q[:, :, :16], k, k)
+    with pytest.raises(ValueError, match=r"v_cache: expected shape \[.*\] \(same as k_cache\)"):
+        decoder(q, k, k[:, :, :1])
+    with pytest.raises(ValueError, match="q: expected a tensor that does not require grad"):
+        decoder(q.clone().requires_grad_(), k, k)
+    with pytest.raises(ValueError, match=r"out: expected shape \[3, 4, 32\]"):
+        decoder(q, k, k, out=torch.empty(3, 4, 31, device=device))
+    with pytest.raises(ValueError, match="sm_scale: expected a finite positive"):
+        decoder(q, k, k, sm_scale=-1.0)
+    with pytest.raises(TypeError, match="sm_scale: required for MLA"):
+        mla_tree_decoder(plan)(q, k[:, :, 0])
+    assert (decoder._key, decoder._step) == kept
+    assert torch.equal(decoder(q, k, k), first)
+
+
+def test_decoder_under_compile_is_the_op(device):
+    """Inside ``torch.compile`` the decoder calls the op (its registered form), with the op's answer."""
+    table, q, k, plan = _gqa(device)
+    decoder = tree_decoder(plan)
+    compiled = torch.compile(lambda q, k: decoder(q, k, k) * 2.0, fullgraph=True, backend="eager")
+    for _ in range(2):
+        assert_close(compiled(q, k), 2.0 * treeattn.tree_decode(q, k, k, plan))
+    assert decoder._step is None

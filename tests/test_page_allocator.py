@@ -55,6 +55,19 @@ def test_extend_of_a_page_the_branch_holds_claims_more_slots():
     assert growth.new_pages == [[]] and alloc.refcount(page) == 1 and alloc.fill(page) == 3
 
 
+def test_extend_continuing_one_page_twice_in_a_call_counts_each_new_holder():
+    """Two branches continue the same page in place in one call (the second where the first's slots end): the
+    page gains both holders and keeps the later, larger fill, as one extend per branch would leave it."""
+    together, one_by_one = PageAllocator(num_pages=4, page_size=8), PageAllocator(num_pages=4, page_size=8)
+    for alloc in (together, one_by_one):
+        (page,) = alloc.allocate(2)
+    together.extend([(2, page, False), (4, page, False), (8, -1, True)], 2)
+    for branch in ([(2, page, False)], [(4, page, False)], [(8, -1, True)]):
+        one_by_one.extend(branch, 2)
+    assert books(together) == books(one_by_one)
+    assert together.refcount(page) == 3 and together.fill(page) == 6
+
+
 def test_extend_out_of_pages_counts_copies_and_changes_nothing():
     alloc = PageAllocator(num_pages=3, page_size=4)
     (tail,) = alloc.allocate(2)

@@ -38,7 +38,7 @@ from ._validate import (
 )
 from .plan import PlanArgs, TreePlan, plan_of
 
-__all__ = ["tree_decode", "mla_tree_decode"]
+__all__ = ["tree_decode", "mla_tree_decode", "tree_decoder", "mla_tree_decoder", "StepDecoder", "MLAStepDecoder"]
 
 
 # ---- the two ops as data ---------------------------------------------------------------------------------
@@ -331,6 +331,14 @@ def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_he
                 out, lse_out = _outputs(q, step.out_shape, step.lse_shape, out, lse_out)
             step.run(q, *caches, out, lse_out, *scales)
             return (out, lse_out) if return_lse else out
+    out, lse_out, _ = _prepare_and_run(spec, q, caches, plan, sm_scale, scales, v_head_dim, out, lse_out, key)
+    return (out, lse_out) if return_lse else out
+
+
+def _prepare_and_run(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_head_dim, out, lse_out, key):
+    """A call not prepared before: validate, prepare the launch, run. Returns the outputs and the step that may
+    be kept for this layout (None under ``torch.compile`` and for inputs that require grad); ``key`` set, the
+    step is also kept on the plan."""
     scale, width, kernel_scales = _validate(spec, q, caches, plan, sm_scale, scales, v_head_dim)
     out_shape, lse_shape = (q.shape[0], q.shape[1], width), (q.shape[0], q.shape[1])
     check_out("out", out, out_shape, q.dtype, q.device)
@@ -355,11 +363,14 @@ def _decode(spec: _OpSpec, q, caches: tuple, plan, sm_scale, scales: tuple, v_he
             run = _contiguous_scales(run, len(tensors))
     run(q, *caches, out, lse_out, *scales)
     # A step kept for inputs that require grad (allowed under no_grad) would skip the grad check later.
-    if key is not None and not torch.compiler.is_compiling() and not any(
+    if torch.compiler.is_compiling() or any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (*tensors, *scales)
     ):
-        _remember(plan, key, _Step(out_shape, lse_shape, run))
-    return (out, lse_out) if return_lse else out
+        return out, lse_out, None
+    step = _Step(out_shape, lse_shape, run)
+    if key is not None:
+        _remember(plan, key, step)
+    return out, lse_out, step
 
 
 # ---- public ops -----------------------------------------------------------------------------------------
@@ -496,3 +507,107 @@ def mla_tree_decode(
         >>> o = treeattn.mla_tree_decode(q, kv_cache, plan, sm_scale=scale)  # q [n, 16, 576] -> o [n, 16, 512]
     """
     return _decode(_MLA, q, (kv_cache,), plan, sm_scale, (kv_scale,), v_head_dim, out, lse_out, return_lse)
+
+
+# ---- a step's decoder: every layer's decode call over one plan -------------------------------------------
+
+
+_NUMBERS = (float, int, type(None))
+
+
+class _StepDecoder:
+    """The shared part of :class:`StepDecoder` and :class:`MLAStepDecoder`: the first call is the op's own
+    (every check, the launch prepared); a later call whose arguments have that call's layout (type, shape,
+    strides, dtype, device of each tensor; the same ``sm_scale``, ``v_head_dim``, scales and pinned backend)
+    only launches, and any other call is checked in full again (the op's errors; a failing call keeps what
+    was prepared). Under ``torch.compile`` and for tensor subclasses every call is the op.
+
+    Without ``return_lse`` (and no ``lse_out``), the LSE goes to one scratch tensor that the step's calls share."""
+
+    __slots__ = ("_plan", "_key", "_step", "_lse")
+    _spec: _OpSpec
+
+    def __init__(self, plan: TreePlan):
+        if not isinstance(plan, TreePlan):
+            raise ValueError(f"plan: expected a treeattn.TreePlan from treeattn.plan(...), got {type(plan).__name__}")
+        self._plan, self._key, self._step, self._lse = plan, None, None, None
+
+    @property
+    def plan(self) -> TreePlan:
+        return self._plan
+
+    def _call(self, q, caches: tuple, sm_scale, scales: tuple, v_head_dim, out, lse_out, return_lse):
+        spec, plan = self._spec, self._plan
+        if _is_compiling():
+            return _decode(spec, q, caches, plan, sm_scale, scales, v_head_dim, out, lse_out, return_lse)
+        scratch = lse_out is None and not return_lse
+        key = None
+        # (plain numbers only: a tensor sm_scale would compare elementwise; such calls are the op's every time)
+        if type(sm_scale) in _NUMBERS and type(v_head_dim) in _NUMBERS:
+            try:
+                key = (_dispatch.forced(), type(sm_scale), sm_scale, type(v_head_dim), v_head_dim, _input_layout(q),
+                       spec.input_layouts(caches, scales), None if out is None else _layout(out),
+                       None if lse_out is None else _layout(lse_out), scratch)
+            except (AttributeError, TypeError):  # a bad argument: the op names it
+                pass
+        step = self._step
+        if key is not None and key == self._key and plan.max_page_id < caches[0].shape[0]:
+            if out is None:
+                out = q.new_empty(step.out_shape)
+            if lse_out is None:
+                lse_out = self._lse if scratch else q.new_empty(step.lse_shape, dtype=torch.float32)
+            step.run(q, *caches, out, lse_out, *scales)
+            return (out, lse_out) if return_lse else out
+        out, lse_out, step = _prepare_and_run(spec, q, caches, plan, sm_scale, scales, v_head_dim, out, lse_out,
+                                              None)
+        if key is not None and step is not None:
+            self._key, self._step = key, step
+            self._lse = lse_out if scratch else None
+        return (out, lse_out) if return_lse else out
+
+
+class StepDecoder(_StepDecoder):
+    """:func:`tree_decode` for every layer of one step over one plan (made by :func:`tree_decoder`):
+    ``decoder(q, k_cache, v_cache, ...)`` is ``tree_decode(q, k_cache, v_cache, plan, ...)``, with the
+    arguments checked on the first call and on a later call only compared with its layout (the layers' pools
+    are views of one pool, laid out alike)."""
+
+    __slots__ = ()
+    _spec = _GQA
+
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *, sm_scale: float | None = None,
+        k_scale: torch.Tensor | float | None = None, v_scale: torch.Tensor | float | None = None,
+        out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None, return_lse: bool = False,
+    ):
+        return self._call(q, (k_cache, v_cache), sm_scale, (k_scale, v_scale), None, out, lse_out, return_lse)
+
+
+class MLAStepDecoder(_StepDecoder):
+    """:func:`mla_tree_decode` for every layer of one step over one plan (made by :func:`mla_tree_decoder`):
+    ``decoder(q, kv_cache, sm_scale=s, ...)`` is ``mla_tree_decode(q, kv_cache, plan, sm_scale=s, ...)``,
+    checked as :class:`StepDecoder` checks."""
+
+    __slots__ = ()
+    _spec = _MLA
+
+    def __call__(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, *, sm_scale: float | None = None, v_head_dim: int = 512,
+        kv_scale: torch.Tensor | float | None = None, out: torch.Tensor | None = None,
+        lse_out: torch.Tensor | None = None, return_lse: bool = False,
+    ):
+        return self._call(q, (kv_cache,), sm_scale, (kv_scale,), v_head_dim, out, lse_out, return_lse)
+
+
+def tree_decoder(plan: TreePlan) -> StepDecoder:
+    """The decode calls of one step's layers over ``plan``: ``d = tree_decoder(plan)``, then
+    ``d(q_i, **cache.layer(i))`` for each layer gives what ``tree_decode(q_i, **cache.layer(i), plan=plan)``
+    gives. The first call checks every argument and prepares the launch; a later call whose arguments are laid
+    out the same way (type, shape, strides, dtype, device) only launches. See :class:`StepDecoder`."""
+    return StepDecoder(plan)
+
+
+def mla_tree_decoder(plan: TreePlan) -> MLAStepDecoder:
+    """:func:`tree_decoder` for :func:`mla_tree_decode`: ``d(q_i, **cache.layer(i), sm_scale=s)`` for each
+    layer. See :class:`MLAStepDecoder`."""
+    return MLAStepDecoder(plan)

@@ -52,10 +52,15 @@ class Growth:
     copy_src: list[int] = field(default_factory=list)
     copy_dst: list[int] = field(default_factory=list)
     copy_slots: list[int] = field(default_factory=list)
-    # The bookkeeping commit() applies: fresh pages (page, fill) in the order they leave the free list, and
-    # (page, fill, new holder) of every page continued in place.
-    taken: list[tuple[int, int]] = field(default_factory=list, repr=False)
-    continued: list[tuple[int, int, bool]] = field(default_factory=list, repr=False)
+    # The bookkeeping commit() applies, as parallel lists (commit updates the counts in one numpy call each):
+    # fresh pages and their fills, in the order they leave the free list; and each page continued in place,
+    # its fill after the call; and the continued pages that gain a holder (a branch continuing an ancestor's
+    # page), once per new holder (a page may be continued by more than one branch of a call).
+    taken: list[int] = field(default_factory=list, repr=False)
+    taken_fills: list[int] = field(default_factory=list, repr=False)
+    continued: list[int] = field(default_factory=list, repr=False)
+    continued_fills: list[int] = field(default_factory=list, repr=False)
+    new_holders: list[int] = field(default_factory=list, repr=False)
 
 
 class PageAllocator:
@@ -154,7 +159,8 @@ class PageAllocator:
 
         def take(fill: int) -> int:
             page = next(upcoming)
-            growth.taken.append((page, fill))
+            growth.taken.append(page)
+            growth.taken_fills.append(fill)
             return page
 
         for off, tail, holds_tail, in_place, fresh in decided:
@@ -162,7 +168,10 @@ class PageAllocator:
             if off and in_place:
                 if not holds_tail:
                     pages.append(tail)
-                growth.continued.append((tail, min(s, off + k), not holds_tail))
+                growth.continued.append(tail)
+                growth.continued_fills.append(min(s, off + k))
+                if not holds_tail:
+                    growth.new_holders.append(tail)
             elif off:
                 page = take(min(s, off + k))
                 pages.append(page)
@@ -176,13 +185,19 @@ class PageAllocator:
 
     def commit(self, growth: Growth) -> None:
         """Apply what :meth:`grow` decided; nothing may have changed the allocator in between."""
-        if [page for page, _ in growth.taken] != self._free[: -len(growth.taken) - 1 : -1]:
+        taken = growth.taken
+        if taken != self._free[: -len(taken) - 1 : -1]:
             raise RuntimeError("growth: expected the allocator unchanged since grow() decided it")
-        for _, fill in growth.taken:
-            self._take(fill)
-        for page, fill, new_holder in growth.continued:
-            self._refcount[page] += new_holder
-            self._fill[page] = fill
+        if taken:
+            del self._free[-len(taken):]
+            self._refcount[taken] = 1
+            self._fill[taken] = growth.taken_fills
+        if growth.continued:
+            # (a page continued twice in one call: the fill assigned last, a later branch's and the larger, is
+            # the one sequential updates leave; add.at counts each of its new holders)
+            self._fill[growth.continued] = growth.continued_fills
+        if growth.new_holders:
+            np.add.at(self._refcount, growth.new_holders, 1)
         self.pages_copied += len(growth.copy_src)
 
     def share(self, pages: Iterable[int]) -> None:

@@ -223,8 +223,7 @@ def treeattn_attention(module, query, key, value, attention_mask, scaling=None, 
     if cache.spec.mla:
         out = _mla_decode(module, q, cache, layer, scaling)
     else:
-        out = treeattn.tree_decode(q.contiguous(), **cache.decode_kwargs(layer), plan=step.plan, sm_scale=scaling,
-                                   lse_out=cache.decode_lse(q.shape[1]))
+        out = cache.decoder(q.contiguous(), **cache.decode_kwargs(layer), sm_scale=scaling)
     if out.dtype != query.dtype or out.device != query.device:
         out = out.to(device=query.device, dtype=query.dtype)
     return out.unsqueeze(1), None  # [rows, 1, heads, v_dim]
@@ -242,8 +241,7 @@ def _mla_decode(module, q, cache, layer: int, scaling: float) -> torch.Tensor:
     w_uk, w_uv = w_kv_b[:, :nope], w_kv_b[:, nope:]
     q_latent = torch.einsum("nhd,hdc->nhc", q[..., :nope], w_uk)
     q_absorbed = torch.cat([q_latent, q[..., nope:]], dim=-1).contiguous()
-    o_latent = treeattn.mla_tree_decode(q_absorbed, **cache.layer_kv(layer), plan=cache.step.plan, sm_scale=scaling,
-                                        v_head_dim=rank, lse_out=cache.decode_lse(q_absorbed.shape[1]))
+    o_latent = cache.decoder(q_absorbed, **cache.layer_kv(layer), sm_scale=scaling, v_head_dim=rank)
     return torch.einsum("nhc,hdc->nhd", o_latent, w_uv)
 
 

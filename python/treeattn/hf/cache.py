@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 import treeattn
 from treeattn.cache import StepWriter
+from treeattn.decode import MLAStepDecoder, StepDecoder, mla_tree_decoder, tree_decoder
 
 from .adapter import ModelSpec, UnsupportedModel, inspect_model, unwrap_compiled
 
@@ -192,7 +193,7 @@ class TreeCache(Cache):
         self._step = _IDLE
         self._grown_slots: torch.Tensor | None = None  # set_rows(..., slots=): the next decode step's slots
         self._writer: StepWriter | None = None  # the running decode step's writes
-        self._lse: torch.Tensor | None = None  # see decode_lse
+        self._decoder: StepDecoder | MLAStepDecoder | None = None  # the running decode step's attention calls
         self._counts = {"forward_passes": 0, "draft_tokens": 0, "accepted_draft_tokens": 0,
                         "draft_forward_passes": 0}
 
@@ -295,13 +296,12 @@ class TreeCache(Cache):
             return self._layer_kv[layer]
         return self.tree.layer(layer)  # (which names what is wrong with ``layer``)
 
-    def decode_lse(self, num_heads: int) -> torch.Tensor:
-        """fp32 ``[rows, num_heads]``: where the running decode step's attention puts the LSE it does not use,
-        one tensor for the step's layers (made on its first call)."""
-        lse = self._lse
-        if lse is None or lse.shape[1] != num_heads:
-            lse = self._lse = torch.empty(len(self._rows), num_heads, dtype=torch.float32, device=self.tree.device)
-        return lse
+    @property
+    def decoder(self) -> StepDecoder | MLAStepDecoder | None:
+        """The running decode step's attention over ``step.plan`` (:func:`treeattn.decode.tree_decoder`, or
+        :func:`~treeattn.decode.mla_tree_decoder` for MLA): its layers' calls are checked once. None outside a
+        decode step."""
+        return self._decoder
 
     def decode_kwargs(self, layer: int) -> dict[str, torch.Tensor]:
         """:meth:`layer_kv` as a plain dict, made once per cache (the attention unpacks it in every layer of
@@ -443,11 +443,12 @@ class TreeCache(Cache):
         self._positions += 1
         self._step = self._decode_step(slots, take)
         try:
-            # every layer writes these slots: checked once, launch prepared once
+            # every layer writes these slots and reads this plan: checked once, launches prepared once
             self._writer = self.tree.writer(self._step.slots)
+            self._decoder = (mla_tree_decoder if self.spec.mla else tree_decoder)(self._step.plan)
             yield self._step
         finally:
-            self._step, self._writer, self._lse = _IDLE, None, None
+            self._step, self._writer, self._decoder = _IDLE, None, None
         self._counts["forward_passes"] += 1
 
     def _decode_step(self, slots: torch.Tensor, take: torch.Tensor | None) -> CacheStep:
@@ -456,7 +457,7 @@ class TreeCache(Cache):
         return CacheStep(
             mode="decode", rows=self._rows, slots=slots, take=take,
             plan=self.tree.plan(self._rows, num_qo_heads=self.spec.num_qo_heads),
-            longest_row=max((self.tree.length(r) for r in self._rows), default=0),
+            longest_row=max((n.end for n in self.tree.tree.nodes(self._rows, "decode", "rows")), default=0),
         )
 
     def write(self, layer: int, a: torch.Tensor, b: torch.Tensor):
