@@ -25,8 +25,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-import treeattn
-
 IMPLEMENTATION = "treeattn"
 
 # The TreeCache of the forward pass that is running (set by the forward wrapper of `attached`). transformers

@@ -108,7 +108,7 @@ class StaticTreeCache(TreeCache):
             return super()._decode_step(slots, take)
         self.seen.fill_(self.positions)
         return CacheStep(mode="decode", rows=self.rows, slots=self._fixed_slots(slots), plan=self._refill(),
-                         longest_row=max((self.tree.length(r) for r in self.rows), default=0))
+                         longest_row=max((n.end for n in self.tree.tree.nodes(self.rows, "decode", "rows")), default=0))
 
     def _fixed_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """``slots`` in the cache's one ``[rows]`` buffer."""
