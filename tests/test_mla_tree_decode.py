@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import treeattn
@@ -155,6 +155,8 @@ def _trees(draw):
     hint=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+# (one query of one token whose LSE is near 0: its error is measured against the normaliser, not |lse|)
+@example(tree=([1], [1], 1), num_heads=1, dims=(72, 40), dtype=torch.float32, hint=False, seed=25)
 def test_random_trees(tree, num_heads, dims, dtype, hint, seed, device):
     tokens, fanout, page_size = tree
     g = torch.Generator().manual_seed(seed)

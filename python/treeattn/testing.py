@@ -304,7 +304,8 @@ def check_decode(
     ``table.plan(**plan_kw)`` with the step's head counts as hints (``plan_kw`` overrides them).
 
     Checks: shapes and dtypes; no NaN (a poisoned slot read); empty queries give 0 and -inf; ``out`` within
-    ``dtype``'s tolerance and ``lse`` within ``lse_tol`` (default fp32's; fp16's for FP8 caches) of the reference.
+    ``dtype``'s tolerance and ``lse`` within ``lse_tol`` (default fp32's; fp16's for FP8 caches) of the reference,
+    its error measured against ``max(‖lse‖, √n)`` (an LSE's error is the normaliser's relative error).
     ``seed`` makes the inputs reproducible (None: torch's global generator).
     """
     from . import mla_tree_decode, tree_decode
@@ -348,7 +349,11 @@ def check_decode(
     assert_close(out, out_ref, dtype)
     if lse_tol is None:
         lse_tol = TOLERANCE[torch.float16 if fp8 else torch.float32]
-    assert_close(lse[~empty], lse_ref[~empty], lse_tol, "lse")
+    # The LSE is a log: its error is the relative error of the softmax normaliser, so the norm it is measured
+    # against is at least 1 per query (a relative error of an LSE near 0 would only measure fp32 rounding).
+    got, want = lse[~empty], lse_ref[~empty]
+    lse_err = (got - want).norm() / want.norm().clamp_min(max(want.numel(), 1) ** 0.5)
+    assert lse_err < lse_tol, f"lse: error {lse_err:.3e} (against max(‖lse‖, √n)) >= {lse_tol:.1e}"
     return DecodeResult(plan, q, tuple(caches), scale_kw, out, lse)
 
 
